@@ -1,0 +1,59 @@
+# Two commands matter: `make serve` and `make test`. Everything else is a step of theirs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEPS   := $(VENV)/.deps-installed
+APT_STAMP := $(VENV)/.apt-installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: serve test install system-deps js-deps lint typecheck pytest jstest autobahn-env bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(DEPS): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(DEPS)
+
+serve: install
+	$(BIN)/plexus serve --host $(HOST) --port $(PORT)
+
+# System packages the tests use: a real redis-server for multi-node tests and
+# Debian's chromium for browser tests. Installed only when missing.
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+js-deps:
+	@if [ -f clients/js/package.json ]; then cd clients/js && (npm ci --no-audit --no-fund --silent || npm install --no-audit --no-fund --silent); fi
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: install
+	$(BIN)/mypy --strict src
+
+jstest: js-deps
+	@if [ -f clients/js/package.json ]; then cd clients/js && npm test; fi
+
+pytest: install system-deps js-deps
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck jstest pytest
+
+bench: install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache plexus-data artifacts

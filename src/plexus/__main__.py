@@ -1,0 +1,7 @@
+"""`python -m plexus` runs the `plexus` command."""
+
+import sys
+
+from plexus.cli import main
+
+sys.exit(main())

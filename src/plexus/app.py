@@ -1,0 +1,252 @@
+"""Assembly and lifespan: one port serving `/ws`, the chat app, `/health` and `/api/*`.
+
+`Server` is also the embedding API: an asyncio application can run Plexus in
+its own event loop and register RPC handlers in Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from plexus import __version__
+from plexus.auth import Authenticator
+from plexus.backends import make_broker, make_history, make_presence
+from plexus.brokers.base import Broker
+from plexus.config import Settings
+from plexus.history.base import HistoryStore
+from plexus.node import Node, RpcHandler
+from plexus.presence.base import PresenceStore
+from plexus.transports.http_api import HttpApi
+from plexus.transports.websocket import WebSocketEndpoint
+
+log = logging.getLogger("plexus")
+
+WEB_DIR = Path(__file__).parent / "web"
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".ico": "image/x-icon",
+    ".json": "application/json",
+}
+
+
+def _static_routes() -> list[web.AbstractRouteDef]:
+    """One route per bundled file: `/` is index.html, the others keep their names."""
+    routes: list[web.AbstractRouteDef] = []
+    if not WEB_DIR.is_dir():
+        return routes
+    for path in sorted(WEB_DIR.iterdir()):
+        if not path.is_file() or path.suffix not in _CONTENT_TYPES:
+            continue
+        body = path.read_bytes()
+        content_type = _CONTENT_TYPES[path.suffix]
+
+        def make(body: bytes = body, content_type: str = content_type) -> Any:
+            async def handler(request: web.Request) -> web.Response:
+                return web.Response(
+                    body=body,
+                    headers={"Content-Type": content_type, "Cache-Control": "no-cache"},
+                )
+
+            return handler
+
+        routes.append(web.get(f"/{path.name}", make()))
+        if path.name == "index.html":
+            routes.append(web.get("/", make()))
+    return routes
+
+
+class Server:
+    """A Plexus server bound to one port.
+
+    Example:
+        async with Server(Settings(port=0)) as server:
+            print(server.url)
+            await server.wait_closed()
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        broker: Broker | None = None,
+        history: HistoryStore | None = None,
+        presence: PresenceStore | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.settings.validate()
+        self._broker = broker
+        self._history = history
+        self._presence = presence
+        self.node: Node | None = None
+        self.endpoint: WebSocketEndpoint | None = None
+        self._runner: web.AppRunner | None = None
+        self._rpc: dict[str, RpcHandler] = {}
+        self._closed = asyncio.Event()
+        self.port = 0
+        self.started_at = 0.0
+
+    # ----- embedding API
+
+    def rpc(self, method: str) -> Callable[[RpcHandler], RpcHandler]:
+        """Decorator: answer the `rpc` command for `method` with an async function."""
+
+        def register(handler: RpcHandler) -> RpcHandler:
+            self._rpc[method] = handler
+            if self.node is not None:
+                self.node.rpc_handlers[method] = handler
+            return handler
+
+        return register
+
+    @property
+    def url(self) -> str:
+        """The HTTP base URL, e.g. `http://127.0.0.1:8000`."""
+        scheme = "https" if self.settings.tls else "http"
+        host = self.settings.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{scheme}://{host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """The WebSocket endpoint URL, e.g. `ws://127.0.0.1:8000/ws`."""
+        return self.url.replace("http", "ws", 1) + "/ws"
+
+    # ----- lifecycle
+
+    def build_app(self) -> web.Application:
+        """The aiohttp application (routes only; `start` runs it)."""
+        if self.node is None or self.endpoint is None:
+            raise RuntimeError("build_app() runs inside start()")
+        app = web.Application(client_max_size=self.settings.max_body_size)
+        app.add_routes([web.get("/ws", self.endpoint.handle)])
+        if self.settings.echo_endpoint:
+            app.add_routes([web.get("/echo", self.endpoint.handle_echo)])
+        app.add_routes([web.get("/health", self._health)])
+        app.add_routes(HttpApi(self.node).routes())
+        app.add_routes(_static_routes())
+        return app
+
+    async def _health(self, request: web.Request) -> web.Response:
+        assert self.node is not None
+        stats = self.node.stats()
+        return web.json_response(
+            {
+                "status": "ok",
+                "version": __version__,
+                "connections": stats["connections"],
+                "uptime": round(time.time() - self.started_at, 3),
+            }
+        )
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.settings.tls:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        assert self.settings.certfile is not None
+        context.load_cert_chain(self.settings.certfile, self.settings.keyfile)
+        return context
+
+    async def start(self) -> None:
+        """Start the stores, the broker and the listener."""
+        settings = self.settings
+        self.node = Node(
+            settings,
+            broker=self._broker or make_broker(settings),
+            history=self._history or make_history(settings),
+            presence=self._presence or make_presence(settings),
+        )
+        self.node.rpc_handlers.update(self._rpc)
+        await self.node.start()
+        self.endpoint = WebSocketEndpoint(self.node, Authenticator.from_settings(settings))
+        self.endpoint.start()
+        self._runner = web.AppRunner(
+            self.build_app(), handle_signals=False, access_log=None, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((settings.host, settings.port))
+        except OSError:
+            sock.close()
+            await self._runner.cleanup()
+            await self.node.close()
+            raise
+        sock.listen(1024)
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        site = web.SockSite(self._runner, sock, ssl_context=self._ssl_context())
+        await site.start()
+        self.started_at = time.time()
+        log.info("listening on %s (WebSocket %s)", self.url, self.ws_url)
+
+    async def stop(self) -> None:
+        """Close every connection with 1001 and stop, within `shutdown_timeout`."""
+        if self._runner is None:
+            return
+        runner, self._runner = self._runner, None
+        endpoint, node = self.endpoint, self.node
+        if endpoint is None or node is None:
+            raise RuntimeError("inconsistent server state")
+        await endpoint.stop()
+        # Each handler returns once its peer answered the close (or was
+        # dropped); leave a margin of the budget for the rest of the shutdown.
+        budget = max(0.1, self.settings.shutdown_timeout - 1.0)
+        try:
+            await asyncio.wait_for(endpoint.wait_drained(), budget)
+        except TimeoutError:
+            log.warning("%d connections did not close in time", len(endpoint.connections))
+        await runner.cleanup()
+        await node.close()
+        self._closed.set()
+        log.info("stopped")
+
+    async def wait_closed(self) -> None:
+        """Wait until `stop` has finished."""
+        await self._closed.wait()
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def serve(settings: Settings) -> None:
+    """Run a server until SIGINT or SIGTERM, then shut down gracefully."""
+    server = Server(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    try:
+        await asyncio.wait_for(server.stop(), settings.shutdown_timeout)
+    except TimeoutError:
+        log.warning("shutdown took longer than %.1fs", settings.shutdown_timeout)

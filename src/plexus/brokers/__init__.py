@@ -1,0 +1,1 @@
+"""Brokers: carry channel events between the nodes that serve subscribers."""

@@ -1,0 +1,246 @@
+"""The `plexus` command: serve, publish, subscribe, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import orjson
+
+from plexus import __version__
+from plexus.exceptions import ConfigError
+
+EXIT_USAGE = 2
+
+
+def _run(coro: Coroutine[Any, Any, Any]) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plexus",
+        description="Plexus: real-time messaging for the web (WebSocket channels, history, "
+        "presence).",
+    )
+    parser.add_argument("--version", action="version", version=f"plexus {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the server: /ws, the chat app at /, /health and /api/* on one port.",
+    )
+    serve.add_argument("--host", help="bind address [default: 127.0.0.1]")
+    serve.add_argument("--port", type=int, help="bind port, 0 for any free one [default: 8000]")
+    serve.add_argument(
+        "--config", metavar="FILE.toml", help="TOML settings file [env: PLEXUS_CONFIG]"
+    )
+    serve.add_argument("--certfile", help="TLS certificate (PEM): serve wss:// and https://")
+    serve.add_argument("--keyfile", help="TLS private key (PEM)")
+    serve.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="log level [default: info]",
+    )
+    serve.add_argument("--log-format", choices=["text", "json"], help="log format [default: text]")
+    serve.add_argument("--data-dir", help="where SQLite history lives [default: ./plexus-data]")
+
+    publish = commands.add_parser(
+        "publish",
+        help="publish a message to a channel",
+        description="Publish a JSON value to a channel over WebSocket (the channel's namespace "
+        "must allow client publish) or, with --api, through the HTTP API.",
+    )
+    publish.add_argument("channel")
+    publish.add_argument("data", help='a JSON value, e.g. \'{"text": "hi"}\'')
+    _client_args(publish)
+    publish.add_argument("--api-key", help="API key for --api [env: PLEXUS_API_KEY]")
+    publish.add_argument(
+        "--api", action="store_true", help="publish through POST /api/publish instead"
+    )
+
+    subscribe = commands.add_parser(
+        "subscribe",
+        help="print a channel's messages as JSON lines",
+        description="Subscribe to a channel and print each push as one JSON line.",
+    )
+    subscribe.add_argument("channel")
+    _client_args(subscribe)
+    subscribe.add_argument("--count", type=int, help="exit after this many messages")
+
+    token = commands.add_parser(
+        "token",
+        help="print a connection or subscription JWT",
+        description="Print a JWT signed with the configured secret (for development and tests).",
+    )
+    token.add_argument("--user", required=True, help="the `sub` claim")
+    token.add_argument("--ttl", default="1h", help="lifetime: 90, 45s, 30m, 1h, 2d [default: 1h]")
+    token.add_argument("--channel", help="make a subscription token for this channel")
+    token.add_argument("--info", help="JSON for the `info` claim")
+    token.add_argument("--secret", help="HMAC secret [env: PLEXUS_JWT_SECRET]")
+    token.add_argument("--config", metavar="FILE.toml", help="read jwt_secret from this file")
+    return parser
+
+
+def _client_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", default="ws://127.0.0.1:8000/ws", help="[default: ws://127.0.0.1:8000/ws]"
+    )
+    parser.add_argument("--token", help="connection JWT")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds [default: 10]")
+
+
+def _fail(message: str) -> int:
+    print(f"plexus: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from plexus.app import serve
+    from plexus.config import load_settings
+    from plexus.logs import setup_logging
+
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "certfile": args.certfile,
+        "keyfile": args.keyfile,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+        "data_dir": args.data_dir,
+    }
+    try:
+        settings = load_settings(args.config or os.environ.get("PLEXUS_CONFIG"), None, overrides)
+    except ConfigError as exc:
+        return _fail(f"invalid setting: {exc}")
+    setup_logging(settings.log_level, settings.log_format)
+    try:
+        _run(serve(settings))
+    except OSError as exc:
+        return _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _parse_json(text: str) -> Any:
+    from plexus.protocol.codec import json_loads_with_bytes
+
+    try:
+        return json_loads_with_bytes(text)
+    except Exception as exc:
+        raise ValueError(f"not valid JSON: {text[:80]!r} ({exc})") from None
+
+
+async def _publish(args: argparse.Namespace, data: Any) -> int:
+    if args.api:
+        import aiohttp
+
+        base = args.url.replace("ws", "http", 1).rsplit("/", 1)[0]
+        key = args.api_key or os.environ.get("PLEXUS_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{base}/api/publish",
+                json={"channel": args.channel, "data": data},
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=args.timeout),
+            ) as response,
+        ):
+            body = await response.json()
+            if response.status != 200:
+                error = body.get("error", {})
+                print(f"plexus: {error.get('code')}: {error.get('message')}", file=sys.stderr)
+                return 1
+            print(orjson.dumps(body).decode())
+            return 0
+    from plexus.client import Client, PlexusClientError
+
+    async with Client(args.url, token=args.token, timeout=args.timeout) as client:
+        try:
+            offset = await client.publish(args.channel, data)
+        except PlexusClientError as exc:
+            print(f"plexus: {exc.code}: {exc.message}", file=sys.stderr)
+            return 1
+    print(orjson.dumps({"offset": offset}).decode())
+    return 0
+
+
+async def _subscribe(args: argparse.Namespace) -> int:
+    from plexus.client import Client, PlexusClientError
+    from plexus.protocol.codec import to_json_compatible
+
+    async with Client(args.url, token=args.token, timeout=args.timeout) as client:
+        try:
+            sub = await client.subscribe(args.channel)
+        except PlexusClientError as exc:
+            print(f"plexus: {exc.code}: {exc.message}", file=sys.stderr)
+            return 1
+        seen = 0
+        async for message in sub:
+            print(orjson.dumps(to_json_compatible(message)).decode(), flush=True)
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                return 0
+        print(f"plexus: connection closed ({client.close_code})", file=sys.stderr)
+        return 1
+
+
+def _token(args: argparse.Namespace) -> int:
+    from plexus.auth import make_token, parse_duration
+    from plexus.config import load_settings
+
+    secret = args.secret or os.environ.get("PLEXUS_JWT_SECRET")
+    if secret is None and args.config:
+        try:
+            secret = load_settings(args.config, env={}).jwt_secret
+        except ConfigError as exc:
+            return _fail(f"invalid setting: {exc}")
+    if not secret:
+        return _fail("no secret: pass --secret, set PLEXUS_JWT_SECRET or jwt_secret in --config")
+    try:
+        ttl = parse_duration(args.ttl)
+        info = _parse_json(args.info) if args.info is not None else None
+    except ValueError as exc:
+        return _fail(str(exc))
+    print(make_token(secret, user=args.user, ttl=ttl, channel=args.channel, info=info))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `plexus` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "token":
+        return _token(args)
+    try:
+        if args.command == "publish":
+            try:
+                data = _parse_json(args.data)
+            except ValueError as exc:
+                return _fail(str(exc))
+            return int(_run(_publish(args, data)))
+        return int(_run(_subscribe(args)))
+    except (OSError, TimeoutError) as exc:
+        return _fail(f"cannot reach {args.url}: {exc or type(exc).__name__}")
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Settings: one typed object, filled from defaults < TOML file < `PLEXUS_*` env < CLI flags.
+
+Every setting is documented in `docs/configuration.md`. Validation happens once,
+at start, and reports the first bad setting by name with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from plexus.exceptions import ConfigError
+
+ENV_PREFIX = "PLEXUS_"
+
+
+@dataclass(slots=True)
+class NamespaceOptions:
+    """What clients may do in the channels of one namespace.
+
+    The namespace of a channel is the part of its name before the first `:`;
+    a name without `:` is in the default namespace (key `""` or `default`).
+    """
+
+    anonymous: bool = True  # clients without a user may subscribe (and publish if allowed)
+    allow_subscribe: bool = True
+    allow_publish: bool = False  # clients may publish (the HTTP API always may)
+    allow_presence: bool = True  # clients may ask `presence` (if `presence` is on)
+    allow_history: bool = True  # clients may ask `history` (if history is kept)
+    client_info: bool = False  # `subscribe` may carry `info` shown to others
+    presence: bool = False  # keep who is subscribed
+    join_leave: bool = False  # push join/leave to subscribers
+    history_size: int = 0  # messages kept per channel (0 = none)
+    history_ttl: float = 0.0  # seconds a message is kept (0 = no age limit)
+    recovery: bool = False  # `subscribe` with `since` may recover missed messages
+    private: bool = False  # subscribe needs a subscription token
+
+    def validate(self, name: str) -> None:
+        """Raise ConfigError naming the option if a value is out of range."""
+        where = f"namespaces.{name or 'default'}"
+        if self.history_size < 0:
+            raise ConfigError(f"{where}.history_size: must be >= 0, got {self.history_size}")
+        if self.history_ttl < 0:
+            raise ConfigError(f"{where}.history_ttl: must be >= 0, got {self.history_ttl}")
+        if self.recovery and self.history_size == 0:
+            raise ConfigError(f"{where}.recovery: needs history_size > 0")
+
+
+def default_namespaces() -> dict[str, NamespaceOptions]:
+    """The built-in namespaces: an open `chat` demo and a read-only default."""
+    return {
+        "": NamespaceOptions(),
+        "chat": NamespaceOptions(
+            anonymous=True,
+            allow_publish=True,
+            client_info=True,
+            presence=True,
+            join_leave=True,
+            history_size=1000,
+            history_ttl=24 * 3600.0,
+            recovery=True,
+        ),
+    }
+
+
+@dataclass(slots=True)
+class Settings:
+    """Every server setting, with its default. Field docs live in docs/configuration.md."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    certfile: str | None = None
+    keyfile: str | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+
+    ping_interval: float = 25.0
+    pong_timeout: float = 10.0
+    shutdown_timeout: float = 5.0
+
+    max_message_size: int = 64 * 1024
+    max_queue_bytes: int = 1024 * 1024
+    max_info_bytes: int = 1024
+    max_subscriptions: int = 256
+    max_connections: int = 0  # per node, 0 = unlimited
+    max_connections_per_ip: int = 0  # 0 = unlimited
+    bad_command_limit: int = 20
+    bad_command_window: float = 10.0
+    publish_rate: float = 20.0  # per second per connection, 0 = unlimited
+    publish_burst: int = 50
+    rate_limit_disconnect: int = 200  # rate_limited answers within bad_command_window -> 4029
+    max_body_size: int = 1024 * 1024  # HTTP API request body
+
+    data_dir: str = "./plexus-data"
+    history_backend: str = "sqlite"  # sqlite | memory | redis
+    broker: str = "memory"  # memory | redis
+    presence_backend: str = "memory"  # memory | redis
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    node_name: str = ""
+
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_jwks_file: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    token_grace: float = 30.0  # seconds a live connection has to send `auth` after expiry
+    api_keys: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=list)
+
+    echo_endpoint: bool = False  # /echo for the Autobahn conformance suite only
+    namespaces: dict[str, NamespaceOptions] = field(default_factory=default_namespaces)
+
+    def validate(self) -> None:
+        """Raise ConfigError for the first invalid setting."""
+        positive = ("ping_interval", "pong_timeout", "shutdown_timeout", "bad_command_window")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.pong_timeout >= self.ping_interval:
+            raise ConfigError(
+                f"pong_timeout: must be less than ping_interval ({self.ping_interval}),"
+                f" got {self.pong_timeout}"
+            )
+        at_least_one = (
+            "max_message_size",
+            "max_queue_bytes",
+            "max_info_bytes",
+            "max_subscriptions",
+            "bad_command_limit",
+            "publish_burst",
+            "rate_limit_disconnect",
+            "max_body_size",
+        )
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("publish_rate", "max_connections", "max_connections_per_ip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port: must be 0..65535, got {self.port}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise ConfigError(
+                f"log_level: must be debug|info|warning|error, got {self.log_level!r}"
+            )
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
+        if self.history_backend not in ("sqlite", "memory", "redis"):
+            raise ConfigError(
+                f"history_backend: must be sqlite, memory or redis, got {self.history_backend!r}"
+            )
+        if self.broker not in ("memory", "redis"):
+            raise ConfigError(f"broker: must be memory or redis, got {self.broker!r}")
+        if self.presence_backend not in ("memory", "redis"):
+            raise ConfigError(
+                f"presence_backend: must be memory or redis, got {self.presence_backend!r}"
+            )
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ConfigError("certfile: certfile and keyfile must be given together")
+        for name in ("certfile", "keyfile", "jwt_public_key", "jwt_jwks_file"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(f"{name}: no such file: {value}")
+        for name, options in self.namespaces.items():
+            options.validate(name)
+
+    @property
+    def tls(self) -> bool:
+        """True when the server serves wss:// and https://."""
+        return self.certfile is not None
+
+    def namespace(self, name: str) -> NamespaceOptions:
+        """Options of namespace `name`; unknown namespaces get the default's."""
+        found = self.namespaces.get(name)
+        if found is None:
+            found = self.namespaces.get("", NamespaceOptions())
+        return found
+
+
+_SETTING_TYPES: dict[str, Any] = {}
+
+
+def _types() -> dict[str, Any]:
+    if not _SETTING_TYPES:
+        _SETTING_TYPES.update(get_type_hints(Settings))
+    return _SETTING_TYPES
+
+
+def _convert(name: str, raw: Any, kind: Any, *, from_text: bool) -> Any:
+    """Convert `raw` to the setting's type, or raise ConfigError naming it."""
+    text = str(raw).strip() if from_text else None
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            if text is not None and text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text is not None and text.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(text) if text is not None else int(raw)
+        if kind is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(text) if text is not None else float(raw)
+        if kind == list[str]:
+            if text is not None:
+                return [part.strip() for part in text.split(",") if part.strip()]
+            if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+                raise ValueError
+            return list(raw)
+        if kind in (str, str | None):
+            if text is not None:
+                return text if text or kind is str else None
+            if not isinstance(raw, str):
+                raise ValueError
+            return raw
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise ConfigError(f"{name}: unsupported setting type {kind}")
+    expected = {bool: "a boolean", int: "an integer", float: "a number"}.get(kind, "a string")
+    if kind == list[str]:
+        expected = "a list of strings (comma-separated in the environment)"
+    raise ConfigError(f"{name}: expected {expected}, got {raw!r}")
+
+
+def _namespaces_from(raw: Any) -> dict[str, NamespaceOptions]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("namespaces: expected a table of namespace tables")
+    result = default_namespaces()
+    allowed = {f.name: f.type for f in dataclasses.fields(NamespaceOptions)}
+    hints = get_type_hints(NamespaceOptions)
+    for ns_name, table in raw.items():
+        key = "" if ns_name == "default" else str(ns_name)
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"namespaces.{ns_name}: expected a table")
+        options = NamespaceOptions()
+        for opt, value in table.items():
+            if opt not in allowed:
+                raise ConfigError(f"namespaces.{ns_name}.{opt}: unknown option")
+            converted = _convert(f"namespaces.{ns_name}.{opt}", value, hints[opt], from_text=False)
+            setattr(options, opt, converted)
+        result[key] = options
+    return result
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build validated settings from defaults, a TOML file, the environment and overrides.
+
+    Args:
+        config_file: a TOML file whose top-level keys are setting names and whose
+            `[namespaces.NAME]` tables hold namespace options.
+        env: the environment to read `PLEXUS_*` variables from (default `os.environ`).
+        overrides: values from command-line flags (None values are ignored).
+
+    Raises:
+        ConfigError: naming the first invalid setting and why.
+    """
+    settings = Settings()
+    types = _types()
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config: no such file: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+        for key, value in data.items():
+            if key == "namespaces":
+                settings.namespaces = _namespaces_from(value)
+            elif key in types:
+                setattr(settings, key, _convert(key, value, types[key], from_text=False))
+            else:
+                raise ConfigError(f"{key}: unknown setting in {path}")
+    environ = os.environ if env is None else env
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == "PLEXUS_CONFIG":
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name == "namespaces" or name not in types:
+            continue
+        setattr(settings, name, _convert(key, value, types[name], from_text=True))
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in types:
+            raise ConfigError(f"{key}: unknown setting")
+        setattr(settings, key, _convert(key, value, types[key], from_text=isinstance(value, str)))
+    settings.validate()
+    return settings

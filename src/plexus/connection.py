@@ -1,0 +1,313 @@
+"""One client connection: runs its commands against the node and queues its output.
+
+Independent of the socket library: the WebSocket transport hands it payloads
+and a `closer`, and it writes frames into its bounded `Outbox`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from plexus.auth import Authenticator, Credentials
+from plexus.exceptions import AuthError, PermissionDenied, PlexusError
+from plexus.hub import Subscription
+from plexus.node import Node, RpcCall
+from plexus.outbox import Flusher, Outbox, Transport
+from plexus.protocol import commands as cmd
+from plexus.protocol.codec import CODECS, Codec
+from plexus.protocol.codes import CloseCode, ErrorCode
+from plexus.protocol.pushes import EncodedPush, publication_message
+from plexus.protocol.session import Limits, SessionState
+
+log = logging.getLogger("plexus.connection")
+
+# Client ids are never reused: a per-process random prefix plus a counter.
+_ID_PREFIX = os.urandom(4).hex()
+_ids = itertools.count(1)
+
+
+def new_client_id() -> str:
+    """A connection id unique across processes and restarts."""
+    return f"c-{_ID_PREFIX}{next(_ids):x}"
+
+
+Closer = Callable[[CloseCode, str], None]
+
+
+class Connection:
+    """A client's session: identity, subscriptions, limits and output."""
+
+    __slots__ = (
+        "_expiry_timer",
+        "auth",
+        "client_id",
+        "close_code",
+        "closer",
+        "codec",
+        "codec_index",
+        "credentials",
+        "last_seen",
+        "node",
+        "opened_at",
+        "outbox",
+        "remote",
+        "state",
+        "subscriptions",
+        "user",
+    )
+
+    def __init__(
+        self,
+        node: Node,
+        transport: Transport,
+        codec: Codec,
+        flusher: Flusher,
+        *,
+        closer: Closer,
+        auth: Authenticator,
+        credentials: Credentials | None = None,
+        remote: str = "",
+    ) -> None:
+        settings = node.settings
+        self.node = node
+        self.client_id = new_client_id()
+        self.codec = codec
+        self.codec_index = CODECS.index(codec)
+        self.closer = closer
+        self.auth = auth
+        self.credentials = credentials
+        self.user = credentials.user if credentials else None
+        self.remote = remote
+        self.opened_at = time.time()
+        self.last_seen = time.monotonic()
+        self.close_code: int | None = None
+        self.subscriptions: dict[str, Subscription] = {}
+        self.outbox = Outbox(transport, settings.max_queue_bytes, flusher, self._on_overflow)
+        self.state = SessionState(
+            codec,
+            Limits(
+                max_info_bytes=settings.max_info_bytes,
+                bad_command_limit=settings.bad_command_limit,
+                bad_command_window=settings.bad_command_window,
+                publish_rate=settings.publish_rate,
+                publish_burst=settings.publish_burst,
+                rate_limit_disconnect=settings.rate_limit_disconnect,
+            ),
+            time.monotonic(),
+        )
+        self._expiry_timer: asyncio.TimerHandle | None = None
+
+    # ----- output
+
+    def push_frame(self, frame: bytes) -> None:
+        """Queue a pre-built frame (fan-out path)."""
+        self.outbox.push(frame)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Encode and queue one message for this client only."""
+        self.outbox.push(self.codec.frame(message))
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        """Close the connection with `code` (idempotent)."""
+        if self.close_code is None:
+            self.close_code = code
+            self.closer(code, reason)
+
+    def _on_overflow(self) -> None:
+        log.info("slow consumer %s: over %d buffered bytes", self.client_id, self.outbox.limit)
+        self.close(CloseCode.SLOW_CONSUMER, "slow consumer: output buffer full")
+
+    def welcome(self) -> dict[str, Any]:
+        """The `welcome` message sent on open."""
+        from plexus import SERVER_NAME
+
+        return {
+            "type": "welcome",
+            "client": self.client_id,
+            "user": self.user,
+            "server": SERVER_NAME,
+            "ping_interval": self.node.settings.ping_interval,
+        }
+
+    # ----- token expiry
+
+    def watch_expiry(self) -> None:
+        """Close with 4002 once the token expired and the grace period passed without `auth`."""
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        expires = self.credentials.expires_at if self.credentials else None
+        if expires is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, expires - time.time()) + self.node.settings.token_grace
+        self._expiry_timer = loop.call_later(delay, self._expired)
+
+    def _expired(self) -> None:
+        self._expiry_timer = None
+        expires = self.credentials.expires_at if self.credentials else None
+        if expires is not None and expires <= time.time():
+            self.close(CloseCode.TOKEN_EXPIRED, "token expired")
+
+    # ----- input
+
+    async def receive(self, payload: str | bytes) -> None:
+        """Handle one WebSocket message from the client."""
+        self.last_seen = time.monotonic()
+        if self.close_code is not None:
+            return
+        outcome = self.state.receive(payload, time.monotonic())
+        if outcome.command is not None:
+            await self.execute(outcome.command)
+            return
+        if outcome.error is not None:
+            self.send(outcome.error)
+        if outcome.close is not None:
+            self.close(outcome.close, "too many bad commands")
+
+    async def execute(self, command: cmd.Command) -> None:
+        """Run one validated command and answer it."""
+        try:
+            result = await self._run(command)
+        except PlexusError as exc:
+            outcome = self.state.failed(command.id, exc.code, exc.message, time.monotonic())
+        except Exception:
+            log.exception("command %s of %s failed", type(command).__name__, self.client_id)
+            outcome = self.state.failed(
+                command.id, ErrorCode.INTERNAL, "internal error", time.monotonic()
+            )
+        else:
+            if result is not None and command.id is not None:
+                self.send(cmd.reply(command.id, result))
+            return
+        if outcome.error is not None:
+            self.send(outcome.error)
+        if outcome.close is not None:
+            reason = "rate limited" if outcome.close == CloseCode.RATE_LIMITED else "bad commands"
+            self.close(outcome.close, reason)
+
+    async def _run(self, command: cmd.Command) -> dict[str, Any] | None:
+        node = self.node
+        if isinstance(command, cmd.Publish):
+            node.check_publish(self.user, command.channel)
+            pub = await node.publish(
+                command.channel, command.data, client=self.client_id, user=self.user
+            )
+            return {"offset": pub.offset}
+        if isinstance(command, cmd.Ping):
+            message: dict[str, Any] = {"type": "pong"}
+            if command.id is not None:
+                message["id"] = command.id
+            self.send(message)
+            return None
+        if isinstance(command, cmd.Subscribe):
+            await self._subscribe(command)
+            return None
+        if isinstance(command, cmd.Unsubscribe):
+            sub = self.subscriptions.pop(command.channel, None)
+            if sub is None:
+                raise PlexusError(f"not subscribed to {command.channel}", ErrorCode.NOT_SUBSCRIBED)
+            await node.unsubscribe(sub)
+            return {}
+        if isinstance(command, cmd.History):
+            return await self._history(command)
+        if isinstance(command, cmd.PresenceQuery):
+            return await self._presence(command.channel)
+        if isinstance(command, cmd.Rpc):
+            data = await node.call_rpc(
+                RpcCall(command.method, command.data, self.client_id, self.user)
+            )
+            return {"data": data}
+        if isinstance(command, cmd.Auth):
+            return self._auth(command.token)
+        raise PlexusError(f"unhandled command {type(command).__name__}", ErrorCode.UNKNOWN_TYPE)
+
+    def _check_private(self, channel: str, token: str | None) -> None:
+        if token is None:
+            raise PermissionDenied(f"{channel} is private: subscribe needs a subscription token")
+        self.auth.verify_subscription(token, user=self.user, client=self.client_id, channel=channel)
+
+    async def _subscribe(self, command: cmd.Subscribe) -> None:
+        channel = command.channel
+        if channel in self.subscriptions:
+            raise PlexusError(f"already subscribed to {channel}", ErrorCode.ALREADY_SUBSCRIBED)
+        limit = self.node.settings.max_subscriptions
+        if len(self.subscriptions) >= limit:
+            raise PermissionDenied(f"subscription limit reached ({limit} per connection)")
+        options = self.node.check_read(self.user, channel)
+        if options.private:
+            self._check_private(channel, command.token)
+        if command.has_info and options.client_info:
+            info = command.info
+        else:
+            info = self.credentials.info if self.credentials else None
+        outcome = await self.node.subscribe(self, channel, since=command.since, info=info)
+        sub = outcome.subscription
+        if self.close_code is not None:
+            # Closed while subscribing: undo so nothing dangles.
+            await self.node.unsubscribe(sub)
+            return
+        self.subscriptions[channel] = sub
+        # Reply, then missed and held messages, then live: no await in between.
+        if command.id is not None:
+            self.send(cmd.reply(command.id, outcome.result))
+        for event in outcome.events:
+            self.push_frame(EncodedPush(event).frame(self.codec, self.codec_index))
+        sub.backlog = None
+
+    async def _history(self, command: cmd.History) -> dict[str, Any]:
+        channel = command.channel
+        options = self.node.check_read(self.user, channel)
+        if not options.allow_history:
+            raise PermissionDenied(f"history of {channel} is not available to clients")
+        if options.private and channel not in self.subscriptions:
+            raise PermissionDenied(f"{channel} is private: subscribe first")
+        page, _ = await self.node.history_page(channel, since=command.since, limit=command.limit)
+        return {
+            "messages": [publication_message(p) for p in page.publications],
+            "offset": page.position.offset,
+            "epoch": page.position.epoch,
+        }
+
+    async def _presence(self, channel: str) -> dict[str, Any]:
+        options = self.node.check_read(self.user, channel)
+        if not (options.presence and options.allow_presence):
+            raise PermissionDenied(f"presence of {channel} is not available")
+        if options.private and channel not in self.subscriptions:
+            raise PermissionDenied(f"{channel} is private: subscribe first")
+        clients = await self.node.presence_of(channel)
+        return {"clients": {cid: {"user": c.user, "info": c.info} for cid, c in clients.items()}}
+
+    def _auth(self, token: str) -> dict[str, Any]:
+        try:
+            credentials = self.auth.verify_connection(token)
+        except AuthError as exc:
+            raise PlexusError(str(exc), ErrorCode.UNAUTHORIZED) from None
+        if self.user is not None and credentials.user != self.user:
+            raise PermissionDenied("a connection cannot change its user: reconnect instead")
+        old = self.user
+        self.credentials = credentials
+        self.user = credentials.user
+        if old != self.user:
+            self.node.change_user(self, old)
+        self.watch_expiry()
+        return {"user": self.user}
+
+    async def cleanup(self) -> None:
+        """End every subscription after the socket closed."""
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+        subs = list(self.subscriptions.values())
+        self.subscriptions.clear()
+        for sub in subs:
+            try:
+                await self.node.unsubscribe(sub)
+            except Exception:
+                log.exception("cleanup of %s in %s failed", self.client_id, sub.channel)
+        self.node.remove_peer(self)

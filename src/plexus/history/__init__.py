@@ -1,0 +1,1 @@
+"""History stores: each channel's offset counter, epoch and recent messages."""

@@ -1,0 +1,116 @@
+"""The local registry: which connections of this process subscribe to which channel.
+
+Fan-out happens here: one event is encoded at most once per encoding and the
+same frame is pushed to every subscriber's outbox, without awaiting anyone.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from plexus.models import Presence, Publication
+from plexus.protocol.codec import Codec
+from plexus.protocol.pushes import EncodedPush
+
+
+class Subscriber(Protocol):
+    """What the hub needs of a connection."""
+
+    @property
+    def client_id(self) -> str: ...
+
+    @property
+    def user(self) -> str | None: ...
+
+    @property
+    def codec(self) -> Codec: ...
+
+    @property
+    def codec_index(self) -> int: ...
+
+    def push_frame(self, frame: bytes) -> None: ...
+
+
+class Subscription:
+    """One connection's subscription to one channel.
+
+    While `backlog` is not None the subscription is being set up (the
+    `subscribe` reply is not sent yet): live events are held there, to be
+    merged with recovered history by offset once the reply is out.
+    """
+
+    __slots__ = ("backlog", "channel", "conn", "info")
+
+    def __init__(self, conn: Subscriber, channel: str, info: object = None) -> None:
+        self.conn = conn
+        self.channel = channel
+        self.info = info
+        self.backlog: list[Publication | Presence] | None = []
+
+
+class Hub:
+    """channel -> subscriptions of local connections."""
+
+    __slots__ = ("_channels", "_snapshots")
+
+    def __init__(self) -> None:
+        self._channels: dict[str, dict[str, Subscription]] = {}
+        # Fan-out iterates a tuple that membership changes replace, so a
+        # subscriber removed during fan-out (a slow consumer) cannot break it.
+        self._snapshots: dict[str, tuple[Subscription, ...]] = {}
+
+    def add(self, sub: Subscription) -> bool:
+        """Register `sub`; return True if it is the channel's first local subscriber."""
+        subs = self._channels.get(sub.channel)
+        first = subs is None
+        if subs is None:
+            subs = self._channels[sub.channel] = {}
+        subs[sub.conn.client_id] = sub
+        self._snapshots[sub.channel] = tuple(subs.values())
+        return first
+
+    def remove(self, sub: Subscription) -> bool:
+        """Unregister `sub`; return True if the channel has no local subscriber left."""
+        subs = self._channels.get(sub.channel)
+        if subs is None or subs.get(sub.conn.client_id) is not sub:
+            return False
+        del subs[sub.conn.client_id]
+        if subs:
+            self._snapshots[sub.channel] = tuple(subs.values())
+            return False
+        del self._channels[sub.channel]
+        del self._snapshots[sub.channel]
+        return True
+
+    def has_channel(self, channel: str) -> bool:
+        """True while any local connection subscribes to `channel`."""
+        return channel in self._channels
+
+    def channels(self) -> list[str]:
+        """Channels with at least one local subscriber."""
+        return list(self._channels)
+
+    def subscriber_count(self, channel: str | None = None) -> int:
+        """Subscriptions in `channel`, or in all channels."""
+        if channel is not None:
+            return len(self._channels.get(channel, ()))
+        return sum(len(subs) for subs in self._channels.values())
+
+    def dispatch(self, event: Publication | Presence) -> int:
+        """Deliver `event` to every local subscriber of its channel; return how many got it."""
+        subs = self._snapshots.get(event.channel)
+        if not subs:
+            return 0
+        encoded = EncodedPush(event)
+        skip = event.client.client if isinstance(event, Presence) else None
+        delivered = 0
+        for sub in subs:
+            if sub.backlog is not None:
+                sub.backlog.append(event)
+                continue
+            conn = sub.conn
+            if conn.client_id == skip:
+                continue
+            conn.push_frame(encoded.frame(conn.codec, conn.codec_index))
+            delivered += 1
+        return delivered

@@ -1,0 +1,321 @@
+"""The node: wires the hub, the broker, the history and presence stores.
+
+Every channel operation of the server goes through here, whether it comes
+from a WebSocket client or the backend HTTP API. The node holds no socket; the
+connections it serves are reached through the small `Peer` interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from plexus.brokers.base import Broker, Event
+from plexus.channels import namespace_of, personal_owner
+from plexus.config import NamespaceOptions, Settings
+from plexus.exceptions import NotFound, PermissionDenied, PlexusError, Unauthorized
+from plexus.history.base import HistoryStore
+from plexus.hub import Hub, Subscriber, Subscription
+from plexus.models import ClientInfo, HistoryPage, Presence, Publication, StreamPosition
+from plexus.presence.base import PresenceStore
+from plexus.protocol.codes import CloseCode
+from plexus.protocol.commands import Since
+from plexus.protocol.recovery import can_recover, merge_backlog
+
+log = logging.getLogger("plexus.node")
+
+
+class Peer(Subscriber, Protocol):
+    """A connected client as the node sees it."""
+
+    def close(self, code: CloseCode, reason: str) -> None: ...
+
+
+@dataclass(slots=True, frozen=True)
+class RpcCall:
+    """An `rpc` command as an application handler receives it."""
+
+    method: str
+    data: Any
+    client: str
+    user: str | None
+
+
+RpcHandler = Callable[[RpcCall], Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class SubscribeOutcome:
+    """The reply to send and the events that must follow it, in order."""
+
+    result: dict[str, Any]
+    subscription: Subscription
+    events: list[Publication | Presence]
+
+
+def now_ms() -> int:
+    """Wall-clock Unix time in milliseconds."""
+    return int(time.time() * 1000)
+
+
+class Node:
+    """One Plexus server process's channel engine."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        broker: Broker,
+        history: HistoryStore,
+        presence: PresenceStore,
+    ) -> None:
+        self.settings = settings
+        self.hub = Hub()
+        self.broker = broker
+        self.history = history
+        self.presence = presence
+        self.peers: dict[str, Peer] = {}
+        self._users: dict[str, set[Peer]] = {}
+        self._broker_channels: set[str] = set()
+        self._channel_locks: dict[str, asyncio.Lock] = {}
+        self.rpc_handlers: dict[str, RpcHandler] = {}
+        self.default_rpc_handler: RpcHandler | None = None
+        self.started_at = time.time()
+        self.delivered = 0
+        broker.set_handler(self._on_event)
+
+    # ----- lifecycle
+
+    async def start(self) -> None:
+        """Start the broker and the stores."""
+        for part in (self.broker, self.history, self.presence):
+            start = getattr(part, "start", None)
+            if start is not None:
+                await start()
+
+    async def close(self) -> None:
+        """Close the broker and the stores (after the connections are gone)."""
+        for part in (self.broker, self.history, self.presence):
+            try:
+                await part.close()
+            except Exception:
+                log.exception("error closing %s", type(part).__name__)
+
+    # ----- peers
+
+    def add_peer(self, peer: Peer) -> None:
+        """Register a connected client."""
+        self.peers[peer.client_id] = peer
+        if peer.user is not None:
+            self._users.setdefault(peer.user, set()).add(peer)
+
+    def remove_peer(self, peer: Peer) -> None:
+        """Forget a client (its subscriptions are ended separately)."""
+        self.peers.pop(peer.client_id, None)
+        if peer.user is not None:
+            peers = self._users.get(peer.user)
+            if peers is not None:
+                peers.discard(peer)
+                if not peers:
+                    del self._users[peer.user]
+
+    def change_user(self, peer: Peer, old: str | None) -> None:
+        """Move `peer` in the user index after re-authentication."""
+        if old is not None:
+            peers = self._users.get(old)
+            if peers is not None:
+                peers.discard(peer)
+                if not peers:
+                    del self._users[old]
+        if peer.user is not None:
+            self._users.setdefault(peer.user, set()).add(peer)
+
+    def disconnect_user(self, user: str, reason: str = "disconnected by the server") -> int:
+        """Close every connection of `user` with 4001; return how many."""
+        peers = list(self._users.get(user, ()))
+        for peer in peers:
+            peer.close(CloseCode.UNAUTHORIZED, reason)
+        return len(peers)
+
+    # ----- permissions
+
+    def namespace(self, channel: str) -> NamespaceOptions:
+        """The options that apply to `channel`."""
+        return self.settings.namespace(namespace_of(channel))
+
+    def check_read(self, user: str | None, channel: str) -> NamespaceOptions:
+        """Raise unless `user` may subscribe to (or read) `channel`; return its options."""
+        options = self.namespace(channel)
+        owner = personal_owner(channel)
+        if owner is not None:
+            if user is None:
+                raise Unauthorized(f"personal channel {channel} needs an authenticated user")
+            if user != owner:
+                raise PermissionDenied(f"{channel} is the personal channel of another user")
+            return options
+        if user is None and not options.anonymous:
+            raise Unauthorized(f"channel {channel} needs an authenticated user")
+        if not options.allow_subscribe:
+            raise PermissionDenied(f"subscribing to {channel} is not allowed")
+        return options
+
+    def check_publish(self, user: str | None, channel: str) -> NamespaceOptions:
+        """Raise unless a client of `user` may publish to `channel`."""
+        options = self.namespace(channel)
+        if personal_owner(channel) is not None:
+            raise PermissionDenied("only the server publishes to personal channels")
+        if user is None and not options.anonymous:
+            raise Unauthorized(f"publishing to {channel} needs an authenticated user")
+        if not options.allow_publish:
+            raise PermissionDenied(f"clients may not publish to {channel}")
+        return options
+
+    # ----- channel operations
+
+    async def publish(
+        self, channel: str, data: Any, *, client: str | None = None, user: str | None = None
+    ) -> Publication:
+        """Store `data` as the channel's next message, then fan it out.
+
+        Returns once the message is stored (as durably as the history store
+        promises), so an acknowledged message is never lost.
+        """
+        options = self.namespace(channel)
+        pub = await self.history.append(
+            channel,
+            data,
+            time=now_ms(),
+            client=client,
+            user=user,
+            size=options.history_size,
+            ttl=options.history_ttl,
+        )
+        await self.broker.publish(pub)
+        return pub
+
+    def _on_event(self, event: Event) -> None:
+        self.delivered += self.hub.dispatch(event)
+
+    async def _broker_join(self, channel: str) -> None:
+        if channel in self._broker_channels:
+            lock = self._channel_locks.get(channel)
+            if lock is None or not lock.locked():
+                return
+        lock = self._channel_locks.setdefault(channel, asyncio.Lock())
+        async with lock:
+            if channel not in self._broker_channels:
+                await self.broker.subscribe(channel)
+                self._broker_channels.add(channel)
+
+    async def _broker_leave(self, channel: str) -> None:
+        lock = self._channel_locks.setdefault(channel, asyncio.Lock())
+        async with lock:
+            if channel in self._broker_channels and not self.hub.has_channel(channel):
+                self._broker_channels.discard(channel)
+                try:
+                    await self.broker.unsubscribe(channel)
+                except PlexusError:
+                    log.warning("broker unsubscribe of %s failed", channel)
+        if not lock.locked() and not self.hub.has_channel(channel):
+            self._channel_locks.pop(channel, None)
+
+    async def subscribe(
+        self, peer: Peer, channel: str, *, since: Since | None, info: Any
+    ) -> SubscribeOutcome:
+        """Subscribe `peer` (permissions already checked) and compute what it must receive.
+
+        The caller sends `result` as the reply, then `events`, then sets
+        `subscription.backlog = None`, with no await in between: that is what
+        makes the reply come first and the stream have no gap nor duplicate.
+        """
+        options = self.namespace(channel)
+        sub = Subscription(peer, channel, info)
+        self.hub.add(sub)
+        try:
+            await self._broker_join(channel)
+            recovered = False
+            missed: list[Publication] = []
+            if since is not None and options.recovery:
+                page = await self.history.read(channel, since=since.offset)
+                position = page.position
+                if can_recover(since, page):
+                    recovered = True
+                    missed = page.publications
+            else:
+                position = await self.history.position(channel)
+            if options.presence or options.join_leave:
+                me = ClientInfo(peer.client_id, peer.user, info)
+                if options.presence:
+                    await self.presence.add(channel, me)
+                if options.join_leave:
+                    await self.broker.publish(Presence("join", channel, me))
+        except BaseException:
+            self.hub.remove(sub)
+            if not self.hub.has_channel(channel):
+                await self._broker_leave(channel)
+            raise
+        backlog = sub.backlog or []
+        events: list[Publication | Presence] = list(missed)
+        events.extend(merge_backlog(position.offset, position.epoch, backlog, peer.client_id))
+        result = {
+            "channel": channel,
+            "offset": position.offset,
+            "epoch": position.epoch,
+            "recovered": recovered,
+        }
+        return SubscribeOutcome(result, sub, events)
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        """End `sub`: remove it locally, from presence, and announce the leave."""
+        self.hub.remove(sub)
+        channel = sub.channel
+        options = self.namespace(channel)
+        peer = sub.conn
+        try:
+            if options.presence:
+                await self.presence.remove(channel, peer.client_id)
+            if options.join_leave:
+                await self.broker.publish(
+                    Presence("leave", channel, ClientInfo(peer.client_id, peer.user, sub.info))
+                )
+        except PlexusError:
+            log.warning("presence cleanup of %s in %s failed", peer.client_id, channel)
+        finally:
+            if not self.hub.has_channel(channel):
+                await self._broker_leave(channel)
+
+    async def history_page(
+        self, channel: str, *, since: Since | None, limit: int
+    ) -> tuple[HistoryPage, bool]:
+        """Read history; the flag says whether `since` (if given) is still recoverable."""
+        page = await self.history.read(channel, since=since.offset if since else None, limit=limit)
+        return page, (can_recover(since, page) if since is not None else page.complete)
+
+    async def position(self, channel: str) -> StreamPosition:
+        """The channel's top offset and epoch."""
+        return await self.history.position(channel)
+
+    async def presence_of(self, channel: str) -> dict[str, ClientInfo]:
+        """Present clients of `channel` (across nodes sharing the presence store)."""
+        return await self.presence.get(channel)
+
+    async def call_rpc(self, call: RpcCall) -> Any:
+        """Run the application's handler for `call.method`."""
+        handler = self.rpc_handlers.get(call.method, self.default_rpc_handler)
+        if handler is None:
+            raise NotFound(f"no handler for rpc method {call.method!r}")
+        return await handler(call)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for /health and /api/info."""
+        return {
+            "connections": len(self.peers),
+            "users": len(self._users),
+            "channels": len(self.hub.channels()),
+            "subscriptions": self.hub.subscriber_count(),
+            "uptime": round(time.time() - self.started_at, 3),
+        }

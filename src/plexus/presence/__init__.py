@@ -1,0 +1,1 @@
+"""Presence stores: which clients are subscribed to a channel, with their info."""

@@ -1,0 +1,1 @@
+"""Protocol version 1, with no I/O: codec, commands, pushes, session limits, recovery."""

@@ -1,0 +1,216 @@
+"""The backend HTTP API under `/api/*`: publish, broadcast, history, presence, admin.
+
+Every error is JSON `{"error": {"code", "message"}}` with the protocol's error
+code and a fitting HTTP status.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import hdrs, web
+
+from plexus import __version__
+from plexus.channels import validate_channel
+from plexus.exceptions import BadRequest, PermissionDenied, PlexusError, TooLarge, Unauthorized
+from plexus.node import Node
+from plexus.protocol.codec import json_loads_with_bytes, to_json_compatible
+from plexus.protocol.codes import HTTP_STATUS, ErrorCode
+from plexus.protocol.commands import DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT, Since
+from plexus.protocol.pushes import publication_message
+
+log = logging.getLogger("plexus.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(code: ErrorCode, message: str) -> web.Response:
+    """A JSON error body with the status that belongs to `code`."""
+    return web.json_response(
+        {"error": {"code": code.value, "message": message}}, status=HTTP_STATUS[code]
+    )
+
+
+def is_loopback(address: str | None) -> bool:
+    """True for 127.0.0.0/8 and ::1."""
+    if not address:
+        return False
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def json_body(payload: dict[str, Any]) -> web.Response:
+    """A JSON response whose bytes payloads are shown as `{"$bytes": base64}`."""
+    return web.json_response(to_json_compatible(payload))
+
+
+class HttpApi:
+    """Handlers of `/api/*`, bound to one node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.settings = node.settings
+
+    def routes(self) -> list[web.AbstractRouteDef]:
+        """The route table to add to the aiohttp application."""
+        post = {
+            "/api/publish": self.publish,
+            "/api/broadcast": self.broadcast,
+            "/api/history": self.history,
+            "/api/presence": self.presence,
+            "/api/channels": self.channels,
+            "/api/disconnect": self.disconnect,
+        }
+        table: list[web.AbstractRouteDef] = [
+            web.post(path, self._guard(handler)) for path, handler in post.items()
+        ]
+        table.append(web.get("/api/info", self._guard(self.info)))
+        return table
+
+    # ----- plumbing
+
+    def _check_caller(self, request: web.Request) -> None:
+        keys = self.settings.api_keys
+        header = request.headers.get(hdrs.AUTHORIZATION, "")
+        if keys:
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() != "bearer" or not given:
+                raise Unauthorized("missing API key: send Authorization: Bearer <key>")
+            # Compare against every key without an early exit (timing-safe).
+            matches = [hmac.compare_digest(given.encode(), key.encode()) for key in keys]
+            if not any(matches):
+                raise Unauthorized("wrong API key")
+        elif not is_loopback(request.remote):
+            raise PermissionDenied("no API key configured: the API accepts loopback callers only")
+
+    async def _json(self, request: web.Request) -> dict[str, Any]:
+        limit = self.settings.max_body_size
+        if request.content_length is not None and request.content_length > limit:
+            raise TooLarge(f"request body over {limit} bytes")
+        body = await request.content.read(limit + 1)
+        if len(body) > limit:
+            raise TooLarge(f"request body over {limit} bytes")
+        if not body:
+            raise BadRequest("request body must be a JSON object")
+        value = json_loads_with_bytes(body)
+        if not isinstance(value, dict):
+            raise BadRequest("request body must be a JSON object")
+        return value
+
+    def _guard(self, handler: Callable[[web.Request], Awaitable[web.Response]]) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            try:
+                self._check_caller(request)
+                return await handler(request)
+            except PlexusError as exc:
+                return error_response(exc.code, exc.message)
+            except Exception:
+                log.exception("API %s failed", request.path)
+                return error_response(ErrorCode.INTERNAL, "internal error")
+
+        return guarded
+
+    @staticmethod
+    def _channel(body: dict[str, Any], key: str = "channel") -> str:
+        value = body.get(key)
+        if not isinstance(value, str):
+            raise BadRequest(f'"{key}" must be a string')
+        return validate_channel(value)
+
+    # ----- endpoints
+
+    async def publish(self, request: web.Request) -> web.Response:
+        """`POST /api/publish {"channel","data"}` -> `{"offset"}`."""
+        body = await self._json(request)
+        channel = self._channel(body)
+        if "data" not in body:
+            raise BadRequest('"data" is required')
+        pub = await self.node.publish(channel, body["data"])
+        return web.json_response({"offset": pub.offset, "epoch": pub.epoch})
+
+    async def broadcast(self, request: web.Request) -> web.Response:
+        """`POST /api/broadcast {"channels": [...], "data"}` -> `{"results": [...]}`."""
+        body = await self._json(request)
+        channels = body.get("channels")
+        if not isinstance(channels, list) or not channels:
+            raise BadRequest('"channels" must be a non-empty list of channel names')
+        if len(channels) > 1000:
+            raise TooLarge("at most 1000 channels per broadcast")
+        names = [self._channel({"channel": c}) for c in channels]
+        if "data" not in body:
+            raise BadRequest('"data" is required')
+        results = []
+        for name in names:
+            pub = await self.node.publish(name, body["data"])
+            results.append({"channel": name, "offset": pub.offset})
+        return web.json_response({"results": results})
+
+    async def history(self, request: web.Request) -> web.Response:
+        """`POST /api/history {"channel","since"?,"limit"?}` -> `{"messages","offset","epoch"}`."""
+        body = await self._json(request)
+        channel = self._channel(body)
+        limit = body.get("limit", DEFAULT_HISTORY_LIMIT)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise BadRequest('"limit" must be an integer >= 0')
+        since_raw = body.get("since")
+        since = None
+        if since_raw is not None:
+            if not isinstance(since_raw, dict):
+                raise BadRequest('"since" must be an object {"offset": N, "epoch": E}')
+            offset, epoch = since_raw.get("offset"), since_raw.get("epoch")
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                raise BadRequest('"since.offset" must be an integer >= 0')
+            if not isinstance(epoch, str):
+                raise BadRequest('"since.epoch" must be a string')
+            since = Since(offset, epoch)
+        page, recoverable = await self.node.history_page(
+            channel, since=since, limit=min(limit, MAX_HISTORY_LIMIT)
+        )
+        return json_body(
+            {
+                "messages": [publication_message(p) for p in page.publications],
+                "offset": page.position.offset,
+                "epoch": page.position.epoch,
+                "complete": recoverable,
+            }
+        )
+
+    async def presence(self, request: web.Request) -> web.Response:
+        """`POST /api/presence {"channel"}` -> `{"clients": {id: {"user","info"}}}`."""
+        body = await self._json(request)
+        channel = self._channel(body)
+        clients = await self.node.presence_of(channel)
+        return json_body(
+            {"clients": {cid: {"user": c.user, "info": c.info} for cid, c in clients.items()}}
+        )
+
+    async def channels(self, request: web.Request) -> web.Response:
+        """`POST /api/channels` -> `{"channels": {name: {"subscribers": N}}}` (this node)."""
+        if request.can_read_body:
+            await self._json(request)
+        hub = self.node.hub
+        return web.json_response(
+            {
+                "channels": {
+                    name: {"subscribers": hub.subscriber_count(name)} for name in hub.channels()
+                }
+            }
+        )
+
+    async def disconnect(self, request: web.Request) -> web.Response:
+        """`POST /api/disconnect {"user"}` -> `{"disconnected": N}` (closes with 4001)."""
+        body = await self._json(request)
+        user = body.get("user")
+        if not isinstance(user, str) or not user:
+            raise BadRequest('"user" must be a non-empty string')
+        return web.json_response({"disconnected": self.node.disconnect_user(user)})
+
+    async def info(self, request: web.Request) -> web.Response:
+        """`GET /api/info` -> version and counters of this node."""
+        return web.json_response({"version": __version__, **self.node.stats()})

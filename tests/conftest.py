@@ -1,0 +1,63 @@
+"""Fixtures: real servers on ephemeral loopback ports, and clients connected to them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from plexus.app import Server
+from plexus.client import Client
+from plexus.config import Settings
+from tests.helpers import TIMEOUT
+
+ServerFactory = Callable[..., Awaitable[Server]]
+ClientFactory = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
+    """Start in-process servers (real sockets, port 0) with settings overrides."""
+    servers: list[Server] = []
+
+    async def factory(**overrides: Any) -> Server:
+        values: dict[str, Any] = {
+            "port": 0,
+            "history_backend": "memory",
+            "data_dir": str(tmp_path / "data"),
+            "publish_rate": 0.0,
+        }
+        values.update(overrides)
+        server = Server(Settings(**values))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+async def server(make_server: ServerFactory) -> Server:
+    """A default in-process server with memory history and no publish rate limit."""
+    return await make_server()
+
+
+@pytest.fixture
+async def connect(server: Server) -> AsyncIterator[ClientFactory]:
+    """Open clients to `server` (or to `url=`); all are closed at the end."""
+    clients: list[Client] = []
+
+    async def factory(url: str | None = None, **kwargs: Any) -> Client:
+        kwargs.setdefault("timeout", TIMEOUT)
+        client = Client(url or server.ws_url, **kwargs)
+        await client.connect()
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        await client.close()

@@ -1,0 +1,149 @@
+"""Shared test helpers: one timeout unit, real server processes, small waits.
+
+Every wait in the tests is bounded by a multiple of `TIMEOUT`; set
+PLEXUS_TEST_TIMEOUT_FACTOR on a slow machine to scale them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+TIMEOUT = 10.0 * float(os.environ.get("PLEXUS_TEST_TIMEOUT_FACTOR", "1"))
+ROOT = Path(__file__).resolve().parent.parent
+_LISTENING = re.compile(r"listening on (https?)://([^\s:]+|\[[^\]]+\]):(\d+)")
+
+
+class ServerProcess:
+    """A real `plexus serve` in a child process, on an ephemeral loopback port.
+
+    Args:
+        args: extra command-line arguments for `plexus serve`.
+        env: extra environment variables (e.g. PLEXUS_HISTORY_BACKEND).
+        port: a fixed port (for restarts); 0 picks a free one.
+    """
+
+    def __init__(
+        self, args: list[str] | None = None, env: Mapping[str, str] | None = None, port: int = 0
+    ) -> None:
+        self.args = list(args or [])
+        self.env = dict(env or {})
+        self.port = port
+        self.scheme = "http"
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http", "ws", 1) + "/ws"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = TIMEOUT) -> ServerProcess:
+        env = {**os.environ, "PLEXUS_LOG_LEVEL": "info", **self.env}
+        self.lines = []
+        self._ready.clear()
+        cmd = [sys.executable, "-m", "plexus", "serve", "--port", str(self.port), *self.args]
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=self.env.get("CWD", str(ROOT)),
+        )
+        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self._reader.start()
+        if not self._ready.wait(timeout):
+            self.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.lines[-40:]))
+        return self
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.lines.append(line)
+            match = _LISTENING.search(line)
+            if match and not self._ready.is_set():
+                self.scheme = match.group(1)
+                self.port = int(match.group(3))
+                self._ready.set()
+        self._ready.set()  # EOF: let start() report the failure
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, timeout: float = TIMEOUT) -> int:
+        """SIGTERM and wait; return the exit status."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            status = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        if self._reader is not None:
+            self._reader.join(timeout)
+        return status
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown at all."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+        if self._reader is not None:
+            self._reader.join(TIMEOUT)
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    """Poll a condition that has no event to await (e.g. state in another process)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def api_post(
+    base_url: str, path: str, body: Any, *, headers: Mapping[str, str] | None = None
+) -> tuple[int, Any]:
+    """POST JSON to the server's HTTP API; return (status, decoded JSON body)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            base_url + path,
+            json=body,
+            headers=dict(headers or {}),
+            timeout=aiohttp.ClientTimeout(total=TIMEOUT),
+        ) as response,
+    ):
+        return response.status, await response.json()
