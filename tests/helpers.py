@@ -70,7 +70,7 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            cwd=self.env.get("CWD", str(ROOT)),
+            cwd=str(ROOT),
         )
         self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self._reader.start()
@@ -93,6 +93,12 @@ class ServerProcess:
     def output(self) -> str:
         return "".join(self.lines)
 
+    def _reap(self) -> None:
+        if self._reader is not None:
+            self._reader.join(TIMEOUT)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
     def stop(self, timeout: float = TIMEOUT) -> int:
         """SIGTERM and wait; return the exit status."""
         if self.proc is None:
@@ -105,8 +111,7 @@ class ServerProcess:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait(timeout)
-        if self._reader is not None:
-            self._reader.join(timeout)
+            self._reap()
         return status
 
     def kill(self) -> None:
@@ -114,8 +119,7 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(TIMEOUT)
-        if self._reader is not None:
-            self._reader.join(TIMEOUT)
+        self._reap()
 
     def __enter__(self) -> ServerProcess:
         return self.start()

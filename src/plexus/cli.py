@@ -106,6 +106,7 @@ def _fail(message: str) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from plexus.app import serve
+    from plexus.auth import Authenticator
     from plexus.config import load_settings
     from plexus.logs import setup_logging
 
@@ -120,6 +121,8 @@ def _serve(args: argparse.Namespace) -> int:
     }
     try:
         settings = load_settings(args.config or os.environ.get("PLEXUS_CONFIG"), None, overrides)
+        # Key files and secrets are checked here too, so a bad one is one line.
+        Authenticator.from_settings(settings)
     except ConfigError as exc:
         return _fail(f"invalid setting: {exc}")
     setup_logging(settings.log_level, settings.log_format)
@@ -211,9 +214,10 @@ def _token(args: argparse.Namespace) -> int:
     try:
         ttl = parse_duration(args.ttl)
         info = _parse_json(args.info) if args.info is not None else None
+        token = make_token(secret, user=args.user, ttl=ttl, channel=args.channel, info=info)
     except ValueError as exc:
         return _fail(str(exc))
-    print(make_token(secret, user=args.user, ttl=ttl, channel=args.channel, info=info))
+    print(token)
     return 0
 
 

@@ -52,12 +52,20 @@ class Subscription:
         """Whether the server recovered every message after `since`."""
         return bool(self.result.get("recovered"))
 
-    async def get(self, timeout: float | None = None) -> dict[str, Any]:
-        """The next push, waiting at most `timeout` seconds."""
-        item = await asyncio.wait_for(self.queue.get(), timeout)
-        if item is None:
-            raise ConnectionClosed(self.client.close_code)
-        return item
+    async def get(self, timeout: float | None = None, *, kind: str | None = None) -> dict[str, Any]:
+        """The next push, waiting at most `timeout` seconds in all.
+
+        Args:
+            timeout: seconds to wait; None waits forever.
+            kind: only return pushes of this `type` (e.g. "message"), skipping others.
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                item = await self.queue.get()
+                if item is None:
+                    raise ConnectionClosed(self.client.close_code)
+                if kind is None or item.get("type") == kind:
+                    return item
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self._iterate()
@@ -92,6 +100,7 @@ class Client:
         encoding: str = "json",
         timeout: float = 10.0,
         headers: dict[str, str] | None = None,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.url = url
         self.token = token
@@ -103,7 +112,9 @@ class Client:
         self.close_code: int | None = None
         self.subscriptions: dict[str, Subscription] = {}
         self.other: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._session: aiohttp.ClientSession | None = None
+        # A shared session (many clients in one process) is not closed by us.
+        self._session: aiohttp.ClientSession | None = session
+        self._own_session = session is None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
@@ -117,10 +128,12 @@ class Client:
 
     async def connect(self) -> Client:
         """Open the connection and wait for `welcome`."""
-        self._session = aiohttp.ClientSession()
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        session = self._session
         params = {"token": self.token} if self.token else None
         try:
-            self._ws = await self._session.ws_connect(
+            self._ws = await session.ws_connect(
                 self.url,
                 params=params,
                 protocols=(self.subprotocol,),
@@ -131,13 +144,13 @@ class Client:
             )
             first = await self._ws.receive(timeout=self.timeout)
         except BaseException:
-            await self._session.close()
+            await self._close_session()
             raise
         if first.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
             self.welcome = self.codec.decode(first.data)
         else:
             self.close_code = self._ws.close_code
-            await self._session.close()
+            await self._close_session()
             raise ConnectionClosed(self.close_code)
         self._reader = asyncio.get_running_loop().create_task(self._read())
         return self
@@ -276,7 +289,10 @@ class Client:
             await self._ws.close()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
-        if self._session is not None:
+        await self._close_session()
+
+    async def _close_session(self) -> None:
+        if self._session is not None and self._own_session:
             await self._session.close()
 
     async def __aenter__(self) -> Client:

@@ -17,6 +17,7 @@ from typing import Any
 from plexus.auth import Authenticator, Credentials
 from plexus.exceptions import AuthError, PermissionDenied, PlexusError
 from plexus.hub import Subscription
+from plexus.models import Publication
 from plexus.node import Node, RpcCall
 from plexus.outbox import Flusher, Outbox, Transport
 from plexus.protocol import commands as cmd
@@ -257,8 +258,12 @@ class Connection:
         # Reply, then missed and held messages, then live: no await in between.
         if command.id is not None:
             self.send(cmd.reply(command.id, outcome.result))
+        floor = outcome.result["offset"]
         for event in outcome.events:
+            if isinstance(event, Publication):
+                floor = event.offset
             self.push_frame(EncodedPush(event).frame(self.codec, self.codec_index))
+        sub.floor = floor
         sub.backlog = None
 
     async def _history(self, command: cmd.History) -> dict[str, Any]:

@@ -37,14 +37,18 @@ class Subscription:
     While `backlog` is not None the subscription is being set up (the
     `subscribe` reply is not sent yet): live events are held there, to be
     merged with recovered history by offset once the reply is out.
+    `floor` is the last offset the client has: a publication at or below it
+    is never delivered (a store may report a committed offset before the
+    fan-out of that message reached this node).
     """
 
-    __slots__ = ("backlog", "channel", "conn", "info")
+    __slots__ = ("backlog", "channel", "conn", "floor", "info")
 
     def __init__(self, conn: Subscriber, channel: str, info: object = None) -> None:
         self.conn = conn
         self.channel = channel
         self.info = info
+        self.floor = 0
         self.backlog: list[Publication | Presence] | None = []
 
 
@@ -102,15 +106,25 @@ class Hub:
         if not subs:
             return 0
         encoded = EncodedPush(event)
-        skip = event.client.client if isinstance(event, Presence) else None
         delivered = 0
+        if isinstance(event, Publication):
+            offset = event.offset
+            for sub in subs:
+                if sub.backlog is not None:
+                    sub.backlog.append(event)
+                elif offset > sub.floor:
+                    sub.floor = offset
+                    conn = sub.conn
+                    conn.push_frame(encoded.frame(conn.codec, conn.codec_index))
+                    delivered += 1
+            return delivered
+        skip = event.client.client
         for sub in subs:
             if sub.backlog is not None:
                 sub.backlog.append(event)
                 continue
             conn = sub.conn
-            if conn.client_id == skip:
-                continue
-            conn.push_frame(encoded.frame(conn.codec, conn.codec_index))
-            delivered += 1
+            if conn.client_id != skip:
+                conn.push_frame(encoded.frame(conn.codec, conn.codec_index))
+                delivered += 1
         return delivered

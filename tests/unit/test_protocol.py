@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgpack
 import pytest
 from websockets.frames import Frame, Opcode
 
@@ -94,7 +93,10 @@ def test_msgpack_rejects_text_and_garbage() -> None:
         ({"type": "publish", "channel": "", "data": 1}, "invalid_channel"),
         ({"type": "publish", "channel": "a" * 256, "data": 1}, "invalid_channel"),
         ({"type": "subscribe", "channel": "c", "since": 5}, "bad_request"),
-        ({"type": "subscribe", "channel": "c", "since": {"offset": -1, "epoch": "e"}}, "bad_request"),
+        (
+            {"type": "subscribe", "channel": "c", "since": {"offset": -1, "epoch": "e"}},
+            "bad_request",
+        ),
         ({"type": "subscribe", "channel": "c", "since": {"offset": 1}}, "bad_request"),
         ({"type": "subscribe", "channel": "c", "info": "x" * 2000}, "too_large"),
         ({"type": "subscribe", "channel": "c", "token": 5}, "bad_request"),

@@ -16,13 +16,13 @@ import logging
 import time
 from typing import Final
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from plexus.auth import Authenticator, Credentials
 from plexus.connection import Connection
 from plexus.exceptions import AuthError
 from plexus.node import Node
-from plexus.outbox import Flusher
+from plexus.outbox import Flusher, Outbox
 from plexus.protocol.codec import (
     PING_FRAME,
     SUBPROTOCOLS,
@@ -63,6 +63,24 @@ class _WsTransport:
 
     def is_closing(self) -> bool:
         return self._transport.is_closing() or self._ws.closed
+
+
+class _Response(web.WebSocketResponse):
+    """aiohttp's response, flushing our outbox before any close aiohttp starts itself.
+
+    aiohttp writes its own close frame when a peer breaks the protocol or sends
+    an oversized message; replies to the commands before that are still in the
+    outbox and must go out first.
+    """
+
+    outbox: Outbox | None = None
+
+    async def close(
+        self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True
+    ) -> bool:
+        if self.outbox is not None and not self.closed:
+            self.outbox.flush()
+        return await super().close(code=code, message=message, drain=drain)
 
 
 class WebSocketEndpoint:
@@ -146,12 +164,14 @@ class WebSocketEndpoint:
             except AuthError as exc:
                 refused = exc
 
-        ws = web.WebSocketResponse(
+        ws = _Response(
             protocols=SUBPROTOCOLS,
             compress=False,
             autoping=False,
             autoclose=False,
-            max_msg_size=settings.max_message_size,
+            # aiohttp refuses a message whose size *equals* its limit; the
+            # protocol promises that only a larger one is refused.
+            max_msg_size=settings.max_message_size + 1,
             timeout=CLOSE_TIMEOUT,
         )
         await ws.prepare(request)
@@ -186,6 +206,7 @@ class WebSocketEndpoint:
             credentials=credentials,
             remote=remote,
         )
+        ws.outbox = conn.outbox
         self.connections.add(conn)
         self._drained.clear()
         self._per_ip[remote] = per_ip + 1
@@ -227,7 +248,7 @@ class WebSocketEndpoint:
 
     async def _read(
         self,
-        ws: web.WebSocketResponse,
+        ws: _Response,
         conn: Connection,
         transport: asyncio.Transport,
         *,

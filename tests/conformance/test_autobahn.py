@@ -1,0 +1,201 @@
+"""RFC 6455 conformance: the Autobahn|Testsuite fuzzing client against Plexus's `/echo`.
+
+`/echo` exists only when `echo_endpoint` is on; it runs through the same connection,
+limits and send path as `/ws`, so the suite tests the code users run. The suite itself
+is Python 2.7 only and lives in `.venv-autobahn/` (see `install_autobahn.sh` and
+`shared/autobahn/README.md`). Reports are copied to `artifacts/autobahn/` for reading
+(`artifacts/autobahn/index.html`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import ServerProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+AUTOBAHN_VENV = ROOT / ".venv-autobahn"
+WSTEST = AUTOBAHN_VENV / "bin" / "wstest"
+ARTIFACTS = ROOT / "artifacts" / "autobahn"
+
+AGENT = "plexus"
+# 12.* and 13.* test permessage-deflate: about 7 minutes on 2 cores, and Plexus does
+# not negotiate compression today (they would all be UNIMPLEMENTED). Drop this
+# exclusion if it ever does.
+EXCLUDED_CASES = ["12.*", "13.*"]
+# Without 12.*/13.* the suite (25.10.1) has 301 of its 517 cases. The exact list is
+# computed by wstest's own code (`expected_cases`); this floor only guards against a
+# spec that silently selects next to nothing.
+MIN_CASES = 300
+
+WSTEST_TIMEOUT = 300.0  # seconds; the full run takes ~15 s on 2 cores
+
+# Autobahn's 9.1.6/9.2.6 echo a 16 MiB message (9.3/9.4 send 4 MiB in up to 64 Ki
+# fragments). At the default 64 KiB `max_message_size` Plexus closes those with 1009
+# and Autobahn reports the missing echo as FAILED, so the limit is raised to exactly
+# 16 MiB, which also checks that it is inclusive ("a *larger* message closes").
+# aiohttp 3.14 itself refuses an uncompressed message of exactly `max_msg_size`
+# bytes, so the transport must allow for that. The outbox must then hold a whole
+# 16 MiB echo plus framing, hence a generous `max_queue_bytes`. The 1009 close at
+# the default limit belongs to the end-to-end tests.
+SERVER_ENV = {
+    "PLEXUS_ECHO_ENDPOINT": "1",
+    "PLEXUS_HISTORY_BACKEND": "memory",
+    "PLEXUS_MAX_MESSAGE_SIZE": str(16 * 1024 * 1024),
+    "PLEXUS_MAX_QUEUE_BYTES": str(64 * 1024 * 1024),
+}
+
+# Run inside the 2.7 venv: wstest's own pattern resolution, so the expected case
+# list always matches the installed suite instead of a hard-coded count.
+_LIST_CASES = """
+import json, sys
+from autobahntestsuite.case import Cases, CaseCategories, CaseSubCategories
+from autobahntestsuite.caseset import CaseSet
+spec = json.load(open(sys.argv[1]))
+cases = CaseSet("Autobahn", "Case", Cases, CaseCategories, CaseSubCategories)
+print(json.dumps(cases.parseSpecCases(spec)))
+"""
+
+
+def server_env(tmp_path: Path) -> dict[str, str]:
+    """Settings for the server under test; its data and working directory in tmp_path."""
+    return {
+        **SERVER_ENV,
+        "PLEXUS_DATA_DIR": str(tmp_path / "data"),
+        "CWD": str(tmp_path),  # ServerProcess's working directory
+    }
+
+
+def write_spec(workdir: Path, url: str) -> tuple[Path, Path]:
+    """Write the fuzzingclient spec; return (spec path, report directory)."""
+    outdir = workdir / "reports"
+    spec = {
+        "outdir": str(outdir),
+        "servers": [{"agent": AGENT, "url": url}],
+        "cases": ["*"],
+        "exclude-cases": EXCLUDED_CASES,
+        "exclude-agent-cases": {},
+    }
+    path = workdir / "spec.json"
+    path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
+    return path, outdir
+
+
+def expected_cases(spec: Path) -> list[str]:
+    """The case ids the spec selects, resolved by the installed suite's own code."""
+    done = subprocess.run(
+        [str(AUTOBAHN_VENV / "bin" / "python"), "-c", _LIST_CASES, str(spec)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    cases: list[str] = json.loads(done.stdout)
+    return cases
+
+
+def run_wstest(spec: Path, workdir: Path) -> str:
+    """Run the fuzzing client to completion; return its output."""
+    try:
+        # wstest writes into its working directory, hence `cwd`; it exits 0 even
+        # when the server is unreachable, so the caller must check the index.
+        done = subprocess.run(
+            [str(WSTEST), "-m", "fuzzingclient", "-s", str(spec)],
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=WSTEST_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"wstest did not finish within {WSTEST_TIMEOUT:.0f} s: {exc.output!r}")
+    output = done.stdout + done.stderr
+    if done.returncode != 0:
+        pytest.fail(f"wstest exited with {done.returncode}:\n{output[-4000:]}")
+    return output
+
+
+def check_results(
+    index: dict[str, Any], cases: list[str], report_dir: Path
+) -> tuple[list[str], Counter[str]]:
+    """Return (problems, behaviour counts) of one agent's index against the case list."""
+    results: dict[str, dict[str, Any]] = index.get(AGENT, {})
+    problems: list[str] = []
+    missing = [case for case in cases if case not in results]
+    if missing:
+        # All missing means wstest never reached the server (it still exits 0).
+        shown = ", ".join(missing[:20]) + (", ..." if len(missing) > 20 else "")
+        problems.append(f"{len(missing)} of {len(cases)} cases missing from index.json: {shown}")
+    for case in sorted(results, key=lambda c: tuple(int(x) for x in c.split("."))):
+        result = results[case]
+        if "FAILED" in (result.get("behavior"), result.get("behaviorClose")):
+            problems.append(
+                f"{case}: behavior={result.get('behavior')}"
+                f" behaviorClose={result.get('behaviorClose')}"
+                f" remoteCloseCode={result.get('remoteCloseCode')}"
+                f" report={report_dir / str(result.get('reportfile'))}"
+            )
+    counts = Counter(str(r.get("behavior")) for r in results.values())
+    return problems, counts
+
+
+def publish_reports(outdir: Path) -> None:
+    """Copy the HTML/JSON reports to artifacts/autobahn/ (gitignored), replacing old ones."""
+    if ARTIFACTS.exists():
+        shutil.rmtree(ARTIFACTS)
+    ARTIFACTS.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(outdir, ARTIFACTS)
+
+
+def run_autobahn(url: str, workdir: Path) -> list[str]:
+    """Run the suite against the echo endpoint `url`, publish the reports.
+
+    Returns one line per problem (a missing or FAILED case), empty when all passed.
+    """
+    spec, outdir = write_spec(workdir, url)
+    cases = expected_cases(spec)
+    assert len(cases) >= MIN_CASES, f"spec selects only {len(cases)} cases: {cases}"
+    output = run_wstest(spec, workdir)
+    index_file = outdir / "index.json"
+    if not index_file.exists():
+        return [f"wstest wrote no {index_file}:\n{output[-4000:]}"]
+    publish_reports(outdir)
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    problems, counts = check_results(index, cases, ARTIFACTS)
+    print(f"autobahn: {len(cases)} cases, {dict(counts)}; reports in {ARTIFACTS}")
+    return problems
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(WSTEST_TIMEOUT + 120)
+def test_autobahn_fuzzingclient(tmp_path: Path) -> None:
+    """Every selected Autobahn case runs against Plexus's /echo, and none FAILED."""
+    if not WSTEST.exists():
+        reason = (
+            f"Autobahn|Testsuite not installed ({WSTEST} missing);"
+            " run tests/conformance/install_autobahn.sh"
+        )
+        # On CI a missing suite is a broken pipeline, not a reason to skip.
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+    with ServerProcess(env=server_env(tmp_path)) as server:
+        problems = run_autobahn(f"ws://127.0.0.1:{server.port}/echo", tmp_path)
+        log = server.output()
+    assert not problems, (
+        "Autobahn conformance problems:\n"
+        + "\n".join(problems)
+        + "\nserver log (tail):\n"
+        + log[-4000:]
+    )
