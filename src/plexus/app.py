@@ -25,6 +25,7 @@ from plexus.backends import make_broker, make_history, make_presence
 from plexus.brokers.base import Broker
 from plexus.config import Settings
 from plexus.history.base import HistoryStore
+from plexus.metrics import CONTENT_TYPE
 from plexus.node import Node, RpcHandler
 from plexus.presence.base import PresenceStore
 from plexus.transports.http_api import HttpApi
@@ -138,7 +139,7 @@ class Server:
         app.add_routes([web.get("/ws", self.endpoint.handle)])
         if self.settings.echo_endpoint:
             app.add_routes([web.get("/echo", self.endpoint.handle_echo)])
-        app.add_routes([web.get("/health", self._health)])
+        app.add_routes([web.get("/health", self._health), web.get("/metrics", self._metrics)])
         app.add_routes(HttpApi(self.node).routes())
         app.add_routes(_static_routes())
         return app
@@ -154,6 +155,12 @@ class Server:
                 "uptime": round(time.time() - self.started_at, 3),
             }
         )
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self.node is None or self.endpoint is None:
+            raise web.HTTPServiceUnavailable()
+        self.node.counters.bytes_out = self.endpoint.flusher.bytes_written
+        return web.Response(body=self.node.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.settings.tls:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from plexus.auth import Authenticator, Credentials
+from plexus.channels import validate_channel
 from plexus.exceptions import AuthError, PermissionDenied, PlexusError
 from plexus.hub import Subscription
 from plexus.models import Publication
@@ -163,19 +164,26 @@ class Connection:
         self.last_seen = time.monotonic()
         if self.close_code is not None:
             return
+        self.node.counters.commands += 1
         outcome = self.state.receive(payload, time.monotonic())
         if outcome.command is not None:
             await self.execute(outcome.command)
             return
         if outcome.error is not None:
+            self.node.counters.errors[outcome.error["code"]] += 1
             self.send(outcome.error)
         if outcome.close is not None:
             self.close(outcome.close, "too many bad commands")
 
-    async def execute(self, command: cmd.Command) -> None:
-        """Run one validated command and answer it."""
+    async def execute(self, command: cmd.Command, *, granted: bool = False) -> None:
+        """Run one validated command and answer it (`granted`: made by the server)."""
         try:
-            result = await self._run(command)
+            if granted and isinstance(command, cmd.Subscribe):
+                validate_channel(command.channel)
+                await self._subscribe(command, granted=True)
+                result = None
+            else:
+                result = await self._run(command)
         except PlexusError as exc:
             outcome = self.state.failed(command.id, exc.code, exc.message, time.monotonic())
         except Exception:
@@ -188,6 +196,7 @@ class Connection:
                 self.send(cmd.reply(command.id, result))
             return
         if outcome.error is not None:
+            self.node.counters.errors[outcome.error["code"]] += 1
             self.send(outcome.error)
         if outcome.close is not None:
             reason = "rate limited" if outcome.close == CloseCode.RATE_LIMITED else "bad commands"
@@ -234,7 +243,19 @@ class Connection:
             raise PermissionDenied(f"{channel} is private: subscribe needs a subscription token")
         self.auth.verify_subscription(token, user=self.user, client=self.client_id, channel=channel)
 
-    async def _subscribe(self, command: cmd.Subscribe) -> None:
+    async def subscribe_granted(self) -> None:
+        """Make the server-side subscriptions listed in the token's `channels` claim.
+
+        The signed token already grants them, so private channels need no
+        subscription token; other permissions still apply. Each one is
+        reported like a `subscribe` without id: silent on success, an `error`
+        push without id on failure.
+        """
+        channels = self.credentials.channels if self.credentials else ()
+        for channel in channels:
+            await self.execute(cmd.Subscribe(None, channel), granted=True)
+
+    async def _subscribe(self, command: cmd.Subscribe, *, granted: bool = False) -> None:
         channel = command.channel
         if channel in self.subscriptions:
             raise PlexusError(f"already subscribed to {channel}", ErrorCode.ALREADY_SUBSCRIBED)
@@ -242,7 +263,7 @@ class Connection:
         if len(self.subscriptions) >= limit:
             raise PermissionDenied(f"subscription limit reached ({limit} per connection)")
         options = self.node.check_read(self.user, channel)
-        if options.private:
+        if options.private and not granted:
             self._check_private(channel, command.token)
         if command.has_info and options.client_info:
             info = command.info

@@ -20,6 +20,7 @@ from plexus.config import NamespaceOptions, Settings
 from plexus.exceptions import NotFound, PermissionDenied, PlexusError, Unauthorized
 from plexus.history.base import HistoryStore
 from plexus.hub import Hub, Subscriber, Subscription
+from plexus.metrics import Metrics
 from plexus.models import ClientInfo, HistoryPage, Presence, Publication, StreamPosition
 from plexus.presence.base import PresenceStore
 from plexus.protocol.codes import CloseCode
@@ -85,7 +86,8 @@ class Node:
         self.rpc_handlers: dict[str, RpcHandler] = {}
         self.default_rpc_handler: RpcHandler | None = None
         self.started_at = time.time()
-        self.delivered = 0
+        self.metrics = Metrics(self._gauges)
+        self.counters = self.metrics.counters
         broker.set_handler(self._on_event)
 
     # ----- lifecycle
@@ -185,6 +187,7 @@ class Node:
         promises), so an acknowledged message is never lost.
         """
         options = self.namespace(channel)
+        started = time.perf_counter()
         pub = await self.history.append(
             channel,
             data,
@@ -194,11 +197,22 @@ class Node:
             size=options.history_size,
             ttl=options.history_ttl,
         )
+        stored = time.perf_counter()
         await self.broker.publish(pub)
+        self.counters.published += 1
+        self.metrics.history_latency.observe(stored - started)
+        self.metrics.publish_latency.observe(time.perf_counter() - started)
         return pub
 
     def _on_event(self, event: Event) -> None:
-        self.delivered += self.hub.dispatch(event)
+        self.counters.deliveries += self.hub.dispatch(event)
+
+    def _gauges(self) -> dict[str, int]:
+        return {
+            "connections": len(self.peers),
+            "subscriptions": self.hub.subscriber_count(),
+            "channels": len(self.hub.channels()),
+        }
 
     async def _broker_join(self, channel: str) -> None:
         if channel in self._broker_channels:

@@ -28,12 +28,13 @@ class Transport(Protocol):
 class Flusher:
     """Flushes every outbox that got frames during this loop iteration, in one callback."""
 
-    __slots__ = ("_dirty", "_loop", "_scheduled")
+    __slots__ = ("_dirty", "_loop", "_scheduled", "bytes_written")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._dirty: list[Outbox] = []
         self._scheduled = False
+        self.bytes_written = 0
 
     def mark(self, outbox: Outbox) -> None:
         """Remember `outbox` for the flush at the end of this iteration."""
@@ -46,8 +47,10 @@ class Flusher:
         """Write out every marked outbox now."""
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
+        written = 0
         for outbox in dirty:
-            outbox.flush()
+            written += outbox.flush()
+        self.bytes_written += written
 
 
 class Outbox:
@@ -105,16 +108,18 @@ class Outbox:
         self._queued += len(frame)
         return True
 
-    def flush(self) -> None:
-        """Write every queued frame in one write."""
+    def flush(self) -> int:
+        """Write every queued frame in one write; return the bytes written."""
         frames = self._frames
         if not frames:
-            return
+            return 0
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         frames.clear()
         self._queued = 0
-        if not self._transport.is_closing():
-            self._transport.write(data)
+        if self._transport.is_closing():
+            return 0
+        self._transport.write(data)
+        return len(data)
 
     def write_now(self, frame: bytes) -> None:
         """Flush the queue, then write `frame` at once (close frames, pongs)."""

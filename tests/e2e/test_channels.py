@@ -281,3 +281,27 @@ async def test_many_clients_publish_concurrently(connect: ClientFactory) -> None
         offsets = [m["offset"] for m in got]
         assert offsets == sorted(offsets)
         assert sorted(m["data"] for m in got) == list(range(10))
+
+
+async def test_metrics_count_what_happened(server: Server, connect: ClientFactory) -> None:
+    client = await connect()
+    sub = await client.subscribe("chat:m")
+    await client.publish("chat:m", "x")
+    await sub.get(TIMEOUT, kind="message")
+    with pytest.raises(PlexusClientError):
+        await client.subscribe("bad name")
+    async with aiohttp.ClientSession() as session, session.get(server.url + "/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    samples = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples["plexus_connections"] == 1
+    assert samples["plexus_subscriptions"] == 1
+    assert samples["plexus_messages_published_total"] == 1
+    assert samples["plexus_deliveries_total"] >= 1
+    assert samples['plexus_errors_total{code="invalid_channel"}'] == 1
+    assert samples["plexus_publish_seconds_count"] == 1
+    assert samples["plexus_bytes_out_total"] > 0

@@ -214,6 +214,7 @@ class WebSocketEndpoint:
             self.node.add_peer(conn)
             conn.send(conn.welcome())
             conn.watch_expiry()
+            await conn.subscribe_granted()
         log.info("open %s from %s user=%s", conn.client_id, remote, conn.user)
         peer_code: int | None = None
         try:
@@ -235,6 +236,7 @@ class WebSocketEndpoint:
             if not echo:
                 await conn.cleanup()
             code = conn.close_code or peer_code or ws.close_code
+            self.node.counters.closes[int(code or 1006)] += 1
             log.info(
                 "close %s from %s after %.3fs code=%s",
                 conn.client_id,

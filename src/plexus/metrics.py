@@ -1,0 +1,102 @@
+"""Prometheus metrics at `/metrics`.
+
+Hot paths only bump plain integers in `Counters` (no locks, no label lookups
+per delivery); a custom collector turns them into Prometheus samples when
+`/metrics` is scraped. Only per-publish timings use real histograms, which
+cost one observation per published message, never per delivery.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Counters:
+    """Plain counters the server bumps as it works."""
+
+    __slots__ = (
+        "bytes_out",
+        "closes",
+        "commands",
+        "deliveries",
+        "errors",
+        "published",
+        "slow_consumers",
+    )
+
+    def __init__(self) -> None:
+        self.commands = 0  # client messages received
+        self.published = 0  # messages stored and fanned out
+        self.deliveries = 0  # frames queued to subscribers by fan-out
+        self.bytes_out = 0  # bytes written to client sockets
+        self.slow_consumers = 0
+        self.errors: Counter[str] = Counter()  # error answers by code
+        self.closes: Counter[int] = Counter()  # connection ends by close code
+
+
+class _Collector(Collector):
+    def __init__(self, counters: Counters, gauges: Callable[[], dict[str, int]]) -> None:
+        self._counters = counters
+        self._gauges = gauges
+
+    def collect(self) -> Iterator[Any]:
+        c = self._counters
+        for name, value in self._gauges().items():
+            yield GaugeMetricFamily(f"plexus_{name}", f"Current number of {name}.", value=value)
+        simple = (
+            ("plexus_commands", "Client messages received.", c.commands),
+            (
+                "plexus_messages_published",
+                "Messages published (stored and fanned out).",
+                c.published,
+            ),
+            ("plexus_deliveries", "Message frames queued to subscribers.", c.deliveries),
+            ("plexus_bytes_out", "Bytes written to client sockets.", c.bytes_out),
+            ("plexus_slow_consumer_disconnects", "Connections closed with 4008.", c.slow_consumers),
+        )
+        for name, doc, value in simple:
+            yield CounterMetricFamily(name, doc, value=value)
+        errors = CounterMetricFamily("plexus_errors", "Error answers by code.", labels=["code"])
+        for code, count in sorted(c.errors.items()):
+            errors.add_metric([code], count)
+        yield errors
+        closes = CounterMetricFamily(
+            "plexus_connection_closes", "Ended connections by close code.", labels=["code"]
+        )
+        for close_code, count in sorted(c.closes.items()):
+            closes.add_metric([str(close_code)], count)
+        yield closes
+
+
+class Metrics:
+    """One server's metrics registry (a registry each, so servers can share a process)."""
+
+    def __init__(self, gauges: Callable[[], dict[str, int]]) -> None:
+        self.counters = Counters()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self.counters, gauges))
+        self.publish_latency = Histogram(
+            "plexus_publish_seconds",
+            "Time from accepting a publish to its fan-out (storage included).",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.history_latency = Histogram(
+            "plexus_history_append_seconds",
+            "Time the history store took to store one message.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
