@@ -90,7 +90,7 @@ class WebSocketEndpoint:
         self.node = node
         self.auth = auth
         self.settings = node.settings
-        self.flusher = Flusher(asyncio.get_event_loop())
+        self.flusher = Flusher(asyncio.get_running_loop())
         self.connections: set[Connection] = set()
         self._drained = asyncio.Event()
         self._per_ip: dict[str, int] = {}
