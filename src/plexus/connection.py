@@ -58,6 +58,7 @@ class Connection:
         "node",
         "opened_at",
         "outbox",
+        "push_frame",
         "remote",
         "state",
         "subscriptions",
@@ -91,6 +92,9 @@ class Connection:
         self.close_code: int | None = None
         self.subscriptions: dict[str, Subscription] = {}
         self.outbox = Outbox(transport, settings.max_queue_bytes, flusher, self._on_overflow)
+        # Queue a pre-built frame (the fan-out path): the outbox's own method,
+        # one call less per delivery.
+        self.push_frame = self.outbox.push
         self.state = SessionState(
             codec,
             Limits(
@@ -106,10 +110,6 @@ class Connection:
         self._expiry_timer: asyncio.TimerHandle | None = None
 
     # ----- output
-
-    def push_frame(self, frame: bytes) -> None:
-        """Queue a pre-built frame (fan-out path)."""
-        self.outbox.push(frame)
 
     def send(self, message: dict[str, Any]) -> None:
         """Encode and queue one message for this client only."""
@@ -283,7 +283,7 @@ class Connection:
         for event in outcome.events:
             if isinstance(event, Publication):
                 floor = event.offset
-            self.push_frame(EncodedPush(event).frame(self.codec, self.codec_index))
+            self.push_frame(EncodedPush(event).frame(self.codec_index))
         sub.floor = floor
         sub.backlog = None
 

@@ -6,10 +6,10 @@ same frame is pushed to every subscriber's outbox, without awaiting anyone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from plexus.models import Presence, Publication
-from plexus.protocol.codec import Codec
 from plexus.protocol.pushes import EncodedPush
 
 
@@ -23,12 +23,12 @@ class Subscriber(Protocol):
     def user(self) -> str | None: ...
 
     @property
-    def codec(self) -> Codec: ...
-
-    @property
     def codec_index(self) -> int: ...
 
-    def push_frame(self, frame: bytes) -> None: ...
+    @property
+    def push_frame(self) -> Callable[[bytes], object]:
+        """Queue one pre-built frame for this connection (never blocks)."""
+        ...
 
 
 class Subscription:
@@ -42,10 +42,13 @@ class Subscription:
     fan-out of that message reached this node).
     """
 
-    __slots__ = ("backlog", "channel", "conn", "floor", "info")
+    __slots__ = ("backlog", "channel", "codec_index", "conn", "floor", "info", "push")
 
     def __init__(self, conn: Subscriber, channel: str, info: object = None) -> None:
         self.conn = conn
+        # Copied from the connection so fan-out touches one object per subscriber.
+        self.push = conn.push_frame
+        self.codec_index = conn.codec_index
         self.channel = channel
         self.info = info
         self.floor = 0
@@ -70,7 +73,7 @@ class Hub:
         if subs is None:
             subs = self._channels[sub.channel] = {}
         subs[sub.conn.client_id] = sub
-        self._snapshots[sub.channel] = tuple(subs.values())
+        self._snapshots.pop(sub.channel, None)
         return first
 
     def remove(self, sub: Subscription) -> bool:
@@ -79,11 +82,10 @@ class Hub:
         if subs is None or subs.get(sub.conn.client_id) is not sub:
             return False
         del subs[sub.conn.client_id]
+        self._snapshots.pop(sub.channel, None)
         if subs:
-            self._snapshots[sub.channel] = tuple(subs.values())
             return False
         del self._channels[sub.channel]
-        del self._snapshots[sub.channel]
         return True
 
     def has_channel(self, channel: str) -> bool:
@@ -103,9 +105,13 @@ class Hub:
     def dispatch(self, event: Publication | Presence) -> int:
         """Deliver `event` to every local subscriber of its channel; return how many got it."""
         subs = self._snapshots.get(event.channel)
-        if not subs:
-            return 0
+        if subs is None:
+            members = self._channels.get(event.channel)
+            if not members:
+                return 0
+            subs = self._snapshots[event.channel] = tuple(members.values())
         encoded = EncodedPush(event)
+        frames = encoded.frames
         delivered = 0
         if isinstance(event, Publication):
             offset = event.offset
@@ -114,17 +120,17 @@ class Hub:
                     sub.backlog.append(event)
                 elif offset > sub.floor:
                     sub.floor = offset
-                    conn = sub.conn
-                    conn.push_frame(encoded.frame(conn.codec, conn.codec_index))
+                    frame = frames[sub.codec_index]
+                    if frame is None:
+                        frame = encoded.frame(sub.codec_index)
+                    sub.push(frame)
                     delivered += 1
             return delivered
         skip = event.client.client
         for sub in subs:
             if sub.backlog is not None:
                 sub.backlog.append(event)
-                continue
-            conn = sub.conn
-            if conn.client_id != skip:
-                conn.push_frame(encoded.frame(conn.codec, conn.codec_index))
+            elif sub.conn.client_id != skip:
+                sub.push(encoded.frame(sub.codec_index))
                 delivered += 1
         return delivered

@@ -68,6 +68,7 @@ class Outbox:
         "_on_overflow",
         "_queued",
         "_transport",
+        "_unsent",
         "limit",
         "overflowed",
         "peak",
@@ -85,6 +86,10 @@ class Outbox:
         self._on_overflow = on_overflow
         self._frames: list[bytes] = []
         self._queued = 0
+        # The transport's unsent bytes as of our last write. It can only
+        # shrink until our next write (the kernel drains it), so using it as
+        # is bounds the total without a transport call on every push.
+        self._unsent = 0
         self.limit = limit
         self.peak = 0
         self.overflowed = False
@@ -93,7 +98,11 @@ class Outbox:
         """Queue `frame`; return False (and report overflow once) if it does not fit."""
         if self.overflowed:
             return False
-        buffered = self._queued + len(frame) + self._transport.get_write_buffer_size()
+        buffered = self._queued + len(frame) + self._unsent
+        if buffered > self.limit:
+            # The cached figure may be stale (the kernel drained since): ask.
+            self._unsent = self._transport.get_write_buffer_size()
+            buffered = self._queued + len(frame) + self._unsent
         if buffered > self.limit:
             self.overflowed = True
             self._frames.clear()
@@ -116,9 +125,11 @@ class Outbox:
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         frames.clear()
         self._queued = 0
-        if self._transport.is_closing():
+        transport = self._transport
+        if transport.is_closing():
             return 0
-        self._transport.write(data)
+        transport.write(data)
+        self._unsent = transport.get_write_buffer_size()
         return len(data)
 
     def write_now(self, frame: bytes) -> None:
@@ -130,4 +141,5 @@ class Outbox:
     @property
     def buffered(self) -> int:
         """Bytes queued here plus bytes the transport has not sent yet."""
-        return self._queued + self._transport.get_write_buffer_size()
+        self._unsent = self._transport.get_write_buffer_size()
+        return self._queued + self._unsent

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from plexus.models import Presence, Publication
-from plexus.protocol.codec import CODECS, Codec
+from plexus.protocol.codec import CODECS
 
 
 def publication_message(pub: Publication) -> dict[str, Any]:
@@ -43,7 +43,7 @@ class EncodedPush:
     subscriber pays for the JSON encoding and every later one reuses it.
     """
 
-    __slots__ = ("_frames", "event", "message")
+    __slots__ = ("event", "frames", "message")
 
     def __init__(self, event: Publication | Presence) -> None:
         self.event = event
@@ -52,12 +52,13 @@ class EncodedPush:
             if isinstance(event, Publication)
             else presence_message(event)
         )
-        self._frames: list[bytes | None] = [None] * len(CODECS)
+        # frames[i] is the frame for CODECS[i], None until first asked for.
+        self.frames: list[bytes | None] = [None] * len(CODECS)
 
-    def frame(self, codec: Codec, index: int) -> bytes:
-        """The ready-to-write frame for `codec` (whose position in CODECS is `index`)."""
-        frame = self._frames[index]
+    def frame(self, index: int) -> bytes:
+        """The ready-to-write frame for the codec `CODECS[index]`."""
+        frame = self.frames[index]
         if frame is None:
-            frame = codec.frame(self.message)
-            self._frames[index] = frame
+            frame = CODECS[index].frame(self.message)
+            self.frames[index] = frame
         return frame
