@@ -25,7 +25,7 @@ from plexus.protocol import commands as cmd
 from plexus.protocol.codec import CODECS, Codec
 from plexus.protocol.codes import CloseCode, ErrorCode
 from plexus.protocol.pushes import EncodedPush, publication_message
-from plexus.protocol.session import Limits, SessionState
+from plexus.protocol.session import SessionState
 
 log = logging.getLogger("plexus.connection")
 
@@ -95,18 +95,7 @@ class Connection:
         # Queue a pre-built frame (the fan-out path): the outbox's own method,
         # one call less per delivery.
         self.push_frame = self.outbox.push
-        self.state = SessionState(
-            codec,
-            Limits(
-                max_info_bytes=settings.max_info_bytes,
-                bad_command_limit=settings.bad_command_limit,
-                bad_command_window=settings.bad_command_window,
-                publish_rate=settings.publish_rate,
-                publish_burst=settings.publish_burst,
-                rate_limit_disconnect=settings.rate_limit_disconnect,
-            ),
-            time.monotonic(),
-        )
+        self.state = SessionState(codec, node.limits, time.monotonic())
         self._expiry_timer: asyncio.TimerHandle | None = None
 
     # ----- output

@@ -26,6 +26,7 @@ from plexus.presence.base import PresenceStore
 from plexus.protocol.codes import CloseCode
 from plexus.protocol.commands import Since
 from plexus.protocol.recovery import can_recover, merge_backlog
+from plexus.protocol.session import Limits
 
 log = logging.getLogger("plexus.node")
 
@@ -86,6 +87,15 @@ class Node:
         self.rpc_handlers: dict[str, RpcHandler] = {}
         self.default_rpc_handler: RpcHandler | None = None
         self.started_at = time.time()
+        # One immutable copy shared by every connection's session state.
+        self.limits = Limits(
+            max_info_bytes=settings.max_info_bytes,
+            bad_command_limit=settings.bad_command_limit,
+            bad_command_window=settings.bad_command_window,
+            publish_rate=settings.publish_rate,
+            publish_burst=settings.publish_burst,
+            rate_limit_disconnect=settings.rate_limit_disconnect,
+        )
         self.metrics = Metrics(self._gauges)
         self.counters = self.metrics.counters
         broker.set_handler(self._on_event)

@@ -45,11 +45,15 @@ class EventWindow:
     def __init__(self, limit: int, window: float) -> None:
         self.limit = limit
         self.window = window
-        self._times: deque[float] = deque(maxlen=limit)
+        # Created on the first event: most connections never misbehave, and
+        # an empty deque still costs ~600 bytes per idle connection.
+        self._times: deque[float] | None = None
 
     def hit(self, now: float) -> bool:
         """Record one event; return True when this makes `limit` events within the window."""
         times = self._times
+        if times is None:
+            times = self._times = deque(maxlen=self.limit)
         times.append(now)
         horizon = now - self.window
         while times and times[0] <= horizon:
