@@ -1,0 +1,179 @@
+"""Start and stop the servers under test, and read their CPU time and memory from /proc.
+
+Every server runs as a child process on an ephemeral loopback port; the
+`listening on http://127.0.0.1:PORT` line it prints tells the port. Its
+output goes to a log file (never a pipe nobody drains). CPU time is
+utime + stime from /proc/PID/stat (all threads, including exited ones);
+RSS is VmRSS from /proc/PID/status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+NODE_PEER = BENCH_DIR / "peers" / "node-ws"
+PLEXUS_CONFIG = BENCH_DIR / "plexus-bench.toml"
+LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PR_SET_PDEATHSIG = 1
+
+# Server kinds: name -> what it is. `plexus-sqlite` differs from `plexus` only
+# in its history backend (sqlite in a fresh temporary data dir).
+KINDS = ("plexus", "plexus-sqlite", "node")
+
+
+@dataclass
+class Server:
+    """A running server under test."""
+
+    kind: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+    tmpdir: Path | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_times(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of the whole process so far (10 ms resolution)."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the whole process so far."""
+        return sum(self.cpu_times())
+
+    def rss_bytes(self) -> int:
+        """Resident set size (VmRSS) in bytes."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def open_files(self) -> int:
+        with contextlib.suppress(OSError):
+            return len(os.listdir(f"/proc/{self.pid}/fd"))
+        return 0
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent not idle (all cores, softirq included)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def plexus_command() -> list[str]:
+    """The `plexus` console script of the venv running the bench (or `python -m plexus.cli`)."""
+    script = Path(sys.executable).parent / "plexus"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "plexus.cli"]
+
+
+def ensure_node_peer() -> None:
+    """Install the Node peer's dependencies (from its lock file) if missing."""
+    if (NODE_PEER / "node_modules" / "ws").is_dir():
+        return
+    if shutil.which("npm") is None:
+        raise RuntimeError("npm not found: the Node ws peer needs Node.js 18+ and npm")
+    subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund", "--silent"],
+        cwd=NODE_PEER,
+        check=True,
+    )
+
+
+def start(
+    kind: str,
+    log_dir: Path,
+    cpus: list[int] | None = None,
+    env_extra: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> Server:
+    """Start a server of `kind` (see KINDS) and wait until it listens."""
+    env = dict(os.environ)
+    tmpdir: Path | None = None
+    if kind == "node":
+        ensure_node_peer()
+        cmd = ["node", str(NODE_PEER / "server.js"), "0"]
+    elif kind in ("plexus", "plexus-sqlite"):
+        tmpdir = Path(tempfile.mkdtemp(prefix="plexus-bench-"))
+        env.update(
+            PLEXUS_PUBLISH_RATE="0",
+            PLEXUS_HISTORY_BACKEND="sqlite" if kind == "plexus-sqlite" else "memory",
+            PLEXUS_DATA_DIR=str(tmpdir),
+            PLEXUS_CONFIG=str(PLEXUS_CONFIG),
+        )
+        cmd = [*plexus_command(), "serve", "--port", "0"]
+    else:
+        raise ValueError(f"unknown server kind {kind!r}; expected one of {KINDS}")
+    env.update(env_extra or {})
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"server-{kind}-{int(time.time() * 1000)}.log"
+
+    def pin() -> None:
+        # Runs in the child before exec: stop the server if the bench dies, and pin it.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=pin,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = LISTENING.search(log.read_bytes())
+        if found:
+            return Server(kind, proc, int(found.group(1)), log, tmpdir)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    server = Server(kind, proc, 0, log, tmpdir)
+    server.stop()
+    raise RuntimeError(f"{kind} did not start (exit {proc.returncode}):\n{server.log_tail()}")
