@@ -305,3 +305,24 @@ async def test_metrics_count_what_happened(server: Server, connect: ClientFactor
     assert samples['plexus_errors_total{code="invalid_channel"}'] == 1
     assert samples["plexus_publish_seconds_count"] == 1
     assert samples["plexus_bytes_out_total"] > 0
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+async def test_pipelined_publishes_keep_order(make_server: ServerFactory, backend: str) -> None:
+    server = await make_server(history_backend=backend)
+    async with aiohttp.ClientSession() as session:
+        watcher = await open_raw(session, server)
+        await raw(watcher, {"type": "subscribe", "id": 0, "channel": "chat:pipe"})
+        ws = await open_raw(session, server)
+        for i in range(300):
+            await ws.send_json({"type": "publish", "id": i, "channel": "chat:pipe", "data": i})
+        # A non-publish command waits for the publishes before it.
+        await ws.send_json({"type": "history", "id": "h", "channel": "chat:pipe", "limit": 1000})
+        replies = [await ws.receive_json(timeout=TIMEOUT) for _ in range(301)]
+        assert [r["id"] for r in replies] == [*range(300), "h"]
+        assert [r["result"]["offset"] for r in replies[:300]] == list(range(1, 301))
+        assert [m["data"] for m in replies[300]["result"]["messages"]] == list(range(300))
+        pushes = [await watcher.receive_json(timeout=TIMEOUT) for _ in range(300)]
+        assert [p["data"] for p in pushes] == list(range(300))
+        await ws.close()
+        await watcher.close()
