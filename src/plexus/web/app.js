@@ -17,6 +17,7 @@ const MAX_IMAGE_BYTES = 256 * 1024;
 const IMAGE_TYPES = new Set(['image/png', 'image/jpeg', 'image/gif', 'image/webp']);
 const TYPING_SEND_EVERY = 2500;
 const TYPING_SHOW_FOR = 4000;
+const TYPING_STALE_AFTER = 15000; // older typing notes (replayed after a reconnect) are ignored
 const ROOM_NAME = /^[A-Za-z0-9_.-]{1,48}$/;
 const NEAR_BOTTOM = 120;
 
@@ -112,9 +113,9 @@ function hue(seed) {
   return h % 360;
 }
 
-function paintAvatar(node, name, seed) {
+function paintAvatar(node, name) {
   node.textContent = firstChar(name);
-  node.style.setProperty('--hue', String(hue(seed || name)));
+  node.style.setProperty('--hue', String(hue(name))); // same name, same colour everywhere
 }
 
 function isNearBottom() {
@@ -152,7 +153,7 @@ function toast(message, kind = 'info') {
 
 function renderMe() {
   el.meNick.textContent = me.nick;
-  paintAvatar(el.meAvatar, me.nick, me.uid);
+  paintAvatar(el.meAvatar, me.nick);
 }
 
 function renderRooms() {
@@ -188,7 +189,7 @@ function renderOnline(room) {
     li.dataset.nick = person.nick;
     const avatar = document.createElement('span');
     avatar.className = 'avatar small';
-    paintAvatar(avatar, person.nick, person.uid);
+    paintAvatar(avatar, person.nick);
     const name = document.createElement('span');
     name.className = 'name';
     name.dataset.testid = 'online-nick';
@@ -256,7 +257,7 @@ function buildMessage(room, msg) {
   node.dataset.offset = String(msg.offset);
   node.dataset.kind = data && typeof data === 'object' && typeof data.kind === 'string' ? data.kind : 'other';
   if (mine) node.classList.add('mine');
-  paintAvatar(node.querySelector('.avatar'), author, uid || author);
+  paintAvatar(node.querySelector('.avatar'), author);
   node.querySelector('.author').textContent = author;
   const time = node.querySelector('time');
   if (typeof msg.time === 'number') {
@@ -336,6 +337,7 @@ function enterRoom(name) {
   el.roomTitle.textContent = name;
   document.title = `#${name} · Plexus chat`;
   el.messages.replaceChildren();
+  delete el.messages.dataset.loaded;
   el.typing.textContent = '';
   const room = {
     name,
@@ -348,7 +350,8 @@ function enterRoom(name) {
     typingTimer: null,
     urls: [],
     stickToBottom: true,
-    everLoaded: false,
+    needsLoad: true, // history still to be shown (again after a load cut by a disconnect)
+    loadGen: 0, // a newer history load makes an older one give up
   };
   current = room;
   renderRooms();
@@ -362,20 +365,23 @@ function enterRoom(name) {
   sub.on('subscribed', () => {
     // After every (re)subscribe: who is here may have changed while we were away.
     refreshPresence(room);
-    if (!room.everLoaded) loadHistory(room, false);
+    if (room.needsLoad) loadHistory(room, false);
   });
   sub.on('lost', () => {
-    toast('Some messages could not be recovered: reloading the room.', 'info');
-    loadHistory(room, true);
+    loadHistory(room, true, 'Some messages could not be recovered: the room was reloaded.');
   });
   sub.on('error', (err) => toast(`Cannot enter #${name}: ${err.message} (${err.code})`, 'error'));
 }
 
-async function loadHistory(room, reset) {
-  room.everLoaded = true;
+async function loadHistory(room, reset, note = '') {
+  const gen = ++room.loadGen;
+  room.needsLoad = false;
   room.loading = true;
   const position = room.sub.position;
-  if (!position) return;
+  if (!position) {
+    room.needsLoad = true;
+    return;
+  }
   const { epoch } = position;
   let end = position.offset;
   const lines = [];
@@ -385,19 +391,25 @@ async function loadHistory(room, reset) {
     try {
       page = await room.sub.history({ since: { offset: start, epoch }, limit: end - start });
     } catch (err) {
-      if (room === current) toast(`History unavailable (${err.code})`, 'error');
+      if (gen !== room.loadGen || room !== current) return;
+      if (err.code === 'disconnected' || err.code === 'timeout') {
+        room.needsLoad = true; // the next (re)subscribe loads it again
+        return;
+      }
+      toast(`History unavailable (${err.code})`, 'error');
       break;
     }
-    if (room !== current) return;
+    if (gen !== room.loadGen || room !== current) return;
     const messages = page.messages.filter((m) => m.offset > start && m.offset <= end);
     lines.unshift(...messages.filter((m) => !isTyping(m)));
     if (messages.length === 0 || messages[0].offset > start + 1) break; // older ones are gone
     end = start;
   }
-  if (room !== current) return;
+  if (gen !== room.loadGen || room !== current) return;
   if (reset) {
     el.messages.replaceChildren();
     room.offsets.clear();
+    if (note) toast(note); // below the reloaded history, above what comes next
   }
   const fragment = document.createDocumentFragment();
   for (const msg of lines.slice(-HISTORY_LINES)) {
@@ -430,8 +442,8 @@ function onMessage(room, msg) {
 function onTyping(room, msg) {
   const uid = text(msg.data.uid, 64);
   if (!uid || uid === me.uid) return;
-  // Recovered or replayed typing notes are old news.
-  if (typeof msg.time === 'number' && Math.abs(Date.now() - msg.time) > TYPING_SHOW_FOR) return;
+  // Recovered or replayed typing notes are old news (with room for clock skew).
+  if (typeof msg.time === 'number' && Math.abs(Date.now() - msg.time) > TYPING_STALE_AFTER) return;
   room.typers.set(uid, { nick: text(msg.data.nick, 32) || 'Someone', until: Date.now() + TYPING_SHOW_FOR });
   renderTyping(room);
 }
@@ -507,7 +519,7 @@ function sendTyping() {
 
 function imageBudget() {
   // The whole JSON message must fit the server's frame limit; base64 adds a third.
-  const max = px.options.maxMessageSize > 0 ? px.options.maxMessageSize : Infinity;
+  const max = px.maxMessageSize > 0 ? px.maxMessageSize : Infinity;
   return Math.min(MAX_IMAGE_BYTES, Math.floor(((max - 1024) * 3) / 4));
 }
 

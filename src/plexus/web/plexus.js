@@ -328,6 +328,8 @@ export class Plexus extends Emitter {
     this._WebSocket = options.WebSocket || globalThis.WebSocket;
     this._token = options.token || null;
     this._getToken = options.getToken || null;
+    this._maxExplicit = options.maxMessageSize !== undefined;
+    this._serverMax = null; // `max_message_size` from welcome, if the server tells
 
     /** 'connecting' | 'connected' | 'reconnecting' | 'closed' */
     this.state = 'closed';
@@ -364,6 +366,16 @@ export class Plexus extends Emitter {
   /** The authenticated user (JWT `sub`), or null. */
   get user() {
     return this.welcome ? this.welcome.user : null;
+  }
+
+  /**
+   * The largest message this client sends (UTF-8 bytes; 0 = no limit): the
+   * `maxMessageSize` option if given, else the server's `max_message_size`
+   * from `welcome` if it sent one, else 64 KiB, the protocol's default.
+   */
+  get maxMessageSize() {
+    if (this._maxExplicit || this._serverMax === null) return this.options.maxMessageSize;
+    return this._serverMax;
   }
 
   /**
@@ -688,6 +700,7 @@ export class Plexus extends Emitter {
     this._clear('connect');
     this._lastRx = this._clock.now();
     this.welcome = msg;
+    if (Number.isInteger(msg.max_message_size) && msg.max_message_size > 0) this._serverMax = msg.max_message_size;
     this._setState('connected');
     this._later('stable', this.options.backoff.resetAfter, () => {
       this._attempt = 0;
@@ -790,7 +803,7 @@ export class Plexus extends Emitter {
   _encode(cmd) {
     if (!('data' in cmd)) return cmd;
     const out = { ...cmd, data: encodeBytes(cmd.data) };
-    const max = this.options.maxMessageSize;
+    const max = this.maxMessageSize;
     if (max > 0) {
       const size = utf8Length(JSON.stringify({ ...out, id: 2 ** 40 }), max);
       if (size > max) {

@@ -1,0 +1,1 @@
+../../src/plexus/web/plexus.js
