@@ -131,6 +131,7 @@ class Connection:
             "user": self.user,
             "server": SERVER_NAME,
             "ping_interval": self.node.settings.ping_interval,
+            "max_message_size": self.node.settings.max_message_size,
         }
 
     # ----- token expiry

@@ -49,6 +49,7 @@ async def test_welcome_shape(server: Server) -> None:
         assert welcome["user"] is None
         assert welcome["server"] == "plexus/0.1.0"
         assert welcome["ping_interval"] == 25
+        assert welcome["max_message_size"] == 65536
         ws2 = await session.ws_connect(server.ws_url)
         assert (await ws2.receive_json(timeout=TIMEOUT))["client"] != welcome["client"]
         await ws.close()
