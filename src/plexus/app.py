@@ -97,6 +97,7 @@ class Server:
         self.node: Node | None = None
         self.endpoint: WebSocketEndpoint | None = None
         self._runner: web.AppRunner | None = None
+        self._site: web.SockSite | None = None
         self._rpc: dict[str, RpcHandler] = {}
         self._closed = asyncio.Event()
         self.port = 0
@@ -200,8 +201,8 @@ class Server:
         sock.listen(1024)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
-        site = web.SockSite(self._runner, sock, ssl_context=self._ssl_context())
-        await site.start()
+        self._site = web.SockSite(self._runner, sock, ssl_context=self._ssl_context())
+        await self._site.start()
         self.started_at = time.time()
         log.info("listening on %s (WebSocket %s)", self.url, self.ws_url)
 
@@ -213,6 +214,9 @@ class Server:
         endpoint, node = self.endpoint, self.node
         if endpoint is None or node is None:
             raise RuntimeError("inconsistent server state")
+        if self._site is not None:
+            await self._site.stop()  # stop accepting first
+            self._site = None
         await endpoint.stop()
         # Each handler returns once its peer answered the close (or was
         # dropped); leave a margin of the budget for the rest of the shutdown.
