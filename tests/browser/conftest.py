@@ -32,9 +32,14 @@ WAIT_MS = TIMEOUT * 1000  # the one timeout unit, in Playwright's milliseconds
 RECONNECT_MS = 3 * WAIT_MS
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One headless Chromium for the whole session (each page gets its own context)."""
+    """One headless Chromium per test module (each page gets its own context).
+
+    Not session-scoped: Playwright's sync API keeps an event loop running in
+    this thread while it is open, and the asyncio tests that run after the
+    browser modules need the thread free of it.
+    """
     if not CHROMIUM.exists():
         if IN_CI:
             pytest.fail(f"{CHROMIUM} is missing under CI=true: `make system-deps` installs it")
