@@ -79,6 +79,18 @@ def _unwrap_bytes(value: Any) -> Any:
     return value
 
 
+class UndecodableBytes(BadRequest):
+    """A JSON message that parsed but whose `{"$bytes": ...}` objects cannot be decoded.
+
+    Carries the parsed message as `decoded`, so that the error answer can still
+    echo the command's `id` (every command with an id gets exactly one answer).
+    """
+
+    def __init__(self, message: str, decoded: Any) -> None:
+        super().__init__(message)
+        self.decoded = decoded
+
+
 class Codec:
     """One encoding: how messages become frames and frames become messages."""
 
@@ -121,7 +133,14 @@ class JsonCodec(Codec):
         # Walking the tree costs; only messages that mention the marker need it.
         marker = '"$bytes"' if isinstance(payload, str) else b'"$bytes"'
         if marker in payload:  # type: ignore[operator]
-            value = _unwrap_bytes(value)
+            try:
+                value = _unwrap_bytes(value)
+            except BadRequest as exc:
+                raise UndecodableBytes(exc.message, value) from None
+            except RecursionError:
+                # orjson parses up to 1024 levels, deeper than Python's stack
+                # allows the recursive walk to go.
+                raise UndecodableBytes("nested too deeply", value) from None
         return value
 
 

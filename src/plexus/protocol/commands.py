@@ -22,6 +22,9 @@ CommandId = int | str
 MAX_ID_LENGTH: Final = 64
 DEFAULT_HISTORY_LIMIT: Final = 100
 MAX_HISTORY_LIMIT: Final = 10_000
+# Offsets are stored as signed 64-bit integers (SQLite INTEGER); a larger
+# `since.offset` can never match and is refused as ill-typed.
+MAX_OFFSET: Final = 2**63 - 1
 
 
 @dataclass(slots=True, frozen=True)
@@ -114,8 +117,8 @@ def _since(message: dict[str, Any]) -> Since | None:
         raise BadRequest('"since" must be an object {"offset": N, "epoch": E}')
     offset = value.get("offset")
     epoch = value.get("epoch")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise BadRequest('"since.offset" must be an integer >= 0')
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
+        raise BadRequest('"since.offset" must be an integer from 0 to 2**63-1')
     if not isinstance(epoch, str):
         raise BadRequest('"since.epoch" must be a string')
     return Since(offset, epoch)
@@ -136,6 +139,27 @@ def json_size(value: Any) -> int:
         raise BadRequest("value cannot be represented as JSON") from None
 
 
+def check_payload(value: Any, name: str = "data") -> None:
+    """Raise BadRequest unless a client-given value can be sent to every client.
+
+    Published `data` and subscription `info` are encoded again for others, in
+    replies and pushes that wrap them up to four levels deep (a `history` or
+    `presence` reply: `{"result": {"messages": [{"data": VALUE}]}}`), so the
+    value is encoded at that depth: orjson refuses more than 254 levels, and a
+    value accepted into a channel or its presence but not encodable would break
+    the fan-out and every later history or presence read. MessagePack input may
+    also hold what JSON cannot carry: non-string map keys, extension types.
+    Checked on the way in, before anything is stored.
+    """
+    try:
+        JSON.encode({"result": {"messages": [{name: value}]}})
+    except (TypeError, orjson.JSONEncodeError):
+        raise BadRequest(
+            f'"{name}" cannot be sent as JSON: nested too deeply (over 250 levels),'
+            " a non-string key or an extension type"
+        ) from None
+
+
 def parse_command(message: Any, *, max_info_bytes: int = 1024) -> Command:
     """Validate one decoded client message.
 
@@ -154,13 +178,17 @@ def parse_command(message: Any, *, max_info_bytes: int = 1024) -> Command:
     if kind == "publish":
         if "data" not in message:
             raise BadRequest('"publish" needs "data"')
-        return Publish(cid, _channel(message), message["data"])
+        channel = _channel(message)
+        check_payload(message["data"])
+        return Publish(cid, channel, message["data"])
     if kind == "subscribe":
         channel = _channel(message)
         has_info = "info" in message and message["info"] is not None
         info = message.get("info")
-        if has_info and json_size(info) > max_info_bytes:
-            raise TooLarge(f'"info" is over {max_info_bytes} bytes')
+        if has_info:
+            check_payload(info, "info")
+            if json_size(info) > max_info_bytes:
+                raise TooLarge(f'"info" is over {max_info_bytes} bytes')
         return Subscribe(
             cid,
             channel,

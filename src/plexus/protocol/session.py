@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from plexus.exceptions import PlexusError
-from plexus.protocol.codec import Codec
+from plexus.protocol.codec import Codec, UndecodableBytes
 from plexus.protocol.codes import NOT_COUNTED_AS_BAD, CloseCode, ErrorCode
 from plexus.protocol.commands import Command, Publish, command_id, error, parse_command
 from plexus.protocol.limits import EventWindow, TokenBucket
@@ -60,6 +60,8 @@ class SessionState:
             message = self.codec.decode(payload)
             command = parse_command(message, max_info_bytes=self.limits.max_info_bytes)
         except PlexusError as exc:
+            if isinstance(exc, UndecodableBytes):
+                message = exc.decoded
             return self.failed(command_id(message), exc.code, exc.message, now)
         if isinstance(command, Publish) and not self._bucket.allow(now):
             return self.failed(command.id, ErrorCode.RATE_LIMITED, "publish rate exceeded", now)

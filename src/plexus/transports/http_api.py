@@ -20,8 +20,15 @@ from plexus.exceptions import BadRequest, PermissionDenied, PlexusError, TooLarg
 from plexus.node import Node
 from plexus.protocol.codec import json_loads_with_bytes, to_json_compatible
 from plexus.protocol.codes import HTTP_STATUS, ErrorCode
-from plexus.protocol.commands import DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT, Since
+from plexus.protocol.commands import (
+    DEFAULT_HISTORY_LIMIT,
+    MAX_HISTORY_LIMIT,
+    MAX_OFFSET,
+    Since,
+    check_payload,
+)
 from plexus.protocol.pushes import publication_message
+from plexus.transports.openapi import OPENAPI_PATH, openapi_handler
 
 log = logging.getLogger("plexus.api")
 
@@ -71,6 +78,7 @@ class HttpApi:
             web.post(path, self._guard(handler)) for path, handler in post.items()
         ]
         table.append(web.get("/api/info", self._guard(self.info)))
+        table.append(web.get(OPENAPI_PATH, openapi_handler))
         return table
 
     # ----- plumbing
@@ -131,6 +139,7 @@ class HttpApi:
         channel = self._channel(body)
         if "data" not in body:
             raise BadRequest('"data" is required')
+        check_payload(body["data"])
         pub = await self.node.publish(channel, body["data"])
         return web.json_response({"offset": pub.offset, "epoch": pub.epoch})
 
@@ -145,6 +154,7 @@ class HttpApi:
         names = [self._channel({"channel": c}) for c in channels]
         if "data" not in body:
             raise BadRequest('"data" is required')
+        check_payload(body["data"])
         results = []
         for name in names:
             pub = await self.node.publish(name, body["data"])
@@ -164,8 +174,12 @@ class HttpApi:
             if not isinstance(since_raw, dict):
                 raise BadRequest('"since" must be an object {"offset": N, "epoch": E}')
             offset, epoch = since_raw.get("offset"), since_raw.get("epoch")
-            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-                raise BadRequest('"since.offset" must be an integer >= 0')
+            if (
+                isinstance(offset, bool)
+                or not isinstance(offset, int)
+                or not 0 <= offset <= MAX_OFFSET
+            ):
+                raise BadRequest('"since.offset" must be an integer from 0 to 2**63-1')
             if not isinstance(epoch, str):
                 raise BadRequest('"since.epoch" must be a string')
             since = Since(offset, epoch)

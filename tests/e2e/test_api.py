@@ -1,0 +1,429 @@
+"""End-to-end: every endpoint of the backend HTTP API, its errors, and its OpenAPI document.
+
+Every response the tests receive, success or error, is validated against the
+schema the OpenAPI document gives for that path, method and status, so the
+document cannot drift from the handlers unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from jsonschema import Draft202012Validator
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
+
+from plexus import __version__
+from plexus.app import Server
+from plexus.client import Client
+from plexus.config import NamespaceOptions, default_namespaces
+from plexus.transports.http_api import HttpApi
+from plexus.transports.openapi import OPENAPI_PATH, openapi_document
+from tests.conftest import ServerFactory
+from tests.helpers import TIMEOUT
+
+API_KEY = "api-key-for-the-tests-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MAX_BODY = 4096
+
+DOC = openapi_document()
+DOC_URI = "urn:plexus:openapi"
+REGISTRY: Registry[Any] = Registry().with_resource(DOC_URI, DRAFT202012.create_resource(DOC))
+
+
+def pointer(*parts: str) -> str:
+    """A JSON pointer (RFC 6901) to `parts` inside the document."""
+    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def validator_at(json_pointer: str) -> Draft202012Validator:
+    return Draft202012Validator({"$ref": f"{DOC_URI}#{json_pointer}"}, registry=REGISTRY)
+
+
+def response_validator(path: str, method: str, status: int) -> Draft202012Validator:
+    responses = DOC["paths"][path][method]["responses"]
+    assert str(status) in responses, f"{method.upper()} {path}: status {status} not documented"
+    response = responses[str(status)]
+    if "$ref" in response:
+        where = response["$ref"].removeprefix("#")
+    else:
+        where = pointer("paths", path, method, "responses", str(status))
+    return validator_at(where + pointer("content", "application/json", "schema"))
+
+
+def request_validator(path: str) -> Draft202012Validator:
+    return validator_at(
+        pointer("paths", path, "post", "requestBody", "content", "application/json", "schema")
+    )
+
+
+# ----- calling the API
+
+
+class Api:
+    """Calls the server's API and validates every answer against the OpenAPI document."""
+
+    def __init__(self, server: Server, session: aiohttp.ClientSession) -> None:
+        self.server = server
+        self.session = session
+
+    async def call(
+        self,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        method: str = "post",
+        headers: dict[str, str] | None = None,
+        base: str | None = None,
+    ) -> tuple[int, Any]:
+        """Send `body` as JSON (or `raw` bytes); return (status, JSON answer), validated."""
+        kwargs: dict[str, Any] = {"headers": AUTH if headers is None else headers}
+        if raw is not None:
+            kwargs["data"] = raw
+            kwargs["headers"] = {**kwargs["headers"], "Content-Type": "application/json"}
+        elif body is not None:
+            kwargs["data"] = json.dumps(body)
+            kwargs["headers"] = {**kwargs["headers"], "Content-Type": "application/json"}
+        url = (base or self.server.url) + path
+        async with self.session.request(
+            method, url, timeout=aiohttp.ClientTimeout(total=TIMEOUT), **kwargs
+        ) as response:
+            assert response.content_type == "application/json"
+            answer = await response.json()
+            status = response.status
+        response_validator(path, method, status).validate(answer)
+        if status >= 400:
+            assert set(answer) == {"error"}
+        return status, answer
+
+    async def ok(self, path: str, body: Any = None, *, method: str = "post") -> Any:
+        if body is not None:
+            request_validator(path).validate(body)
+        status, answer = await self.call(path, body, method=method)
+        assert status == 200, answer
+        return answer
+
+    async def error(self, path: str, body: Any = None, **kwargs: Any) -> tuple[int, str]:
+        status, answer = await self.call(path, body, **kwargs)
+        return status, answer["error"]["code"]
+
+
+def namespaces() -> dict[str, NamespaceOptions]:
+    spaces = default_namespaces()
+    spaces["short"] = NamespaceOptions(history_size=2, recovery=True)
+    return spaces
+
+
+@pytest.fixture
+async def api_server(make_server: ServerFactory) -> Server:
+    return await make_server(api_keys=[API_KEY], max_body_size=MAX_BODY, namespaces=namespaces())
+
+
+@pytest.fixture
+async def api(api_server: Server) -> AsyncIterator[Api]:
+    async with aiohttp.ClientSession() as session:
+        yield Api(api_server, session)
+
+
+async def subscriber(server: Server, channel: str, **kwargs: Any) -> Client:
+    client = await Client(server.ws_url, timeout=TIMEOUT).connect()
+    await client.subscribe(channel, **kwargs)
+    return client
+
+
+# ----- the document
+
+
+def test_openapi_document_is_well_formed() -> None:
+    assert DOC["openapi"] == "3.1.0"
+    assert DOC["info"]["version"] == __version__
+    for schema in DOC["components"]["schemas"].values():
+        Draft202012Validator.check_schema(schema)
+    ids = []
+    for path, operations in DOC["paths"].items():
+        for method, operation in operations.items():
+            ids.append(operation["operationId"])
+            assert "200" in operation["responses"], (method, path)
+            for status in operation["responses"]:
+                response_validator(path, method, int(status))  # every $ref resolves
+            if "requestBody" in operation:
+                request_validator(path).is_valid({})  # every $ref resolves
+    assert len(ids) == len(set(ids))
+
+
+async def test_document_matches_the_routes(api_server: Server, api: Api) -> None:
+    assert api_server.node is not None
+    routes = {(r.method.lower(), r.path) for r in HttpApi(api_server.node).routes()}  # type: ignore[attr-defined]
+    documented = {(m, p) for p, ops in DOC["paths"].items() for m in ops}
+    assert routes == documented
+
+
+async def test_openapi_json_is_served_without_a_key(api: Api) -> None:
+    status, answer = await api.call(OPENAPI_PATH, method="get", headers={})
+    assert status == 200
+    assert answer == DOC
+
+
+# ----- happy paths
+
+
+async def test_publish_reaches_subscribers(api_server: Server, api: Api) -> None:
+    client = await subscriber(api_server, "chat:pub")
+    try:
+        first = await api.ok("/api/publish", {"channel": "chat:pub", "data": {"text": "héllo"}})
+        assert first["offset"] == 1
+        second = await api.ok("/api/publish", {"channel": "chat:pub", "data": {"$bytes": "AAE="}})
+        assert (second["offset"], second["epoch"]) == (2, first["epoch"])
+        sub = client.subscriptions["chat:pub"]
+        one, two = [await sub.get(TIMEOUT, kind="message") for _ in range(2)]
+        assert one["data"] == {"text": "héllo"}
+        assert "from" not in one
+        assert two["data"] == b"\x00\x01"  # the client decodes {"$bytes": base64}
+        history = await api.ok("/api/history", {"channel": "chat:pub"})
+        assert [m["data"] for m in history["messages"]] == [{"text": "héllo"}, {"$bytes": "AAE="}]
+    finally:
+        await client.close()
+
+
+async def test_publish_anywhere_even_where_clients_may_not(api: Api) -> None:
+    for channel in ("news", "#alice", "a:b:c", "x" * 255):
+        assert (await api.ok("/api/publish", {"channel": channel, "data": None}))["offset"] == 1
+
+
+async def test_broadcast(api_server: Server, api: Api) -> None:
+    client = await subscriber(api_server, "chat:b2")
+    try:
+        await api.ok("/api/publish", {"channel": "chat:b2", "data": 0})
+        answer = await api.ok(
+            "/api/broadcast", {"channels": ["chat:b1", "chat:b2", "news"], "data": [1]}
+        )
+        assert answer == {
+            "results": [
+                {"channel": "chat:b1", "offset": 1},
+                {"channel": "chat:b2", "offset": 2},
+                {"channel": "news", "offset": 1},
+            ]
+        }
+        sub = client.subscriptions["chat:b2"]
+        assert [(await sub.get(TIMEOUT, kind="message"))["data"] for _ in range(2)] == [0, [1]]
+    finally:
+        await client.close()
+
+
+async def test_history(api: Api) -> None:
+    empty = await api.ok("/api/history", {"channel": "chat:h"})
+    assert (empty["messages"], empty["offset"], empty["complete"]) == ([], 0, True)
+    for i in range(5):
+        await api.ok("/api/publish", {"channel": "chat:h", "data": i})
+    full = await api.ok("/api/history", {"channel": "chat:h"})
+    assert [m["data"] for m in full["messages"]] == [0, 1, 2, 3, 4]
+    assert [m["offset"] for m in full["messages"]] == [1, 2, 3, 4, 5]
+    epoch = full["epoch"]
+    page = await api.ok(
+        "/api/history", {"channel": "chat:h", "since": {"offset": 2, "epoch": epoch}, "limit": 2}
+    )
+    assert [m["offset"] for m in page["messages"]] == [3, 4]
+    assert (page["offset"], page["complete"]) == (5, True)
+    other = await api.ok(
+        "/api/history", {"channel": "chat:h", "since": {"offset": 2, "epoch": "gone"}}
+    )
+    assert other["complete"] is False
+    assert (await api.ok("/api/history", {"channel": "chat:h", "limit": 0}))["messages"] == []
+
+
+async def test_history_of_a_short_channel_is_incomplete(api: Api) -> None:
+    for i in range(5):
+        await api.ok("/api/publish", {"channel": "short:s", "data": i})
+    top = await api.ok("/api/history", {"channel": "short:s"})
+    assert [m["offset"] for m in top["messages"]] == [4, 5]
+    since = {"offset": 1, "epoch": top["epoch"]}
+    assert (await api.ok("/api/history", {"channel": "short:s", "since": since}))[
+        "complete"
+    ] is False
+
+
+async def test_presence(api_server: Server, api: Api) -> None:
+    assert await api.ok("/api/presence", {"channel": "chat:p"}) == {"clients": {}}
+    client = await subscriber(api_server, "chat:p", info={"nick": "ann"})
+    try:
+        answer = await api.ok("/api/presence", {"channel": "chat:p"})
+        assert answer == {"clients": {client.client_id: {"user": None, "info": {"nick": "ann"}}}}
+    finally:
+        await client.close()
+
+
+async def test_channels(api_server: Server, api: Api) -> None:
+    clients = [await subscriber(api_server, "chat:c") for _ in range(2)]
+    try:
+        for body in (None, {}):
+            answer = await api.ok("/api/channels", body)
+            assert answer["channels"]["chat:c"] == {"subscribers": 2}
+    finally:
+        for client in clients:
+            await client.close()
+
+
+async def test_disconnect(api: Api) -> None:
+    assert await api.ok("/api/disconnect", {"user": "nobody"}) == {"disconnected": 0}
+
+
+async def test_info(api_server: Server, api: Api) -> None:
+    client = await subscriber(api_server, "chat:i")
+    try:
+        info = await api.ok("/api/info", method="get")
+        assert info["version"] == __version__
+        assert (info["connections"], info["channels"], info["subscriptions"]) == (1, 1, 1)
+    finally:
+        await client.close()
+
+
+# ----- errors
+
+
+# Raw bytes: a 300-level Python structure in a test parameter breaks failure reports.
+DEEP = b'{"channel": "chat:x", "data": ' + b"[" * 300 + b"]" * 300 + b"}"
+BAD_BODIES: list[tuple[str, Any, str]] = [
+    # (path, body (bytes are sent as they are), code)
+    ("/api/publish", b"{not json", "bad_request"),
+    ("/api/publish", b"", "bad_request"),
+    ("/api/publish", b'{"channel": "chat:x", "data": "\\ud800"}', "bad_request"),
+    ("/api/publish", b"\xff\xfe{}", "bad_request"),
+    ("/api/publish", [1, 2], "bad_request"),
+    ("/api/publish", "chat:x", "bad_request"),
+    ("/api/publish", 5, "bad_request"),
+    ("/api/publish", b"null", "bad_request"),
+    ("/api/publish", {}, "bad_request"),
+    ("/api/publish", {"channel": "chat:x"}, "bad_request"),
+    ("/api/publish", {"data": 1}, "bad_request"),
+    ("/api/publish", {"channel": 5, "data": 1}, "bad_request"),
+    ("/api/publish", {"channel": None, "data": 1}, "bad_request"),
+    ("/api/publish", {"channel": "bad channel", "data": 1}, "invalid_channel"),
+    ("/api/publish", {"channel": "", "data": 1}, "invalid_channel"),
+    ("/api/publish", {"channel": "x" * 256, "data": 1}, "invalid_channel"),
+    ("/api/publish", {"channel": "chat:ü", "data": 1}, "invalid_channel"),
+    ("/api/publish", {"channel": "chat:x", "data": {"$bytes": "!!"}}, "bad_request"),
+    ("/api/publish", DEEP, "bad_request"),
+    ("/api/broadcast", {"data": 1}, "bad_request"),
+    ("/api/broadcast", {"channels": "chat:x", "data": 1}, "bad_request"),
+    ("/api/broadcast", {"channels": [], "data": 1}, "bad_request"),
+    ("/api/broadcast", {"channels": ["chat:x"]}, "bad_request"),
+    ("/api/broadcast", {"channels": ["chat:x", 5], "data": 1}, "bad_request"),
+    ("/api/broadcast", {"channels": ["chat:x", "no way"], "data": 1}, "invalid_channel"),
+    ("/api/broadcast", {"channels": ["a"] * 1001, "data": 1}, "too_large"),
+    ("/api/history", {}, "bad_request"),
+    ("/api/history", {"channel": "?"}, "invalid_channel"),
+    ("/api/history", {"channel": "chat:x", "limit": -1}, "bad_request"),
+    ("/api/history", {"channel": "chat:x", "limit": "5"}, "bad_request"),
+    ("/api/history", {"channel": "chat:x", "limit": True}, "bad_request"),
+    ("/api/history", {"channel": "chat:x", "limit": 1.5}, "bad_request"),
+    ("/api/history", {"channel": "chat:x", "since": 3}, "bad_request"),
+    ("/api/history", {"channel": "chat:x", "since": {"offset": 1}}, "bad_request"),
+    ("/api/history", {"channel": "chat:x", "since": {"offset": -1, "epoch": "e"}}, "bad_request"),
+    (
+        "/api/history",
+        {"channel": "chat:x", "since": {"offset": 2**64, "epoch": "e"}},
+        "bad_request",
+    ),
+    ("/api/history", {"channel": "chat:x", "since": {"offset": "1", "epoch": "e"}}, "bad_request"),
+    ("/api/history", {"channel": "chat:x", "since": {"offset": 1, "epoch": 1}}, "bad_request"),
+    ("/api/presence", {}, "bad_request"),
+    ("/api/presence", {"channel": ["chat:x"]}, "bad_request"),
+    ("/api/presence", {"channel": "bad/ch annel"}, "invalid_channel"),
+    ("/api/channels", b"{oops", "bad_request"),
+    ("/api/channels", [], "bad_request"),
+    ("/api/disconnect", {}, "bad_request"),
+    ("/api/disconnect", {"user": ""}, "bad_request"),
+    ("/api/disconnect", {"user": 5}, "bad_request"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "code"), BAD_BODIES, ids=[f"{p}-{i}" for i, (p, _, _) in enumerate(BAD_BODIES)]
+)
+async def test_bad_request(api: Api, path: str, body: Any, code: str) -> None:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    status, found = await api.error(path, raw=raw)
+    assert (status, found) == ({"too_large": 413}.get(code, 400), code)
+    if isinstance(body, dict):
+        # What the server refuses, the document does not describe as valid.
+        assert not request_validator(path).is_valid(body)
+    # A refused request publishes nothing.
+    assert (await api.ok("/api/history", {"channel": "chat:x"}))["offset"] == 0
+
+
+POST_PATHS = [p for p, ops in DOC["paths"].items() if "post" in ops]
+ALL_GUARDED = [(p, m) for p, ops in DOC["paths"].items() for m in ops if p != OPENAPI_PATH]
+
+
+@pytest.mark.parametrize("path", POST_PATHS)
+async def test_oversized_body(api: Api, path: str) -> None:
+    body = {"channel": "chat:x", "user": "u", "data": "x" * MAX_BODY}
+    assert await api.error(path, body) == (413, "too_large")
+    # Without Content-Length (chunked), the limit holds while reading.
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"channel": "chat:x", "data": "'
+        for _ in range(MAX_BODY // 512 + 1):
+            yield b"x" * 512
+        yield b'"}'
+
+    async with api.session.post(api.server.url + path, data=chunks(), headers=AUTH) as response:
+        answer = await response.json()
+        assert (response.status, answer["error"]["code"]) == (413, "too_large")
+
+
+@pytest.mark.parametrize(("path", "method"), ALL_GUARDED)
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}, {"Authorization": ""}],
+    ids=["none", "wrong", "no-scheme", "empty"],
+)
+async def test_unauthorized(api: Api, path: str, method: str, headers: dict[str, str]) -> None:
+    body = {"channel": "chat:x", "data": 1, "user": "u", "channels": ["chat:x"]}
+    sent = body if method == "post" else None
+    assert await api.error(path, sent, method=method, headers=headers) == (401, "unauthorized")
+
+
+def non_loopback_address() -> str | None:
+    """This machine's address on its default route, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent
+        except OSError:
+            return None
+        address: str = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+async def test_without_keys_only_loopback_callers(make_server: ServerFactory) -> None:
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("no non-loopback IPv4 address on this machine")
+    server = await make_server(host="0.0.0.0")
+    async with aiohttp.ClientSession() as session:
+        api = Api(server, session)
+        local = f"http://127.0.0.1:{server.port}"
+        remote = f"http://{address}:{server.port}"
+        body = {"channel": "chat:x", "data": 1}
+        assert (await api.call("/api/publish", body, headers={}, base=local))[0] == 200
+        for path, method in ALL_GUARDED:
+            sent = body if method == "post" else None
+            status, answer = await api.call(path, sent, method=method, headers={}, base=remote)
+            assert (status, answer["error"]["code"]) == (403, "permission_denied")
+            # Forwarding headers are not believed: only the socket's peer counts.
+            spoofed = {"X-Forwarded-For": "127.0.0.1", "Forwarded": "for=127.0.0.1"}
+            status, _ = await api.call(path, sent, method=method, headers=spoofed, base=remote)
+            assert status == 403
+            # A key sent to a server that has none does not help.
+            status, _ = await api.call(
+                path, sent, method=method, headers={"Authorization": "Bearer x"}, base=remote
+            )
+            assert status == 403
+        # The document stays public.
+        assert (await api.call(OPENAPI_PATH, method="get", headers={}, base=remote))[0] == 200

@@ -1,0 +1,757 @@
+"""End-to-end: attacks on a live server, each refused with its documented code.
+
+The table `ATTACKS` holds one row per attack: the settings it needs, a
+coroutine that performs it and reports what the attacker saw (an outcome tuple
+such as `("close", 4001)` or `("http", 401, "unauthorized")`), and the outcome
+the spec promises. Every row also checks that nothing else was affected: a
+bystander subscribed to `chat:bystander` (the target of some attacks) receives
+every message published before and after the attack, in order, with
+consecutive offsets, so a refused attack consumed no offset either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import msgpack
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from plexus.app import Server
+from plexus.auth import make_token
+from plexus.client import Client, PlexusClientError
+from plexus.config import NamespaceOptions, default_namespaces, load_settings
+from plexus.protocol.codec import MSGPACK_SUBPROTOCOL
+from tests.conftest import ServerFactory
+from tests.helpers import ROOT, TIMEOUT, api_post
+
+SECRET = "plexus-security-suite-secret-0123456789"  # >= 32 bytes, as HS256 needs
+OTHER_SECRET = "an-attacker-guessed-this-secret-9876543210"
+API_KEY = "key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+BYSTANDER_CHANNEL = "chat:bystander"
+
+Outcome = tuple[Any, ...]
+
+
+def namespaces() -> dict[str, NamespaceOptions]:
+    """The built-ins plus `secret:*`: private, clients may publish."""
+    spaces = default_namespaces()
+    spaces["secret"] = NamespaceOptions(private=True, allow_publish=True)
+    return spaces
+
+
+def base_settings() -> dict[str, Any]:
+    return {"jwt_secret": SECRET, "api_keys": [API_KEY], "namespaces": namespaces()}
+
+
+def token(user: str = "alice", **kwargs: Any) -> str:
+    return make_token(SECRET, user=user, **kwargs)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def forge(header: dict[str, Any], claims: dict[str, Any], key: bytes | None) -> str:
+    """A JWT built by hand: HMAC-SHA256 with `key`, or no signature at all."""
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
+    signature = b""
+    if key is not None:
+        signature = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64url(signature)}"
+
+
+@functools.cache
+def rsa_public_pem() -> bytes:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+# ----- the attacker's tools
+
+
+@dataclass
+class Ctx:
+    """What an attack gets: the server under attack and an HTTP session."""
+
+    server: Server
+    session: aiohttp.ClientSession
+
+    async def open(
+        self, tok: str | None = None, *, origin: str | None = None
+    ) -> tuple[Outcome, aiohttp.ClientWebSocketResponse | None]:
+        """Open a WebSocket; report ("http", status), ("close", code) or ("welcome", user)."""
+        params = {"token": tok} if tok is not None else None
+        try:
+            ws = await self.session.ws_connect(self.server.ws_url, params=params, origin=origin)
+        except aiohttp.WSServerHandshakeError as exc:
+            return ("http", exc.status), None
+        first = await ws.receive(timeout=TIMEOUT)
+        if first.type is aiohttp.WSMsgType.CLOSE:
+            return ("close", first.data), None
+        assert first.type is aiohttp.WSMsgType.TEXT, first
+        welcome = first.json()
+        assert welcome["type"] == "welcome"
+        return ("welcome", welcome["user"]), ws
+
+    async def connect(self, tok: str | None = None) -> aiohttp.ClientWebSocketResponse:
+        outcome, ws = await self.open(tok)
+        assert outcome[0] == "welcome", outcome
+        assert ws is not None
+        return ws
+
+    async def first_frame(self, tok: str | None = None, *, origin: str | None = None) -> Outcome:
+        outcome, ws = await self.open(tok, origin=origin)
+        if ws is not None:
+            await ws.close()
+        return outcome
+
+    async def api(self, path: str, body: Any, headers: dict[str, str] | None = None) -> Outcome:
+        status, answer = await api_post(self.server.url, path, body, headers=headers or {})
+        return ("http", status, answer["error"]["code"] if status >= 400 else answer)
+
+
+async def ask(ws: aiohttp.ClientWebSocketResponse, command: dict[str, Any]) -> Outcome:
+    """Send one command with an id; report ("reply",) or ("error", code) for that id."""
+    cid = command.setdefault("id", 1)
+    await ws.send_json(command)
+    while True:
+        msg = await ws.receive(timeout=TIMEOUT)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            return ("closed", msg.data)
+        answer = msg.json()
+        if answer.get("id") != cid:
+            continue  # a push
+        if answer["type"] == "error":
+            return ("error", answer["code"])
+        return ("reply",)
+
+
+async def command_as(ctx: Ctx, tok: str | None, *commands: dict[str, Any]) -> Outcome:
+    """Connect with `tok`, run `commands` in turn; the outcome of the last one."""
+    ws = await ctx.connect(tok)
+    outcome: Outcome = ()
+    for number, command in enumerate(commands, 1):
+        outcome = await ask(ws, {**command, "id": number})
+    await ws.close()
+    return outcome
+
+
+def subscribe(channel: str, **fields: Any) -> dict[str, Any]:
+    return {"type": "subscribe", "channel": channel, **fields}
+
+
+# ----- the attacks
+
+
+async def flood(ctx: Ctx) -> Outcome:
+    """40 publishes at once with a 1/s rate and a 30-answer disconnect threshold."""
+    ws = await ctx.connect()
+    for i in range(40):
+        await ws.send_json({"type": "publish", "id": i, "channel": "chat:flood", "data": i})
+    codes: dict[int, str | None] = {}
+    while True:
+        msg = await ws.receive(timeout=TIMEOUT)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            break
+        answer = msg.json()
+        codes[answer["id"]] = answer.get("code")
+    # Answers may come out of order (an accepted publish is answered once
+    # stored); the first publish was within the burst, the next ones not.
+    assert codes.pop(0) is None
+    assert set(codes.values()) == {"rate_limited"}
+    return ("close", msg.data, len(codes))
+
+
+async def connections_per_ip(ctx: Ctx) -> Outcome:
+    """The bystander holds one of the three allowed connections from 127.0.0.1."""
+    first, second = await ctx.connect(), await ctx.connect()
+    outcome = await ctx.first_frame()
+    await first.close()
+    await second.close()
+    return outcome
+
+
+async def connections_per_node(ctx: Ctx) -> Outcome:
+    first = await ctx.connect()
+    outcome = await ctx.first_frame()
+    await first.close()
+    return outcome
+
+
+async def too_many_subscriptions(ctx: Ctx) -> Outcome:
+    return await command_as(ctx, None, subscribe("chat:a"), subscribe("chat:b"), subscribe("a:c"))
+
+
+async def oversized_chunked_body(ctx: Ctx) -> Outcome:
+    """A body without Content-Length: the limit holds while reading."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"channel": "chat:x", "data": "'
+        for _ in range(8):
+            yield b"x" * 512
+        yield b'"}'
+
+    async with ctx.session.post(
+        ctx.server.url + "/api/publish", data=chunks(), headers=AUTH
+    ) as response:
+        return ("http", response.status, (await response.json())["error"]["code"])
+
+
+def hs256_with_public_key() -> str:
+    """The algorithm-confusion attack: HMAC "signed" with the server's public RSA key."""
+    return forge({"alg": "HS256", "typ": "JWT"}, {"sub": "mallory"}, rsa_public_pem())
+
+
+def public_key_settings(tmp_path: Path) -> dict[str, Any]:
+    path = tmp_path / "jwt.pub.pem"
+    path.write_bytes(rsa_public_pem())
+    return {"jwt_secret": None, "jwt_public_key": str(path), "api_keys": [API_KEY]}
+
+
+def bound_subscription_token(channel: str, client: str) -> str:
+    claims = {"sub": "alice", "channel": channel, "client": client, "exp": time.time() + 60}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+def nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+async def msgpack_publish(ctx: Ctx) -> Outcome:
+    """MessagePack data that JSON subscribers could never be sent: a bytes map key."""
+    ws = await ctx.session.ws_connect(ctx.server.ws_url, protocols=[MSGPACK_SUBPROTOCOL])
+    assert msgpack.unpackb(await ws.receive_bytes(timeout=TIMEOUT))["type"] == "welcome"
+    command = {"type": "publish", "id": 1, "channel": BYSTANDER_CHANNEL, "data": {b"k": 1}}
+    await ws.send_bytes(msgpack.packb(command))
+    answer = msgpack.unpackb(await ws.receive_bytes(timeout=TIMEOUT))
+    await ws.close()
+    return (answer["type"], answer["id"], answer["code"])
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One row: `run` performs the attack and reports what the attacker saw."""
+
+    name: str
+    run: Callable[[Ctx], Awaitable[Outcome]]
+    expect: Outcome
+    settings: Callable[[Path], dict[str, Any]] = field(default=lambda _: {})
+
+
+ALICE = token("alice")
+HUGE = {"offset": 2**64, "epoch": "e"}
+ATTACKS = [
+    # --- connection tokens: refused with a close code and no welcome
+    Attack(
+        "forged signature",
+        lambda c: c.first_frame(make_token(OTHER_SECRET, user="alice")),
+        ("close", 4001),
+    ),
+    Attack(
+        "alg none",
+        lambda c: c.first_frame(forge({"alg": "none", "typ": "JWT"}, {"sub": "alice"}, None)),
+        ("close", 4001),
+    ),
+    Attack(
+        "alg None with a valid HMAC",
+        lambda c: c.first_frame(forge({"alg": "None"}, {"sub": "alice"}, SECRET.encode())),
+        ("close", 4001),
+    ),
+    Attack("garbage token", lambda c: c.first_frame("not.a.jwt"), ("close", 4001)),
+    Attack(
+        "claims changed after signing",
+        lambda c: c.first_frame(
+            ALICE.split(".")[0]
+            + "."
+            + b64url(json.dumps({"sub": "admin"}).encode())
+            + "."
+            + ALICE.split(".")[2]
+        ),
+        ("close", 4001),
+    ),
+    Attack("expired token", lambda c: c.first_frame(token(ttl=-10)), ("close", 4002)),
+    Attack(
+        "subscription token used to connect",
+        lambda c: c.first_frame(token(channel="secret:room")),
+        ("close", 4001),
+    ),
+    Attack(
+        "token for another audience",
+        lambda c: c.first_frame(token(audience="other-app")),
+        ("close", 4001),
+        lambda _: {"jwt_audience": "plexus"},
+    ),
+    Attack(
+        "token on a server without keys",
+        lambda c: c.first_frame(ALICE),
+        ("close", 4001),
+        lambda _: {"jwt_secret": None},
+    ),
+    Attack(
+        "HS256 signed with the RSA public key",
+        lambda c: c.first_frame(hs256_with_public_key()),
+        ("close", 4001),
+        public_key_settings,
+    ),
+    Attack(
+        "auth with a forged token on a live connection",
+        lambda c: command_as(
+            c, None, {"type": "auth", "token": make_token(OTHER_SECRET, user="alice")}
+        ),
+        ("error", "unauthorized"),
+    ),
+    Attack(
+        "auth switching to another user",
+        lambda c: command_as(c, ALICE, {"type": "auth", "token": token("bob")}),
+        ("error", "permission_denied"),
+    ),
+    # --- personal channels
+    Attack(
+        "subscribe to another user's #channel",
+        lambda c: command_as(c, ALICE, subscribe("#bob")),
+        ("error", "permission_denied"),
+    ),
+    Attack(
+        "anonymous subscribe to a #channel",
+        lambda c: command_as(c, None, subscribe("#alice")),
+        ("error", "unauthorized"),
+    ),
+    Attack(
+        "client publish to its own #channel",
+        lambda c: command_as(c, ALICE, {"type": "publish", "channel": "#alice", "data": 1}),
+        ("error", "permission_denied"),
+    ),
+    Attack(
+        "own #channel is fine",
+        lambda c: command_as(c, ALICE, subscribe("#alice")),
+        ("reply",),
+    ),
+    # --- private channels
+    Attack(
+        "private channel without a subscription token",
+        lambda c: command_as(c, ALICE, subscribe("secret:room")),
+        ("error", "permission_denied"),
+    ),
+    Attack(
+        "private channel with a token for another channel",
+        lambda c: command_as(
+            c, ALICE, subscribe("secret:room", token=token(channel="secret:other"))
+        ),
+        ("error", "permission_denied"),
+    ),
+    Attack(
+        "private channel with a token for another user",
+        lambda c: command_as(
+            c, ALICE, subscribe("secret:room", token=token("bob", channel="secret:room"))
+        ),
+        ("error", "permission_denied"),
+    ),
+    Attack(
+        "private channel with a forged subscription token",
+        lambda c: command_as(
+            c,
+            ALICE,
+            subscribe(
+                "secret:room", token=make_token(OTHER_SECRET, user="alice", channel="secret:room")
+            ),
+        ),
+        ("error", "permission_denied"),
+    ),
+    Attack(
+        "private channel with an expired subscription token",
+        lambda c: command_as(
+            c, ALICE, subscribe("secret:room", token=token(channel="secret:room", ttl=-10))
+        ),
+        ("error", "permission_denied"),
+    ),
+    Attack(
+        "private channel with a token bound to another connection",
+        lambda c: command_as(
+            c, ALICE, subscribe("secret:room", token=bound_subscription_token("secret:room", "c-x"))
+        ),
+        ("error", "permission_denied"),
+    ),
+    Attack(
+        "private history without subscribing",
+        lambda c: command_as(c, ALICE, {"type": "history", "channel": "secret:room"}),
+        ("error", "permission_denied"),
+    ),
+    Attack(
+        "private channel with the right subscription token",
+        lambda c: command_as(
+            c, ALICE, subscribe("secret:room", token=token(channel="secret:room"))
+        ),
+        ("reply",),
+    ),
+    Attack(
+        "anonymous private subscription with an anonymous token",
+        lambda c: command_as(
+            c, None, subscribe("secret:room", token=token("", channel="secret:room"))
+        ),
+        ("reply",),
+    ),
+    # --- publish permissions
+    Attack(
+        "publish where clients may not",
+        lambda c: command_as(c, ALICE, {"type": "publish", "channel": "news", "data": 1}),
+        ("error", "permission_denied"),
+    ),
+    # --- payloads that other clients could not be sent
+    Attack(
+        "publish nested 300 levels deep to the bystander's channel",
+        lambda c: command_as(
+            c, None, {"type": "publish", "channel": BYSTANDER_CHANNEL, "data": nested(300)}
+        ),
+        ("error", "bad_request"),
+    ),
+    Attack(
+        "subscribe with info nested 252 levels deep",
+        lambda c: command_as(c, None, subscribe(BYSTANDER_CHANNEL, info=nested(252))),
+        ("error", "bad_request"),
+    ),
+    Attack(
+        "publish a MessagePack map with a bytes key",
+        msgpack_publish,
+        ("error", 1, "bad_request"),
+    ),
+    Attack(
+        "history since an offset beyond 64 bits",
+        lambda c: command_as(c, None, {"type": "history", "channel": "chat:x", "since": HUGE}),
+        ("error", "bad_request"),
+    ),
+    Attack(
+        "invalid $bytes still answered with its id",
+        lambda c: command_as(
+            c, None, {"type": "publish", "channel": "chat:x", "data": {"$bytes": "%%"}}
+        ),
+        ("error", "bad_request"),
+    ),
+    # --- origin check
+    Attack(
+        "cross-origin upgrade",
+        lambda c: c.first_frame(origin="https://evil.example"),
+        ("http", 403),
+    ),
+    Attack(
+        "look-alike origin",
+        lambda c: c.first_frame(origin="http://localhost.evil.example"),
+        ("http", 403),
+    ),
+    Attack(
+        "origin outside allowed_origins",
+        lambda c: c.first_frame(origin="https://evil.example"),
+        ("http", 403),
+        lambda _: {"allowed_origins": ["https://app.example"]},
+    ),
+    Attack(
+        "localhost origin once allowed_origins is set",
+        lambda c: c.first_frame(origin="http://localhost:3000"),
+        ("http", 403),
+        lambda _: {"allowed_origins": ["https://app.example"]},
+    ),
+    Attack(
+        "listed origin is fine",
+        lambda c: c.first_frame(origin="https://app.example"),
+        ("welcome", None),
+        lambda _: {"allowed_origins": ["https://app.example"]},
+    ),
+    # --- the HTTP API
+    Attack(
+        "API call without a key",
+        lambda c: c.api("/api/publish", {"channel": "chat:x", "data": 1}),
+        ("http", 401, "unauthorized"),
+    ),
+    Attack(
+        "API call with a wrong key",
+        lambda c: c.api(
+            "/api/publish", {"channel": "chat:x", "data": 1}, {"Authorization": "Bearer nope"}
+        ),
+        ("http", 401, "unauthorized"),
+    ),
+    Attack(
+        "API call with a key prefix",
+        lambda c: c.api(
+            "/api/disconnect", {"user": "alice"}, {"Authorization": f"Bearer {API_KEY[:-1]}"}
+        ),
+        ("http", 401, "unauthorized"),
+    ),
+    Attack(
+        "API call with the key in another scheme",
+        lambda c: c.api(
+            "/api/disconnect", {"user": "alice"}, {"Authorization": f"Basic {API_KEY}"}
+        ),
+        ("http", 401, "unauthorized"),
+    ),
+    Attack(
+        "oversized API body",
+        lambda c: c.api("/api/publish", {"channel": "chat:x", "data": "x" * 2000}, AUTH),
+        ("http", 413, "too_large"),
+        lambda _: {"max_body_size": 1024},
+    ),
+    Attack(
+        "oversized chunked API body",
+        oversized_chunked_body,
+        ("http", 413, "too_large"),
+        lambda _: {"max_body_size": 1024},
+    ),
+    # --- floods and limits
+    Attack(
+        "publish flood",
+        flood,
+        ("close", 4029, 31),
+        lambda _: {"publish_rate": 1.0, "publish_burst": 1, "rate_limit_disconnect": 30},
+    ),
+    Attack(
+        "more subscriptions than max_subscriptions",
+        too_many_subscriptions,
+        ("error", "permission_denied"),
+        lambda _: {"max_subscriptions": 2},
+    ),
+    Attack(
+        "more connections than max_connections_per_ip",
+        connections_per_ip,
+        ("http", 429),
+        lambda _: {"max_connections_per_ip": 3},
+    ),
+    Attack(
+        "more connections than max_connections",
+        connections_per_node,
+        ("http", 503),
+        lambda _: {"max_connections": 2},
+    ),
+]
+
+
+# ----- the bystander
+
+
+class Bystander:
+    """A client subscribed to `chat:bystander`; checks it gets every API message, in order."""
+
+    def __init__(self, server: Server, client: Client) -> None:
+        self.server = server
+        self.client = client
+        self.sent = 0
+        self.last_offset: int | None = None
+
+    @classmethod
+    async def join(cls, server: Server) -> Bystander:
+        client = await Client(server.ws_url, timeout=TIMEOUT).connect()
+        bystander = cls(server, client)
+        sub = await client.subscribe(BYSTANDER_CHANNEL)
+        bystander.last_offset = sub.result["offset"]
+        return bystander
+
+    async def check(self, count: int = 3) -> None:
+        """Publish `count` messages through the API; each arrives next, with the next offset."""
+        sub = self.client.subscriptions[BYSTANDER_CHANNEL]
+        for _ in range(count):
+            self.sent += 1
+            status, _ = await api_post(
+                self.server.url,
+                "/api/publish",
+                {"channel": BYSTANDER_CHANNEL, "data": {"n": self.sent}},
+                headers=AUTH,
+            )
+            assert status == 200
+            message = await sub.get(TIMEOUT, kind="message")
+            assert message["data"] == {"n": self.sent}
+            assert message["offset"] == (self.last_offset or 0) + 1
+            self.last_offset = message["offset"]
+        assert self.client.close_code is None
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as http:
+        yield http
+
+
+async def start(make_server: ServerFactory, **overrides: Any) -> tuple[Server, Bystander]:
+    server = await make_server(**{**base_settings(), **overrides})
+    bystander = await Bystander.join(server)
+    await bystander.check(1)
+    return server, bystander
+
+
+@pytest.mark.parametrize("attack", ATTACKS, ids=[a.name for a in ATTACKS])
+async def test_attack_is_refused_and_nothing_else_affected(
+    attack: Attack, make_server: ServerFactory, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    server, bystander = await start(make_server, **attack.settings(tmp_path))
+    try:
+        assert await attack.run(Ctx(server, session)) == attack.expect
+        await bystander.check()
+    finally:
+        await bystander.client.close()
+
+
+# ----- tokens over a connection's lifetime
+
+
+def expiring_token(user: str, seconds: float, **kwargs: Any) -> tuple[str, float]:
+    """A token that expires in at most `seconds` (exp is whole seconds); and its exp."""
+    tok = token(user, ttl=seconds, **kwargs)
+    exp = float(jwt.decode(tok, options={"verify_signature": False})["exp"])
+    assert exp > time.time() + 0.5, "too close to a second boundary; use a longer ttl"
+    return tok, exp
+
+
+async def test_refresh_keeps_subscriptions_past_expiry(make_server: ServerFactory) -> None:
+    grace = 0.5
+    server, bystander = await start(make_server, token_grace=grace)
+    short, exp = expiring_token("alice", 2)
+    async with Client(server.ws_url, token=short, timeout=TIMEOUT) as alice:
+        mine = await alice.subscribe("#alice")
+        assert await alice.request({"type": "auth", "token": token("alice")}) == {"user": "alice"}
+        await asyncio.sleep(max(0.0, exp + grace + 0.5 - time.time()))
+        # Past the old token's expiry and grace: still open, still subscribed.
+        status, _ = await api_post(
+            server.url, "/api/publish", {"channel": "#alice", "data": "ping"}, headers=AUTH
+        )
+        assert status == 200
+        assert (await mine.get(TIMEOUT, kind="message"))["data"] == "ping"
+        await bystander.check()
+        assert alice.close_code is None
+    await bystander.client.close()
+
+
+async def test_unrefreshed_token_closes_4002_after_grace(make_server: ServerFactory) -> None:
+    grace = 0.5
+    server, bystander = await start(make_server, token_grace=grace)
+    short, exp = expiring_token("alice", 2)
+    async with Client(server.ws_url, token=short, timeout=TIMEOUT) as alice:
+        mine = await alice.subscribe("#alice")
+        await api_post(server.url, "/api/publish", {"channel": "#alice", "data": 1}, headers=AUTH)
+        assert (await mine.get(TIMEOUT, kind="message"))["data"] == 1
+        # A refresh with an expired token is refused and changes nothing.
+        with pytest.raises(PlexusClientError, match="unauthorized"):
+            await alice.request({"type": "auth", "token": token("alice", ttl=-5)})
+        assert await alice.wait_closed(exp - time.time() + grace + TIMEOUT) == 4002
+        closed_at = time.time()
+    assert closed_at >= exp + grace - 0.05  # not before the grace period ended
+    assert closed_at < exp + grace + 2.0
+    await bystander.check()
+    await bystander.client.close()
+
+
+async def test_channels_claim_makes_server_side_subscriptions(
+    make_server: ServerFactory, session: aiohttp.ClientSession
+) -> None:
+    server, bystander = await start(make_server)
+    claim = ["chat:news", "#alice", "secret:room", "#bob", "no spaces allowed"]
+    ws = await session.ws_connect(server.ws_url, params={"token": token(channels=claim)})
+    assert (await ws.receive_json(timeout=TIMEOUT))["type"] == "welcome"
+    # Refused grants are reported like a `subscribe` without id.
+    refused = [await ws.receive_json(timeout=TIMEOUT) for _ in range(2)]
+    assert [(e["type"], e.get("id"), e["code"]) for e in refused] == [
+        ("error", None, "permission_denied"),
+        ("error", None, "invalid_channel"),
+    ]
+    for channel in ("chat:news", "#alice", "secret:room"):
+        status, _ = await api_post(
+            server.url, "/api/publish", {"channel": channel, "data": channel}, headers=AUTH
+        )
+        assert status == 200
+        message = await ws.receive_json(timeout=TIMEOUT)
+        assert (message["type"], message["channel"], message["data"]) == (
+            "message",
+            channel,
+            channel,
+        )
+    # They are real subscriptions: a second subscribe is refused, unsubscribe works.
+    assert await ask(ws, subscribe("secret:room")) == ("error", "already_subscribed")
+    assert await ask(ws, {"type": "unsubscribe", "channel": "secret:room", "id": 2}) == ("reply",)
+    assert await ask(ws, {**subscribe("secret:room"), "id": 3}) == ("error", "permission_denied")
+    await ws.close()
+    await bystander.check()
+    await bystander.client.close()
+
+
+async def test_api_disconnect_closes_every_connection_of_the_user(
+    make_server: ServerFactory,
+) -> None:
+    server, bystander = await start(make_server)
+    alices = [await Client(server.ws_url, token=ALICE, timeout=TIMEOUT).connect() for _ in "ab"]
+    bob = await Client(server.ws_url, token=token("bob"), timeout=TIMEOUT).connect()
+    try:
+        for client in (*alices, bob):
+            await client.subscribe("chat:room")
+        status, body = await api_post(
+            server.url, "/api/disconnect", {"user": "alice"}, headers=AUTH
+        )
+        assert (status, body) == (200, {"disconnected": 2})
+        assert [await a.wait_closed(TIMEOUT) for a in alices] == [4001, 4001]
+        await bob.publish("chat:room", "still here")
+        assert (await bob.subscriptions["chat:room"].get(TIMEOUT, kind="message"))[
+            "data"
+        ] == "still here"
+        status, body = await api_post(
+            server.url, "/api/disconnect", {"user": "alice"}, headers=AUTH
+        )
+        assert (status, body) == (200, {"disconnected": 0})
+        await bystander.check()
+    finally:
+        for client in (*alices, bob, bystander.client):
+            await client.close()
+
+
+async def test_connection_limits_free_their_slots(
+    make_server: ServerFactory, session: aiohttp.ClientSession
+) -> None:
+    server, bystander = await start(make_server, max_connections_per_ip=2, max_subscriptions=1)
+    ctx = Ctx(server, session)
+    ws = await ctx.connect()
+    assert await ctx.first_frame() == ("http", 429)
+    assert await ask(ws, subscribe("chat:one")) == ("reply",)
+    assert await ask(ws, {**subscribe("chat:two"), "id": 2}) == ("error", "permission_denied")
+    assert await ask(ws, {"type": "unsubscribe", "channel": "chat:one", "id": 3}) == ("reply",)
+    assert await ask(ws, {**subscribe("chat:two"), "id": 4}) == ("reply",)
+    await ws.close()
+    # The slot is freed once the server has seen the close.
+    for _ in range(100):
+        outcome = await ctx.first_frame()
+        if outcome[0] == "welcome":
+            break
+        await asyncio.sleep(0.02)
+    assert outcome == ("welcome", None)
+    await bystander.check()
+    await bystander.client.close()
+
+
+def test_hardened_example_config_is_valid(tmp_path: Path) -> None:
+    """The example in docs/security.md loads, and is as strict as it says."""
+    text = (ROOT / "docs" / "security.md").read_text(encoding="utf-8")
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    # The key and certificate files exist only on the real server.
+    for name in ("certfile", "keyfile", "jwt_jwks_file"):
+        example = "\n".join(line for line in example.splitlines() if not line.startswith(name))
+    config = tmp_path / "plexus.toml"
+    config.write_text(example, encoding="utf-8")
+    settings = load_settings(config, env={})
+    assert settings.allowed_origins == ["https://app.example.com"]
+    assert settings.jwt_audience == "plexus"
+    assert settings.jwt_issuer == "https://auth.example.com"
+    assert all(not settings.namespace(n).anonymous for n in ("", "chat", "orders", "other"))
+    assert settings.namespace("orders").private
+    assert not settings.echo_endpoint
