@@ -79,7 +79,24 @@ class HttpApi:
         ]
         table.append(web.get("/api/info", self._guard(self.info)))
         table.append(web.get(OPENAPI_PATH, openapi_handler))
+        # Last: anything else under /api/ gets a JSON error, not aiohttp's text page.
+        known = {**{path: "POST" for path in post}, "/api/info": "GET", OPENAPI_PATH: "GET"}
+        table.append(web.route("*", "/api/{tail:.*}", self._fallback(known)))
         return table
+
+    @staticmethod
+    def _fallback(known: dict[str, str]) -> Handler:
+        async def fallback(request: web.Request) -> web.StreamResponse:
+            method = known.get(request.path)
+            if method is None:
+                return error_response(ErrorCode.NOT_FOUND, f"no API endpoint {request.path}")
+            return web.json_response(
+                {"error": {"code": "bad_request", "message": f"{request.path} takes {method}"}},
+                status=405,
+                headers={"Allow": method},
+            )
+
+        return fallback
 
     # ----- plumbing
 
