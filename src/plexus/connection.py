@@ -51,6 +51,7 @@ class Connection:
     """A client's session: identity, subscriptions, limits and output."""
 
     __slots__ = (
+        "_ending",
         "_expiry_timer",
         "_inflight",
         "auth",
@@ -104,6 +105,7 @@ class Connection:
         self.state = SessionState(codec, node.limits, time.monotonic())
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._inflight: set[asyncio.Task[None]] | None = None
+        self._ending: asyncio.Task[None] | None = None
 
     # ----- output
 
@@ -112,10 +114,20 @@ class Connection:
         self.outbox.push(self.codec.frame(message))
 
     def close(self, code: CloseCode, reason: str) -> None:
-        """Close the connection with `code` (idempotent)."""
+        """Close the connection with `code` (idempotent).
+
+        Its subscriptions end now, not when the socket is finally gone: after
+        the close frame nothing more reaches the client, and a dead peer never
+        answers that frame (the transport gives up only after its close
+        timeout), so presence must stop listing it at once.
+        """
         if self.close_code is None:
             self.close_code = code
             self.closer(code, reason)
+            if self.subscriptions:
+                self._ending = asyncio.get_running_loop().create_task(
+                    self._end_subscriptions(), name=f"plexus-close-{self.client_id}"
+                )
 
     def _on_overflow(self) -> None:
         log.info("slow consumer %s: over %d buffered bytes", self.client_id, self.outbox.limit)
@@ -298,14 +310,23 @@ class Connection:
             await self.node.unsubscribe(sub)
             return
         self.subscriptions[channel] = sub
+        events = outcome.events
+        frames = [EncodedPush(event).frame(self.codec_index) for event in events]
+        missed = outcome.missed
+        if missed and sum(map(len, frames[:missed])) > self.outbox.limit - self.outbox.buffered:
+            # Pushing them would close the client as a slow consumer, and so
+            # would every retry: answer "not recovered" instead, so that it
+            # reloads its state (e.g. `history` in pages it can take).
+            outcome.result["recovered"] = False
+            events, frames = events[missed:], frames[missed:]
         # Reply, then missed and held messages, then live: no await in between.
         if command.id is not None:
             self.send(cmd.reply(command.id, outcome.result))
         floor = outcome.result["offset"]
-        for event in outcome.events:
+        for event, frame in zip(events, frames, strict=True):
             if isinstance(event, Publication):
                 floor = event.offset
-            self.push_frame(EncodedPush(event).frame(self.codec_index))
+            self.push_frame(frame)
         sub.floor = floor
         sub.backlog = None
 
@@ -354,11 +375,16 @@ class Connection:
         if self._inflight:
             # Accepted publishes still finish: stored, fanned out, answered.
             await asyncio.wait(self._inflight)
+        if self._ending is not None:
+            await self._ending
+        await self._end_subscriptions()
+        self.node.remove_peer(self)
+
+    async def _end_subscriptions(self) -> None:
         subs = list(self.subscriptions.values())
         self.subscriptions.clear()
         for sub in subs:
             try:
                 await self.node.unsubscribe(sub)
-            except Exception:
+            except Exception:  # logged here: this also runs as a task started by close()
                 log.exception("cleanup of %s in %s failed", self.client_id, sub.channel)
-        self.node.remove_peer(self)

@@ -57,6 +57,7 @@ class SubscribeOutcome:
     result: dict[str, Any]
     subscription: Subscription
     events: list[Publication | Presence]
+    missed: int = 0  # how many leading `events` were recovered from history
 
 
 def now_ms() -> int:
@@ -259,6 +260,7 @@ class Node:
         options = self.namespace(channel)
         sub = Subscription(peer, channel, info)
         self.hub.add(sub)
+        present = False
         try:
             await self._broker_join(channel)
             recovered = False
@@ -275,10 +277,17 @@ class Node:
                 me = ClientInfo(peer.client_id, peer.user, info)
                 if options.presence:
                     await self.presence.add(channel, me)
+                    present = True
                 if options.join_leave:
                     await self.broker.publish(Presence("join", channel, me))
         except BaseException:
             self.hub.remove(sub)
+            if present:
+                # The client is told the subscribe failed: it must not stay listed.
+                try:
+                    await self.presence.remove(channel, peer.client_id)
+                except PlexusError:
+                    log.warning("presence cleanup of %s in %s failed", peer.client_id, channel)
             if not self.hub.has_channel(channel):
                 await self._broker_leave(channel)
             raise
@@ -291,7 +300,7 @@ class Node:
             "epoch": position.epoch,
             "recovered": recovered,
         }
-        return SubscribeOutcome(result, sub, events)
+        return SubscribeOutcome(result, sub, events, len(missed))
 
     async def unsubscribe(self, sub: Subscription) -> None:
         """End `sub`: remove it locally, from presence, and announce the leave."""
