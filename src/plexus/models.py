@@ -18,7 +18,7 @@ class StreamPosition:
     epoch: str
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)  # not frozen: built per message (see protocol/commands.py)
 class Publication:
     """One message in a channel's stream.
 

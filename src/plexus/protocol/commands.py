@@ -19,6 +19,9 @@ from plexus.protocol.codec import JSON
 from plexus.protocol.codes import ErrorCode
 
 CommandId = int | str
+# Commands and publications are plain (not frozen) dataclasses: a frozen one's
+# __init__ sets each field through object.__setattr__, measurably slower on
+# the per-message path. They are never mutated after construction.
 MAX_ID_LENGTH: Final = 64
 DEFAULT_HISTORY_LIMIT: Final = 100
 MAX_HISTORY_LIMIT: Final = 10_000
@@ -27,7 +30,7 @@ MAX_HISTORY_LIMIT: Final = 10_000
 MAX_OFFSET: Final = 2**63 - 1
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Since:
     """A stream position a client has seen: recover what came after it."""
 
@@ -35,19 +38,19 @@ class Since:
     epoch: str
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Command:
     """Base of every command; `id` is None when the client expects no reply."""
 
     id: CommandId | None
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Auth(Command):
     token: str
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Subscribe(Command):
     channel: str
     since: Since | None = None
@@ -56,36 +59,36 @@ class Subscribe(Command):
     has_info: bool = False
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Unsubscribe(Command):
     channel: str
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Publish(Command):
     channel: str
     data: Any
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class History(Command):
     channel: str
     since: Since | None = None
     limit: int = DEFAULT_HISTORY_LIMIT
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class PresenceQuery(Command):
     channel: str
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Rpc(Command):
     method: str
     data: Any = None
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Ping(Command):
     pass
 
