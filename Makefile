@@ -7,7 +7,7 @@ APT_STAMP := $(VENV)/.apt-installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test install system-deps js-deps lint typecheck pytest jstest autobahn-env bench clean
+.PHONY: serve test install system-deps js-deps lint typecheck pytest pytest-lean jstest autobahn-env bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,7 +55,12 @@ autobahn-env:
 pytest: install system-deps js-deps autobahn-env
 	$(BIN)/python -m pytest -q
 
-test: lint typecheck jstest pytest
+# The end-to-end and browser tests again, against the other WebSocket engine
+# (setting `ws_engine`; the conformance suite already runs against both).
+pytest-lean: install system-deps js-deps
+	PLEXUS_WS_ENGINE=lean $(BIN)/python -m pytest -q tests/e2e tests/browser
+
+test: lint typecheck jstest pytest pytest-lean
 
 bench: install
 	$(BIN)/python -m bench

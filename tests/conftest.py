@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,11 @@ from tests.helpers import TIMEOUT
 ServerFactory = Callable[..., Awaitable[Server]]
 ClientFactory = Callable[..., Awaitable[Client]]
 
+# The WebSocket engine under test: `PLEXUS_WS_ENGINE=lean pytest` runs the whole
+# suite against the lean engine. It is also the setting's own variable, so the
+# servers that tests start as processes use the same engine.
+WS_ENGINE = os.environ.get("PLEXUS_WS_ENGINE", "aiohttp")
+
 
 @pytest.fixture
 async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
@@ -28,6 +34,7 @@ async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
             "history_backend": "memory",
             "data_dir": str(tmp_path / "data"),
             "publish_rate": 0.0,
+            "ws_engine": WS_ENGINE,
         }
         values.update(overrides)
         server = Server(Settings(**values))

@@ -7,6 +7,7 @@ its own event loop and register RPC handlers in Python.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -29,6 +30,7 @@ from plexus.metrics import CONTENT_TYPE
 from plexus.node import Node, RpcHandler
 from plexus.presence.base import PresenceStore
 from plexus.transports.http_api import HttpApi
+from plexus.transports.lean import LeanListener
 from plexus.transports.websocket import WebSocketEndpoint
 
 log = logging.getLogger("plexus")
@@ -98,6 +100,9 @@ class Server:
         self.endpoint: WebSocketEndpoint | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.SockSite | None = None
+        # ws_engine "lean": the listening socket is ours, aiohttp gets the rest.
+        self._listener: asyncio.Server | None = None
+        self._lean: LeanListener | None = None
         self._rpc: dict[str, RpcHandler] = {}
         self._closed = asyncio.Event()
         self.port = 0
@@ -201,10 +206,20 @@ class Server:
         sock.listen(1024)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
-        self._site = web.SockSite(self._runner, sock, ssl_context=self._ssl_context())
-        await self._site.start()
+        if settings.ws_engine == "lean":
+            http = self._runner.server
+            assert http is not None  # set by setup()
+            self._lean = LeanListener(self.endpoint, http, tls=settings.tls)
+            self._listener = await asyncio.get_running_loop().create_server(
+                self._lean, sock=sock, ssl=self._ssl_context(), backlog=1024
+            )
+        else:
+            self._site = web.SockSite(self._runner, sock, ssl_context=self._ssl_context())
+            await self._site.start()
         self.started_at = time.time()
-        log.info("listening on %s (WebSocket %s)", self.url, self.ws_url)
+        log.info(
+            "listening on %s (WebSocket %s, engine %s)", self.url, self.ws_url, settings.ws_engine
+        )
 
     async def stop(self) -> None:
         """Close every connection with 1001 and stop, within `shutdown_timeout`."""
@@ -214,17 +229,27 @@ class Server:
         endpoint, node = self.endpoint, self.node
         if endpoint is None or node is None:
             raise RuntimeError("inconsistent server state")
+        # Stop accepting first.
         if self._site is not None:
-            await self._site.stop()  # stop accepting first
+            await self._site.stop()
             self._site = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         await endpoint.stop()
-        # Each handler returns once its peer answered the close (or was
+        # Each connection ends once its peer answered the close (or was
         # dropped); leave a margin of the budget for the rest of the shutdown.
         budget = max(0.1, self.settings.shutdown_timeout - 1.0)
         try:
             await asyncio.wait_for(endpoint.wait_drained(), budget)
         except TimeoutError:
             log.warning("%d connections did not close in time", len(endpoint.connections))
+        if self._lean is not None:
+            # aiohttp's cleanup drops the sockets it serves; these are ours.
+            self._lean.abort_all()
+            self._lean = None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(endpoint.wait_drained(), 0.5)
         await runner.cleanup()
         await node.close()
         self._closed.set()

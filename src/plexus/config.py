@@ -17,6 +17,9 @@ from typing import Any, get_type_hints
 from plexus.exceptions import ConfigError
 
 ENV_PREFIX = "PLEXUS_"
+# The WebSocket engines: aiohttp's WebSocketResponse, or Plexus's own asyncio
+# protocol around websockets' sans-I/O core (transports/lean.py).
+WS_ENGINES = ("aiohttp", "lean")
 
 
 @dataclass(slots=True)
@@ -82,6 +85,7 @@ class Settings:
     ping_interval: float = 25.0
     pong_timeout: float = 10.0
     shutdown_timeout: float = 5.0
+    ws_engine: str = "aiohttp"  # aiohttp | lean: which code serves WebSocket connections
 
     max_message_size: int = 64 * 1024
     max_queue_bytes: int = 1024 * 1024
@@ -147,6 +151,10 @@ class Settings:
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ConfigError(
                 f"log_level: must be debug|info|warning|error, got {self.log_level!r}"
+            )
+        if self.ws_engine not in WS_ENGINES:
+            raise ConfigError(
+                f"ws_engine: must be {' or '.join(WS_ENGINES)}, got {self.ws_engine!r}"
             )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")

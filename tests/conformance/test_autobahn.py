@@ -3,8 +3,9 @@
 `/echo` exists only when `echo_endpoint` is on; it runs through the same connection,
 limits and send path as `/ws`, so the suite tests the code users run. The suite itself
 is Python 2.7 only and lives in `.venv-autobahn/` (see `install_autobahn.sh` and
-`shared/autobahn/README.md`). Reports are copied to `artifacts/autobahn/` for reading
-(`artifacts/autobahn/index.html`).
+`shared/autobahn/README.md`). The suite runs once per WebSocket engine (setting
+`ws_engine`); reports are copied to `artifacts/autobahn/ENGINE/` for reading
+(`artifacts/autobahn/lean/index.html`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from plexus.config import WS_ENGINES
 from tests.helpers import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,10 +67,11 @@ print(json.dumps(cases.parseSpecCases(spec)))
 """
 
 
-def server_env(tmp_path: Path) -> dict[str, str]:
+def server_env(tmp_path: Path, engine: str) -> dict[str, str]:
     """Settings for the server under test; its data and working directory in tmp_path."""
     return {
         **SERVER_ENV,
+        "PLEXUS_WS_ENGINE": engine,
         "PLEXUS_DATA_DIR": str(tmp_path / "data"),
         "CWD": str(tmp_path),  # ServerProcess's working directory
     }
@@ -149,15 +152,15 @@ def check_results(
     return problems, counts
 
 
-def publish_reports(outdir: Path) -> None:
-    """Copy the HTML/JSON reports to artifacts/autobahn/ (gitignored), replacing old ones."""
-    if ARTIFACTS.exists():
-        shutil.rmtree(ARTIFACTS)
-    ARTIFACTS.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(outdir, ARTIFACTS)
+def publish_reports(outdir: Path, artifacts: Path) -> None:
+    """Copy the HTML/JSON reports to `artifacts` (gitignored), replacing old ones."""
+    if artifacts.exists():
+        shutil.rmtree(artifacts)
+    artifacts.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(outdir, artifacts)
 
 
-def run_autobahn(url: str, workdir: Path) -> list[str]:
+def run_autobahn(url: str, workdir: Path, artifacts: Path = ARTIFACTS) -> list[str]:
     """Run the suite against the echo endpoint `url`, publish the reports.
 
     Returns one line per problem (a missing or FAILED case), empty when all passed.
@@ -169,16 +172,17 @@ def run_autobahn(url: str, workdir: Path) -> list[str]:
     index_file = outdir / "index.json"
     if not index_file.exists():
         return [f"wstest wrote no {index_file}:\n{output[-4000:]}"]
-    publish_reports(outdir)
+    publish_reports(outdir, artifacts)
     index = json.loads(index_file.read_text(encoding="utf-8"))
-    problems, counts = check_results(index, cases, ARTIFACTS)
-    print(f"autobahn: {len(cases)} cases, {dict(counts)}; reports in {ARTIFACTS}")
+    problems, counts = check_results(index, cases, artifacts)
+    print(f"autobahn: {len(cases)} cases, {dict(counts)}; reports in {artifacts}")
     return problems
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(WSTEST_TIMEOUT + 120)
-def test_autobahn_fuzzingclient(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", WS_ENGINES)
+def test_autobahn_fuzzingclient(tmp_path: Path, engine: str) -> None:
     """Every selected Autobahn case runs against Plexus's /echo, and none FAILED."""
     if not WSTEST.exists():
         reason = (
@@ -190,8 +194,9 @@ def test_autobahn_fuzzingclient(tmp_path: Path) -> None:
             pytest.fail(reason)
         pytest.skip(reason)
 
-    with ServerProcess(env=server_env(tmp_path)) as server:
-        problems = run_autobahn(f"ws://127.0.0.1:{server.port}/echo", tmp_path)
+    with ServerProcess(env=server_env(tmp_path, engine)) as server:
+        url = f"ws://127.0.0.1:{server.port}/echo"
+        problems = run_autobahn(url, tmp_path, ARTIFACTS / engine)
         log = server.output()
     assert not problems, (
         "Autobahn conformance problems:\n"

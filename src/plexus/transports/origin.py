@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Final
 
-from aiohttp import hdrs, web
 from yarl import URL
 
 LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
@@ -14,20 +13,25 @@ def _normalise(origin: str) -> str:
     return origin.strip().rstrip("/").lower()
 
 
-def origin_allowed(request: web.Request, allowed: list[str]) -> bool:
-    """Whether the upgrade request's Origin may open a WebSocket.
+def origin_allowed(origin: str | None, scheme: str, host: str, allowed: list[str]) -> bool:
+    """Whether an upgrade request's `Origin` header may open a WebSocket.
+
+    Args:
+        origin: the request's Origin header, None when it has none.
+        scheme: `http` or `https`: how the request reached this server.
+        host: the request's Host (`host[:port]`), which names the server's own origin.
+        allowed: the `allowed_origins` setting.
 
     No Origin header (not a browser): allowed. With `allowed` set: the origin
     must be listed exactly (`scheme://host[:port]`), or `*` allows any. Unset:
     the server's own origin and localhost/127.0.0.1/[::1] on any port.
     """
-    origin = request.headers.get(hdrs.ORIGIN)
     if origin is None:
         return True
     normalised = _normalise(origin)
     if allowed:
         return "*" in allowed or normalised in {_normalise(a) for a in allowed}
-    if normalised == _normalise(f"{request.scheme}://{request.host}"):
+    if normalised == _normalise(f"{scheme}://{host}"):
         return True
     try:
         url = URL(origin)

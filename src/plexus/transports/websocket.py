@@ -1,6 +1,13 @@
-"""WebSocket glue: moves frames between aiohttp and a `Connection`, nothing more.
+"""WebSocket connections: the part both engines share, and the aiohttp engine.
 
-aiohttp parses frames (size limit, UTF-8, fragmentation) and the handshake.
+Two engines move frames between a socket and a `Connection` (setting
+`ws_engine`): this module's, where aiohttp's `WebSocketResponse` does the
+handshake and parses frames, and `lean.py`'s, an asyncio protocol around
+websockets' sans-I/O core that costs far less memory per idle connection. What
+does not depend on the engine lives here: `WebSocketEndpoint` (admission,
+bookkeeping, heartbeat, shutdown) and `Link` (one connection's socket side:
+close handshake, pongs, echo, the end of the connection).
+
 Everything the server sends after the handshake goes through the connection's
 `Outbox`, including pongs and the close frame, so that no frame can overtake
 queued ones and output stays bounded. aiohttp's own auto-ping and auto-close
@@ -14,16 +21,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Final
 
-from aiohttp import WSCloseCode, WSMsgType, web
+import orjson
+from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 
 from plexus.auth import Authenticator, Credentials
 from plexus.connection import Connection
 from plexus.exceptions import AuthError
 from plexus.node import Node
-from plexus.outbox import Flusher, Outbox
+from plexus.outbox import Flusher, Outbox, Transport
 from plexus.protocol.codec import (
+    OP_BINARY,
+    OP_TEXT,
     PING_FRAME,
     SUBPROTOCOLS,
     build_frame,
@@ -36,6 +47,7 @@ from plexus.transports.origin import origin_allowed
 log = logging.getLogger("plexus.ws")
 
 OP_PONG: Final = 0xA
+PROTOCOL_ERROR: Final = 1002
 # How long a closing connection may take to answer our close frame before the
 # socket is dropped (a peer that stopped reading never will).
 CLOSE_TIMEOUT: Final = 5.0
@@ -46,45 +58,107 @@ def valid_close_code(code: int) -> bool:
     return code == 0 or 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
-class _WsTransport:
-    """The asyncio transport, seen as closing as soon as aiohttp began a close handshake."""
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An upgrade request answered with an HTTP error instead of a WebSocket."""
 
-    __slots__ = ("_transport", "_ws")
+    status: int
+    code: str
+    message: str
 
-    def __init__(self, transport: asyncio.Transport, ws: web.WebSocketResponse) -> None:
-        self._transport = transport
-        self._ws = ws
-
-    def write(self, data: bytes) -> None:
-        self._transport.write(data)
-
-    def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size()
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing() or self._ws.closed
+    def body(self) -> bytes:
+        """The JSON error body, shaped like the HTTP API's errors."""
+        return orjson.dumps({"error": {"code": self.code, "message": self.message}})
 
 
-class _Response(web.WebSocketResponse):
-    """aiohttp's response, flushing our outbox before any close aiohttp starts itself.
+class Link:
+    """The socket side of one connection, whatever engine reads its frames.
 
-    aiohttp writes its own close frame when a peer breaks the protocol or sends
-    an oversized message; replies to the commands before that are still in the
-    outbox and must go out first.
+    `endpoint.open` binds it to its `Connection`; the engine reports what the
+    peer sent (`ping`, `pong`, `peer_closed`, `echo_message`, or `fail` for a
+    protocol error) and, once the socket is gone, awaits `endpoint.finish`.
     """
 
-    outbox: Outbox | None = None
+    __slots__ = ("_abort", "conn", "echo", "endpoint", "remote", "transport")
 
-    async def close(
-        self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True
-    ) -> bool:
-        if self.outbox is not None and not self.closed:
-            self.outbox.flush()
-        return await super().close(code=code, message=message, drain=drain)
+    conn: Connection
+    transport: asyncio.Transport
+
+    def __init__(self, endpoint: WebSocketEndpoint) -> None:
+        self.endpoint = endpoint
+        self.remote = ""
+        self.echo = False
+        self._abort: asyncio.TimerHandle | None = None
+
+    def send_close(self, code: int, reason: str = "") -> None:
+        """Write a close frame after everything queued, then accept no more output.
+
+        A slow consumer's queue was already dropped by its outbox; for every
+        other close the replies queued so far go out first. The socket is
+        dropped if the peer does not end it within CLOSE_TIMEOUT.
+        """
+        outbox = self.conn.outbox
+        outbox.write_now(close_frame(code, reason))
+        outbox.overflowed = True  # nothing may follow a close frame
+        if self._abort is None:
+            loop = asyncio.get_running_loop()
+            self._abort = loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
+
+    def fail(self, code: int, reason: str) -> None:
+        """The peer broke the protocol (or its message was too big): close with `code`."""
+        if self.conn.close_code is None:
+            self.conn.close_code = code
+            self.send_close(code, reason)
+
+    def ping(self, payload: bytes) -> None:
+        """A ping frame arrived: answer it, behind the frames already queued."""
+        conn = self.conn
+        conn.last_seen = time.monotonic()
+        if conn.close_code is None:
+            conn.outbox.write_now(build_frame(payload, OP_PONG))
+
+    def pong(self) -> None:
+        """A pong frame arrived: the peer is alive."""
+        self.conn.last_seen = time.monotonic()
+
+    def peer_closed(self, code: int) -> None:
+        """A close frame with `code` (0: none) arrived: answer it and end the TCP connection.
+
+        The answer echoes the code, or is 1002 for a code no endpoint may send.
+        When we started the close, this is the peer's answer and needs none.
+        """
+        conn = self.conn
+        if conn.close_code is None:
+            reply = (code or CloseCode.NORMAL) if valid_close_code(code) else PROTOCOL_ERROR
+            conn.close_code = reply
+            conn.outbox.write_now(close_frame(reply))
+            conn.outbox.overflowed = True
+        self.transport.close()
+
+    def echo_message(self, data: bytes, text: bool) -> None:
+        """`/echo`: send a message back through the same outbox as every other frame."""
+        conn = self.conn
+        conn.last_seen = time.monotonic()
+        conn.push_frame(build_frame(data, OP_TEXT if text else OP_BINARY))
+
+    def stop_abort_timer(self) -> None:
+        """The socket is gone: the timer that would drop it is not needed any more."""
+        if self._abort is not None:
+            self._abort.cancel()
+            self._abort = None
+
+    def crashed(self) -> None:
+        """Log the exception being handled and close with 1011."""
+        log.exception("connection %s failed", self.conn.client_id)
+        self.conn.close(CloseCode.INTERNAL_ERROR, "internal error")
 
 
 class WebSocketEndpoint:
-    """Serves `/ws` (and `/echo` for the conformance suite when enabled)."""
+    """Serves `/ws` (and `/echo` for the conformance suite when enabled).
+
+    Owns what every engine shares: the open connections and their count per
+    address, admission, the server-wide heartbeat and the shutdown.
+    """
 
     def __init__(self, node: Node, auth: Authenticator) -> None:
         self.node = node
@@ -131,111 +205,91 @@ class WebSocketEndpoint:
                     log.info("client %s did not answer ping: closing", conn.client_id)
                     conn.close(CloseCode.POLICY_VIOLATION, "no pong")
 
-    # ----- handler
+    # ----- the steps of a connection, for every engine
 
-    def _refuse(self, status: int, code: str, message: str) -> web.Response:
-        return web.json_response({"error": {"code": code, "message": message}}, status=status)
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        """aiohttp handler for `GET /ws`."""
-        return await self._serve(request, echo=False)
-
-    async def handle_echo(self, request: web.Request) -> web.StreamResponse:
-        """aiohttp handler for `GET /echo`: echoes messages through the same send path."""
-        return await self._serve(request, echo=True)
-
-    async def _serve(self, request: web.Request, *, echo: bool) -> web.StreamResponse:
+    def admit(self, origin: str | None, scheme: str, host: str, remote: str) -> Refusal | None:
+        """Check an upgrade request's origin and the connection limits."""
         settings = self.settings
-        if not origin_allowed(request, settings.allowed_origins):
-            return self._refuse(403, "permission_denied", "origin not allowed")
-        remote = request.remote or ""
+        if not origin_allowed(origin, scheme, host, settings.allowed_origins):
+            return Refusal(403, "permission_denied", "origin not allowed")
         if settings.max_connections and len(self.connections) >= settings.max_connections:
-            return self._refuse(503, "unavailable", "connection limit of this node reached")
+            return Refusal(503, "unavailable", "connection limit of this node reached")
         per_ip = self._per_ip.get(remote, 0)
         if settings.max_connections_per_ip and per_ip >= settings.max_connections_per_ip:
-            return self._refuse(429, "rate_limited", "too many connections from this address")
+            return Refusal(429, "rate_limited", "too many connections from this address")
+        return None
 
-        credentials: Credentials | None = None
-        refused: AuthError | None = None
-        token = request.query.get("token", "")
+    def verify_token(
+        self, token: str, *, echo: bool
+    ) -> tuple[Credentials | None, AuthError | None]:
+        """The credentials of a connection token, or why it is refused (no token: anonymous)."""
         if token and not echo:
             try:
-                credentials = self.auth.verify_connection(token)
+                return self.auth.verify_connection(token), None
             except AuthError as exc:
-                refused = exc
+                return None, exc
+        return None, None
 
-        ws = _Response(
-            protocols=SUBPROTOCOLS,
-            compress=False,
-            autoping=False,
-            autoclose=False,
-            # aiohttp refuses a message whose size *equals* its limit; the
-            # protocol promises that only a larger one is refused.
-            max_msg_size=settings.max_message_size + 1,
-            timeout=CLOSE_TIMEOUT,
-        )
-        await ws.prepare(request)
-        transport = request.transport
-        if transport is None:  # the peer vanished during the handshake
-            return ws
-        if refused is not None:
-            # Accept, then close at once: a browser can read the code of a
-            # close frame, never the status of a refused upgrade.
-            transport.write(close_frame(refused.close_code, str(refused)[:100]))
-            transport.close()
-            log.info("refused token from %s: %s", remote, refused)
-            return ws
+    def refuse_token(self, transport: asyncio.Transport, refused: AuthError, remote: str) -> None:
+        """Close a just-accepted WebSocket with 4001/4002 and no `welcome`.
 
-        abort_timer: list[asyncio.TimerHandle] = []
+        Accept, then close at once: a browser can read the code of a close
+        frame, never the status of a refused upgrade.
+        """
+        transport.write(close_frame(refused.close_code, str(refused)[:100]))
+        transport.close()
+        log.info("refused token from %s: %s", remote, refused)
 
-        def closer(code: CloseCode, reason: str) -> None:
-            # A slow consumer's queue was already dropped by its outbox; for
-            # every other close the replies queued so far go out first.
-            conn.outbox.write_now(close_frame(code, reason))
-            conn.outbox.overflowed = True  # nothing may follow a close frame
-            loop = asyncio.get_running_loop()
-            abort_timer.append(loop.call_later(CLOSE_TIMEOUT, transport.abort))
+    def open(
+        self,
+        link: Link,
+        transport: Transport,
+        subprotocol: str | None,
+        credentials: Credentials | None,
+    ) -> Connection:
+        """Make the connection of an accepted WebSocket, count it and greet it.
 
+        The engine then awaits `conn.subscribe_granted()` (unless `link.echo`)
+        before the peer's first message.
+        """
         conn = Connection(
             self.node,
-            _WsTransport(transport, ws),
-            codec_for(ws.ws_protocol),
+            transport,
+            codec_for(subprotocol),
             self.flusher,
-            closer=closer,
+            closer=link.send_close,
             auth=self.auth,
             credentials=credentials,
-            remote=remote,
+            remote=link.remote,
         )
-        ws.outbox = conn.outbox
+        link.conn = conn
         self.connections.add(conn)
         self._drained.clear()
-        self._per_ip[remote] = per_ip + 1
-        if not echo:
+        self._per_ip[link.remote] = self._per_ip.get(link.remote, 0) + 1
+        if not link.echo:
             self.node.add_peer(conn)
             conn.send(conn.welcome())
             conn.watch_expiry()
-            await conn.subscribe_granted()
-        log.info("open %s from %s user=%s", conn.client_id, remote, conn.user)
-        peer_code: int | None = None
+        log.info("open %s from %s user=%s", conn.client_id, link.remote, conn.user)
+        return conn
+
+    async def finish(self, link: Link, fallback_code: int | None = None) -> None:
+        """Forget a connection whose socket is gone: cleanup, metrics and the close log."""
+        conn, remote = link.conn, link.remote
+        link.stop_abort_timer()
+        self.connections.discard(conn)
+        if not self.connections:
+            self._drained.set()
+        left = self._per_ip.get(remote, 1) - 1
+        if left:
+            self._per_ip[remote] = left
+        else:
+            self._per_ip.pop(remote, None)
         try:
-            peer_code = await self._read(ws, conn, transport, echo=echo)
-        except Exception:
-            log.exception("connection %s failed", conn.client_id)
-            conn.close(CloseCode.INTERNAL_ERROR, "internal error")
-        finally:
-            for timer in abort_timer:
-                timer.cancel()
-            self.connections.discard(conn)
-            if not self.connections:
-                self._drained.set()
-            left = self._per_ip.get(remote, 1) - 1
-            if left:
-                self._per_ip[remote] = left
-            else:
-                self._per_ip.pop(remote, None)
-            if not echo:
+            if not link.echo:
                 await conn.cleanup()
-            code = conn.close_code or peer_code or ws.close_code
+        finally:
+            code = conn.close_code or fallback_code
             self.node.counters.closes[int(code or 1006)] += 1
             log.info(
                 "close %s from %s after %.3fs code=%s",
@@ -244,52 +298,127 @@ class WebSocketEndpoint:
                 time.time() - conn.opened_at,
                 code,
             )
-        if not transport.is_closing():
-            transport.close()
+
+    # ----- the aiohttp engine
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """aiohttp handler for `GET /ws`."""
+        return await _serve(self, request, echo=False)
+
+    async def handle_echo(self, request: web.Request) -> web.StreamResponse:
+        """aiohttp handler for `GET /echo`: echoes messages through the same send path."""
+        return await _serve(self, request, echo=True)
+
+
+class _WsTransport:
+    """The asyncio transport, seen as closing as soon as aiohttp began a close handshake."""
+
+    __slots__ = ("_transport", "_ws")
+
+    def __init__(self, transport: asyncio.Transport, ws: web.WebSocketResponse) -> None:
+        self._transport = transport
+        self._ws = ws
+
+    def write(self, data: bytes) -> None:
+        self._transport.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing() or self._ws.closed
+
+
+class _Response(web.WebSocketResponse):
+    """aiohttp's response, flushing our outbox before any close aiohttp starts itself.
+
+    aiohttp writes its own close frame when a peer breaks the protocol or sends
+    an oversized message; replies to the commands before that are still in the
+    outbox and must go out first.
+    """
+
+    outbox: Outbox | None = None
+
+    async def close(
+        self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True
+    ) -> bool:
+        if self.outbox is not None and not self.closed:
+            self.outbox.flush()
+        return await super().close(code=code, message=message, drain=drain)
+
+
+async def _serve(
+    endpoint: WebSocketEndpoint, request: web.Request, *, echo: bool
+) -> web.StreamResponse:
+    remote = request.remote or ""
+    refusal = endpoint.admit(request.headers.get(hdrs.ORIGIN), request.scheme, request.host, remote)
+    if refusal is not None:
+        return web.Response(
+            body=refusal.body(),
+            status=refusal.status,
+            content_type="application/json",
+            charset="utf-8",
+        )
+    credentials, refused = endpoint.verify_token(request.query.get("token", ""), echo=echo)
+    ws = _Response(
+        protocols=SUBPROTOCOLS,
+        compress=False,
+        autoping=False,
+        autoclose=False,
+        # aiohttp refuses a message whose size *equals* its limit; the
+        # protocol promises that only a larger one is refused.
+        max_msg_size=endpoint.settings.max_message_size + 1,
+        timeout=CLOSE_TIMEOUT,
+    )
+    await ws.prepare(request)
+    transport = request.transport
+    if transport is None:  # the peer vanished during the handshake
+        return ws
+    if refused is not None:
+        endpoint.refuse_token(transport, refused, remote)
         return ws
 
-    async def _read(
-        self,
-        ws: _Response,
-        conn: Connection,
-        transport: asyncio.Transport,
-        *,
-        echo: bool,
-    ) -> int | None:
-        """Read until the connection ends; return the peer's close code if it sent one."""
-        while True:
-            msg = await ws.receive()
-            kind = msg.type
-            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-                if conn.close_code is not None:
-                    continue  # draining after our close frame
-                if echo:
-                    conn.last_seen = time.monotonic()
-                    op = 0x1 if kind is WSMsgType.TEXT else 0x2
-                    data = msg.data.encode("utf-8") if isinstance(msg.data, str) else msg.data
-                    conn.push_frame(build_frame(data, op))
-                else:
-                    await conn.receive(msg.data)
-            elif kind is WSMsgType.PING:
-                conn.last_seen = time.monotonic()
-                if conn.close_code is None:
-                    conn.outbox.write_now(build_frame(msg.data, OP_PONG))
-            elif kind is WSMsgType.PONG:
-                conn.last_seen = time.monotonic()
-            elif kind is WSMsgType.CLOSE:
-                code = int(msg.data or 0)
-                if conn.close_code is None:
-                    # The peer started the close: answer it (1002 for a code
-                    # no endpoint may send), then end the TCP connection.
-                    reply = code or CloseCode.NORMAL if valid_close_code(code) else 1002
-                    conn.close_code = reply
-                    conn.outbox.write_now(close_frame(reply))
-                    conn.outbox.overflowed = True
-                transport.close()
-                return code
+    link = Link(endpoint)
+    link.remote, link.echo, link.transport = remote, echo, transport
+    conn = endpoint.open(link, _WsTransport(transport, ws), ws.ws_protocol, credentials)
+    ws.outbox = conn.outbox
+    try:
+        if not echo:
+            await conn.subscribe_granted()
+        await _read(ws, link)
+    except Exception:
+        link.crashed()
+    finally:
+        await endpoint.finish(link, ws.close_code)
+    if not transport.is_closing():
+        transport.close()
+    return ws
+
+
+async def _read(ws: _Response, link: Link) -> None:
+    """Read until the connection ends."""
+    conn = link.conn
+    while True:
+        msg = await ws.receive()
+        kind = msg.type
+        if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+            if conn.close_code is not None:
+                continue  # draining after our close frame
+            if link.echo:
+                text = kind is WSMsgType.TEXT
+                link.echo_message(msg.data.encode("utf-8") if text else msg.data, text)
             else:
-                # CLOSED, CLOSING or ERROR: aiohttp already answered (e.g. 1009
-                # for an oversized message) or the socket is gone.
-                if kind is WSMsgType.ERROR and conn.close_code is None:
-                    conn.close_code = ws.close_code or CloseCode.INTERNAL_ERROR
-                return None
+                await conn.receive(msg.data)
+        elif kind is WSMsgType.PING:
+            link.ping(msg.data)
+        elif kind is WSMsgType.PONG:
+            link.pong()
+        elif kind is WSMsgType.CLOSE:
+            link.peer_closed(int(msg.data or 0))
+            return
+        else:
+            # CLOSED, CLOSING or ERROR: aiohttp already answered (e.g. 1009
+            # for an oversized message) or the socket is gone.
+            if kind is WSMsgType.ERROR and conn.close_code is None:
+                conn.close_code = ws.close_code or CloseCode.INTERNAL_ERROR
+            return

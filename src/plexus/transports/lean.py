@@ -1,0 +1,462 @@
+"""The lean WebSocket engine: an asyncio protocol around websockets' sans-I/O core.
+
+An idle connection served by aiohttp holds a request, its handler coroutine, a
+`WebSocketResponse` and its reader: most of 16 KB. Here it holds the transport,
+one `LeanProtocol` and websockets' `ServerProtocol` (the frame parser), and
+nothing runs for it until bytes arrive.
+
+`LeanListener` is the protocol factory of the listening socket. Each new socket
+gets a `LeanProtocol`, which buffers the request head: a `GET /ws` (or `/echo`)
+upgrade stays with it; any other request is handed to aiohttp untouched, with
+the bytes read so far, so the web app, `/health` and `/api/*` are served exactly
+as with the aiohttp engine (and so is an upgrade this engine does not take, such
+as one whose head is over HEAD_LIMIT).
+
+websockets only parses. Everything sent after the handshake — replies, pushes,
+pongs, close frames — goes through the connection's `Outbox`, as with the
+aiohttp engine, so ordering and the 4008 bound hold; the frames websockets
+queues itself (automatic pongs and close answers) are dropped unsent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from functools import partial
+from http import HTTPStatus
+from typing import Final, cast
+
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import Event, Protocol, State
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+from yarl import URL
+
+from plexus.protocol.codec import SUBPROTOCOLS
+from plexus.transports.websocket import Link, Refusal, WebSocketEndpoint
+
+log = logging.getLogger("plexus.ws")
+# websockets logs every open and close at INFO, and every frame at DEBUG:
+# Plexus logs connections itself, so only its warnings and errors are kept.
+_frames_log = logging.getLogger("plexus.ws.frames")
+_frames_log.setLevel(logging.WARNING)
+
+# The request head is buffered up to this size; a longer one goes to aiohttp,
+# which applies its own header limits.
+HEAD_LIMIT: Final = 16 * 1024
+# A socket that has not sent a whole request head by then is closed (aiohttp's
+# keep-alive timeout, which guards its sockets the same way).
+HEAD_TIMEOUT: Final = 75.0
+# Messages read but not yet handled; beyond this the socket is not read until
+# half of them are, so a client that floods commands is back-pressured.
+MAX_PENDING: Final = 32
+RESUME_AT: Final = MAX_PENDING // 2
+
+NO_STATUS: Final = 1005  # websockets' code for a close frame without one
+INVALID_DATA: Final = 1007
+
+_SUBPROTOCOLS: Final = [Subprotocol(name) for name in SUBPROTOCOLS]
+_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
+
+
+class _InvalidUtf8(Exception):
+    """A text message that is not UTF-8: the connection fails with 1007."""
+
+
+class _ServerProtocol(ServerProtocol):
+    """websockets' sans-I/O server: negotiates like aiohttp, holds nothing after the handshake."""
+
+    def select_subprotocol(self, subprotocols: Sequence[Subprotocol]) -> Subprotocol | None:
+        """The client's first choice among ours; none (JSON) when nothing matches, like aiohttp.
+
+        A method rather than websockets' `select_subprotocol` argument, which it
+        binds to the instance: a reference cycle per connection.
+        """
+        for name in subprotocols:
+            if name in SUBPROTOCOLS:
+                return name
+        return None
+
+    def drop_handshake(self) -> None:
+        """Parse frames with a new parser, which does not hold the request.
+
+        The handshake's parser keeps the request (2 KB with its headers) in its
+        frame for as long as the connection lives. Only call this when no byte
+        followed the request head: a partly parsed frame would be lost.
+        """
+        self.parser = Protocol.parse(self)
+        next(self.parser)
+
+
+def _check_utf8(decoder: codecs.IncrementalDecoder, data: bytes, final: bool) -> None:
+    try:
+        decoder.decode(data, final)
+    except UnicodeDecodeError as exc:
+        raise _InvalidUtf8(f"invalid UTF-8: {exc.reason}") from None
+
+
+def _reading(transport: asyncio.Transport) -> bool:
+    return not transport.is_closing() and transport.is_reading()
+
+
+def _paused(transport: asyncio.Transport) -> bool:
+    return not transport.is_closing() and not transport.is_reading()
+
+
+def http_error(refusal: Refusal) -> bytes:
+    """A complete HTTP/1.1 error response that ends the connection."""
+    body = refusal.body()
+    head = (
+        f"HTTP/1.1 {refusal.status} {HTTPStatus(refusal.status).phrase}\r\n"
+        "Content-Type: application/json; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class LeanListener:
+    """The listening socket's protocol factory: WebSocket upgrades here, the rest to aiohttp.
+
+    Args:
+        endpoint: the engine-neutral WebSocket endpoint.
+        http: aiohttp's protocol factory (`AppRunner.server`).
+        tls: whether the socket serves TLS (the scheme the Origin check compares).
+    """
+
+    def __init__(
+        self,
+        endpoint: WebSocketEndpoint,
+        http: Callable[[], asyncio.Protocol],
+        *,
+        tls: bool,
+    ) -> None:
+        settings = endpoint.settings
+        self.endpoint = endpoint
+        self.http = http
+        self.scheme = "https" if tls else "http"
+        # path -> whether it is the echo endpoint
+        self.paths: dict[bytes, bool] = {b"/ws": False}
+        if settings.echo_endpoint:
+            self.paths[b"/echo"] = True
+        self.max_message_size = settings.max_message_size
+        # Every socket not (yet) handed to aiohttp, for the shutdown.
+        self.protocols: set[LeanProtocol] = set()
+        self._endings: set[asyncio.Task[None]] = set()
+
+    def __call__(self) -> LeanProtocol:
+        return LeanProtocol(self)
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Keep a connection's final task referenced until it is done."""
+        self._endings.add(task)
+        task.add_done_callback(self._endings.discard)
+
+    def abort_all(self) -> None:
+        """Drop every socket still open (after the shutdown's 1001 had its time)."""
+        for protocol in list(self.protocols):
+            protocol.transport.abort()
+
+
+class LeanProtocol(Link, asyncio.Protocol):
+    """One socket: its request head, then (if it upgraded) its WebSocket connection.
+
+    Messages are handled in order by a task that exists only while some are
+    waiting (`_pending`), so an idle connection runs nothing.
+    """
+
+    __slots__ = ("_head", "_parts", "_pending", "_task", "_utf8", "listener", "ws")
+
+    def __init__(self, listener: LeanListener) -> None:
+        super().__init__(listener.endpoint)
+        self.listener = listener
+        self._head: bytearray | None = bytearray()
+        self.ws: ServerProtocol | None = None  # set once the connection is open
+        # Fragments of the message being assembled, and its UTF-8 decoder if text.
+        self._parts: list[bytes] | None = None
+        self._utf8: codecs.IncrementalDecoder | None = None
+        # Messages (and the connection's end) waiting for the task that handles them.
+        self._pending: deque[str | bytes | Callable[[], None]] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # ----- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's are not registered as asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
+        self.listener.protocols.add(self)
+        # The close timer of a WebSocket doubles as the head timeout before it.
+        self._abort = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self._receive(data)
+            return
+        head = self._head
+        if head is None:  # answered with an HTTP error: ignore the rest
+            return
+        start = max(0, len(head) - 3)
+        head += data
+        end = head.find(b"\r\n\r\n", start)
+        if end < 0:
+            if len(head) > HEAD_LIMIT:
+                self._hand_off()
+            return
+        echo = self._route(bytes(head[:end]))
+        if echo is None:
+            self._hand_off()
+        else:
+            self._upgrade(echo, end + 4)
+
+    def eof_received(self) -> bool | None:
+        return None  # close: a WebSocket peer that half-closes is gone
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listener.protocols.discard(self)
+        self.stop_abort_timer()
+        if self.ws is not None:
+            self.listener.track(asyncio.get_running_loop().create_task(self._end()))
+
+    # ----- the request head
+
+    def _route(self, head: bytes) -> bool | None:
+        """For a WebSocket upgrade to one of our paths: whether it is `/echo`; else None."""
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or parts[0] != b"GET":
+            return None
+        echo = self.listener.paths.get(parts[1].split(b"?", 1)[0])
+        if echo is None:
+            return None
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if colon and name.strip().lower() == b"upgrade":
+                return echo if b"websocket" in value.lower() else None
+        return None
+
+    def _hand_off(self, data: bytes | None = None) -> None:
+        """Give the socket, and the bytes read from it (`data`, or the head buffer), to aiohttp."""
+        if data is None:
+            assert self._head is not None
+            data = bytes(self._head)
+        self._head = None
+        self.stop_abort_timer()
+        self.listener.protocols.discard(self)
+        handler = self.listener.http()
+        transport = self.transport
+        handler.connection_made(transport)
+        transport.set_protocol(handler)
+        handler.data_received(data)
+
+    def _answer(self, response: bytes) -> None:
+        """End the socket with an HTTP response instead of a WebSocket."""
+        self.transport.write(response)
+        self.transport.close()
+
+    def _upgrade(self, echo: bool, head_size: int) -> None:
+        """Do the opening handshake and open the connection, or refuse it.
+
+        A request that websockets cannot parse, or that is not a valid opening
+        handshake, goes to aiohttp, which answers it as the aiohttp engine does.
+        `head_size`: the length of the request head; any bytes after it are
+        frames the client sent without waiting for the handshake's answer.
+        """
+        assert self._head is not None
+        head, self._head = bytes(self._head), None
+        self.stop_abort_timer()
+        listener, transport = self.listener, self.transport
+        ws = _ServerProtocol(
+            subprotocols=_SUBPROTOCOLS, max_size=listener.max_message_size, logger=_frames_log
+        )
+        ws.receive_data(head)
+        events = ws.events_received()
+        if not events or not isinstance(events[0], Request):
+            self._hand_off(head)
+            return
+        request = events[0]
+        response = ws.accept(request)
+        if response.status_code != 101:
+            self._hand_off(head)
+            return
+        headers = request.headers
+        origins = headers.get_all("Origin")
+        hosts = headers.get_all("Host")
+        peer = transport.get_extra_info("peername")
+        remote = peer[0] if isinstance(peer, tuple) else ""
+        endpoint = listener.endpoint
+        refusal = endpoint.admit(
+            origins[0] if origins else None, listener.scheme, hosts[0] if hosts else "", remote
+        )
+        if refusal is not None:
+            self._answer(http_error(refusal))
+            return
+        try:
+            token = URL(request.path).query.get("token", "")
+        except ValueError:
+            token = ""
+        credentials, refused = endpoint.verify_token(token, echo=echo)
+        ws.send_response(response)
+        transport.write(b"".join(ws.data_to_send()))
+        if refused is not None:
+            endpoint.refuse_token(transport, refused, remote)
+            return
+        if len(events) == 1 and len(head) == head_size:
+            ws.drop_handshake()
+        self.remote, self.echo, self.ws = remote, echo, ws
+        conn = endpoint.open(self, transport, ws.subprotocol, credentials)
+        if not echo and conn.credentials is not None and conn.credentials.channels:
+            self._task = asyncio.get_running_loop().create_task(self._run(granted=True))
+        if len(events) > 1:  # frames sent right behind the request
+            self._events(ws, events[1:])
+
+    # ----- frames
+
+    def _receive(self, data: bytes) -> None:
+        ws = self.ws
+        assert ws is not None
+        if ws.eof_sent:
+            return  # after a close frame or a failure, the rest is ignored
+        ws.receive_data(data)
+        self._events(ws, ws.events_received())
+
+    def _events(self, ws: ServerProtocol, events: list[Event]) -> None:
+        ws.data_to_send()  # websockets' own pongs and close answers: ours go via the outbox
+        try:
+            for event in events:
+                # Only the first event is a request, and the handshake took it.
+                frame = cast(Frame, event)
+                opcode = frame.opcode
+                # A server unmasks every payload into a new bytes object.
+                data = cast(bytes, frame.data)
+                if opcode is Opcode.PING:
+                    self.ping(data)
+                elif opcode is Opcode.PONG:
+                    self.pong()
+                elif opcode is not Opcode.CLOSE:
+                    self._data(opcode, data, frame.fin)
+            if ws.eof_sent:
+                # A close frame came (maybe inside a fragmented message, which
+                # websockets calls a protocol error and RFC 6455 5.4 allows),
+                # or websockets failed the connection and stopped parsing.
+                received = ws.close_rcvd
+                if received is not None:
+                    code = 0 if received.code == NO_STATUS else received.code
+                    self._then(partial(self.peer_closed, code))
+                else:
+                    sent = ws.close_sent
+                    assert sent is not None  # we never feed an EOF, which fails without one
+                    self._then(partial(self._fail_and_end, sent.code, sent.reason))
+        except _InvalidUtf8 as exc:
+            if ws.state is State.OPEN:
+                ws.fail(INVALID_DATA)  # so that websockets ignores the rest
+            self._then(partial(self._fail_and_end, INVALID_DATA, str(exc)))
+        except Exception:
+            self.crashed()
+
+    def _data(self, opcode: Opcode, data: bytes, fin: bool) -> None:
+        """A data frame: deliver it, or add it to the fragmented message it belongs to."""
+        utf8 = self._utf8
+        if opcode is Opcode.CONT:
+            # websockets refused a continuation without a message to continue.
+            parts = self._parts
+            assert parts is not None
+            if utf8 is not None:
+                _check_utf8(utf8, data, fin)  # fail fast, before the message is whole
+            parts.append(data)
+            if not fin:
+                return
+            self._parts = self._utf8 = None
+            self._message(b"".join(parts), utf8 is not None)
+        elif fin:
+            self._message(data, opcode is Opcode.TEXT)
+        else:
+            self._parts = [data]
+            if opcode is Opcode.TEXT:
+                self._utf8 = utf8 = _Utf8Decoder()
+                _check_utf8(utf8, data, False)
+
+    def _message(self, data: bytes, text: bool) -> None:
+        """A whole message (at most `max_message_size` bytes: websockets counted)."""
+        conn = self.conn
+        if conn.close_code is not None:
+            return  # draining after our close frame
+        payload: str | bytes = data
+        if text:
+            try:
+                payload = data.decode()
+            except UnicodeDecodeError as exc:
+                raise _InvalidUtf8(f"invalid UTF-8: {exc.reason}") from None
+        if self.echo:
+            self.echo_message(data, text)
+        else:
+            self._queue(payload)
+
+    def _queue(self, item: str | bytes | Callable[[], None]) -> None:
+        """Queue a message, or what to do once the messages before it are handled."""
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = deque()
+        pending.append(item)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        elif len(pending) >= MAX_PENDING and _reading(self.transport):
+            self.transport.pause_reading()
+
+    def _then(self, action: Callable[[], None]) -> None:
+        """Run `action` (the end of the connection) after the messages read before it."""
+        if self._task is None:
+            action()
+        else:
+            self._queue(action)
+
+    async def _run(self, *, granted: bool = False) -> None:
+        """Handle the waiting messages in order, then end: idle connections run no task."""
+        conn = self.conn
+        transport = self.transport
+        try:
+            if granted:
+                await conn.subscribe_granted()
+            pending = self._pending
+            while pending:
+                item = pending.popleft()
+                if len(pending) == RESUME_AT and _paused(transport):
+                    transport.resume_reading()
+                if isinstance(item, str | bytes):
+                    await conn.receive(item)
+                else:
+                    item()
+        except Exception:
+            self.crashed()
+        finally:
+            self._task = self._pending = None
+            if _paused(transport):
+                transport.resume_reading()
+
+    # ----- the end
+
+    def _fail_and_end(self, code: int, reason: str) -> None:
+        """The peer broke the protocol or sent too big a message: close with `code`, then end."""
+        if self.transport.is_closing():
+            return
+        self.fail(code, reason)
+        # Half-close and keep reading (websockets discards it all) until the
+        # peer closes too: closing with its unread input in our socket would
+        # make the kernel reset the connection, and the peer might lose the
+        # close frame. The close timer drops a peer that never closes.
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()
+
+    async def _end(self) -> None:
+        """The socket is gone: let the waiting messages finish, then clean up."""
+        try:
+            if self._task is not None:
+                await asyncio.wait([self._task])
+            await self.endpoint.finish(self)
+        except Exception:  # nobody awaits this task: log here
+            log.exception("cleanup of %s failed", self.conn.client_id)

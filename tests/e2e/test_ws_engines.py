@@ -1,0 +1,207 @@
+"""End-to-end: what both WebSocket engines must do alike at the socket level.
+
+The rest of the suite runs against one engine (`PLEXUS_WS_ENGINE`); these cases
+run against both: requests and frames arriving in unusual shapes, where the lean
+engine's own head buffering and hand-off to aiohttp could differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+
+from plexus.config import WS_ENGINES
+from plexus.transports import lean
+from tests.conftest import ServerFactory
+from tests.helpers import TIMEOUT
+
+pytestmark = pytest.mark.parametrize("engine", WS_ENGINES)
+
+
+def masked(payload: bytes, opcode: int = 0x1, *, fin: bool = True) -> bytes:
+    """One client-to-server frame (masked, as RFC 6455 requires)."""
+    return Frame(Opcode(opcode), payload, fin).serialize(mask=True)
+
+
+def upgrade_request(path: str = "/ws", extra: str = "") -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+    ).encode()
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One server-to-client frame (unmasked): (opcode, payload)."""
+    first, second = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
+    length = second & 0x7F
+    if length == 126:
+        (length,) = struct.unpack("!H", await reader.readexactly(2))
+    elif length == 127:
+        (length,) = struct.unpack("!Q", await reader.readexactly(8))
+    return first & 0x0F, await asyncio.wait_for(reader.readexactly(length), TIMEOUT)
+
+
+async def read_message(reader: asyncio.StreamReader) -> Any:
+    opcode, payload = await read_frame(reader)
+    assert opcode == 0x1, (opcode, payload)
+    return orjson.loads(payload)
+
+
+Raw = Callable[[bytes], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
+@pytest.fixture
+async def raw(make_server: ServerFactory, engine: str) -> AsyncIterator[Raw]:
+    """Open raw sockets to a server of `engine`, past the handshake and the welcome.
+
+    The bytes given go out with the upgrade request, in the same write.
+    """
+    server = await make_server(ws_engine=engine)
+    writers: list[asyncio.StreamWriter] = []
+
+    async def factory(tail: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writers.append(writer)
+        writer.write(upgrade_request() + tail)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        assert (await read_message(reader))["type"] == "welcome"
+        return reader, writer
+
+    yield factory
+    for writer in writers:
+        writer.close()
+
+
+async def test_frames_sent_with_the_request_are_answered(raw: Raw) -> None:
+    reader, _ = await raw(masked(b'{"type":"ping","id":1}'))
+    assert await read_message(reader) == {"type": "pong", "id": 1}
+
+
+async def test_a_flood_of_commands_is_answered_in_order(raw: Raw) -> None:
+    reader, writer = await raw(b"")
+    count = 3000  # far more than the lean engine reads ahead before pausing
+    writer.write(b"".join(masked(b'{"type":"ping","id":%d}' % i) for i in range(count)))
+    for i in range(count):
+        assert await read_message(reader) == {"type": "pong", "id": i}
+
+
+async def test_fragmented_messages_and_control_frames_between(raw: Raw) -> None:
+    reader, writer = await raw(b"")
+    text = '{"type":"ping","id":"ü"}'.encode()
+    writer.write(
+        masked(text[:19], fin=False)  # cuts the two bytes of "ü" apart
+        + masked(b"hi", 0x9)
+        + masked(text[19:], 0x0)
+    )
+    assert await read_frame(reader) == (0xA, b"hi")
+    assert await read_message(reader) == {"type": "pong", "id": "ü"}
+    # A close frame in the middle of a fragmented message is answered like any close.
+    writer.write(masked(text[:5], fin=False) + masked(struct.pack("!H", 4321), 0x8))
+    assert await read_frame(reader) == (0x8, struct.pack("!H", 4321))
+    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+
+
+async def test_invalid_utf8_closes_1007_after_earlier_replies(raw: Raw) -> None:
+    reader, writer = await raw(b"")
+    writer.write(masked(b'{"type":"ping","id":1}') + masked(b'{"x":"\xff"}'))
+    assert await read_message(reader) == {"type": "pong", "id": 1}
+    opcode, payload = await read_frame(reader)
+    assert opcode == 0x8
+    assert struct.unpack("!H", payload[:2])[0] == 1007
+
+
+async def test_message_of_exactly_the_limit_passes_one_more_byte_closes_1009(
+    make_server: ServerFactory, engine: str
+) -> None:
+    server = await make_server(ws_engine=engine, max_message_size=1000)
+    async with ws_connect(server.ws_url, max_size=None) as ws:
+        await ws.recv()  # welcome
+        ping = b'{"type":"ping","id":1,"pad":"'
+        exact = ping + b"x" * (1000 - len(ping) - 2) + b'"}'
+        await ws.send(exact, text=True)
+        assert orjson.loads(await ws.recv()) == {"type": "pong", "id": 1}
+        await ws.send(exact[:-2] + b'x"}', text=True)
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(ws.recv(), TIMEOUT)
+    assert info.value.rcvd is not None
+    assert info.value.rcvd.code == 1009
+
+
+async def test_an_upgrade_with_a_long_head_is_still_served(
+    make_server: ServerFactory, engine: str
+) -> None:
+    # Over the lean engine's 16 KiB head buffer: aiohttp takes the socket over.
+    server = await make_server(ws_engine=engine)
+    headers = {f"X-Padding-{i}": "p" * 5000 for i in range(4)}
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(server.ws_url, headers=headers)
+        assert (await ws.receive_json(timeout=TIMEOUT))["type"] == "welcome"
+        await ws.send_json({"type": "ping", "id": 7})
+        assert await ws.receive_json(timeout=TIMEOUT) == {"type": "pong", "id": 7}
+        await ws.close()
+
+
+async def test_pipelined_http_requests_on_one_socket(
+    make_server: ServerFactory, engine: str
+) -> None:
+    server = await make_server(ws_engine=engine)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    writer.write(request + request)
+    for _ in range(2):
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        body = await asyncio.wait_for(reader.readexactly(length), TIMEOUT)
+        assert orjson.loads(body)["status"] == "ok"
+    writer.close()
+
+
+async def test_refusals_carry_a_json_error(make_server: ServerFactory, engine: str) -> None:
+    server = await make_server(ws_engine=engine, max_connections=1)
+    async with aiohttp.ClientSession() as session:
+        first = await session.ws_connect(server.ws_url)
+        await first.receive_json(timeout=TIMEOUT)
+        async with session.get(
+            server.ws_url.replace("ws://", "http://"),
+            headers={
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+                "Sec-WebSocket-Version": "13",
+            },
+        ) as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "unavailable"
+        await first.close()
+
+
+async def test_a_socket_that_sends_no_request_is_closed(
+    make_server: ServerFactory, engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if engine != "lean":
+        pytest.skip("aiohttp's keep-alive timeout (75 s) guards its sockets")
+    monkeypatch.setattr(lean, "HEAD_TIMEOUT", 0.2)
+    server = await make_server(ws_engine=engine)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /ws HTTP/1.1\r\n")  # and never the rest
+    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    writer.close()
