@@ -7,7 +7,7 @@ APT_STAMP := $(VENV)/.apt-installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test install system-deps js-deps lint typecheck pytest pytest-lean jstest autobahn-env bench clean
+.PHONY: serve test install system-deps js-deps lint typecheck pytest pytest-aiohttp jstest autobahn-env bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,11 +56,11 @@ pytest: install system-deps js-deps autobahn-env
 	$(BIN)/python -m pytest -q
 
 # The end-to-end and browser tests again, against the other WebSocket engine
-# (setting `ws_engine`; the conformance suite already runs against both).
-pytest-lean: install system-deps js-deps
-	PLEXUS_WS_ENGINE=lean $(BIN)/python -m pytest -q tests/e2e tests/browser
+# (setting `ws_engine`, default lean; the conformance suite runs against both).
+pytest-aiohttp: install system-deps js-deps
+	PLEXUS_WS_ENGINE=aiohttp $(BIN)/python -m pytest -q tests/e2e tests/browser
 
-test: lint typecheck jstest pytest pytest-lean
+test: lint typecheck jstest pytest pytest-aiohttp
 
 bench: install
 	$(BIN)/python -m bench

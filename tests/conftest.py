@@ -17,10 +17,10 @@ from tests.helpers import TIMEOUT
 ServerFactory = Callable[..., Awaitable[Server]]
 ClientFactory = Callable[..., Awaitable[Client]]
 
-# The WebSocket engine under test: `PLEXUS_WS_ENGINE=lean pytest` runs the whole
-# suite against the lean engine. It is also the setting's own variable, so the
-# servers that tests start as processes use the same engine.
-WS_ENGINE = os.environ.get("PLEXUS_WS_ENGINE", "aiohttp")
+# The WebSocket engine under test: `PLEXUS_WS_ENGINE=aiohttp pytest` runs the
+# whole suite against the aiohttp engine (the default is the setting's). It is
+# also the setting's own variable, so servers started as processes match.
+WS_ENGINE = os.environ.get("PLEXUS_WS_ENGINE", Settings().ws_engine)
 
 
 @pytest.fixture

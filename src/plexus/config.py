@@ -85,7 +85,7 @@ class Settings:
     ping_interval: float = 25.0
     pong_timeout: float = 10.0
     shutdown_timeout: float = 5.0
-    ws_engine: str = "aiohttp"  # aiohttp | lean: which code serves WebSocket connections
+    ws_engine: str = "lean"  # lean | aiohttp: which code serves WebSocket connections
 
     max_message_size: int = 64 * 1024
     max_queue_bytes: int = 1024 * 1024
