@@ -134,7 +134,7 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> N
     while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # sleep-ok: polls state that has no event, bounded
 
 
 async def api_post(

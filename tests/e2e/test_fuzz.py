@@ -636,7 +636,7 @@ class Bystanders:
     async def _publish_forever(self) -> None:
         while True:
             await self.publish()
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # sleep-ok: paces background traffic, synchronises nothing
 
     async def verify(self) -> int:
         """Stop publishing, send a last message, and check what each bystander got."""

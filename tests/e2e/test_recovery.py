@@ -213,7 +213,7 @@ async def watchdog(subscribers: list[ChaosSubscriber], acked: dict[int, int]) ->
     """Fail fast when the scenario stops making progress (instead of a bare timeout)."""
     last, since = -1, time.monotonic()
     while len(acked) < CHAOS_MESSAGES or any(s.offset < CHAOS_MESSAGES for s in subscribers):
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # sleep-ok: watchdog interval, synchronises nothing
         progress = len(acked) + sum(s.offset for s in subscribers)
         if progress != last:
             last, since = progress, time.monotonic()
@@ -584,7 +584,7 @@ async def test_expired_messages_are_gone_from_history_and_recovery(
             if not body["messages"]:
                 result: dict[str, Any] = body
                 return result
-            await asyncio.sleep(0.05)  # expiry has no event to wait for: poll
+            await asyncio.sleep(0.05)  # sleep-ok: expiry has no event to wait for: poll
 
     page = await asyncio.wait_for(history_empty(), TIMEOUT)
     assert time.time() - published_at >= BRIEF_TTL, "messages expired before their TTL"
@@ -695,9 +695,9 @@ class RemoteLikeHistory:
         return getattr(self._store, name)
 
     async def read(self, channel: str, **kwargs: Any) -> HistoryPage:
-        await asyncio.sleep(0.002)  # widens the race window, synchronises nothing
+        await asyncio.sleep(0.002)  # sleep-ok: widens the race window, synchronises nothing
         page: HistoryPage = await self._store.read(channel, **kwargs)
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.002)  # sleep-ok: widens the race window
         return page
 
 
