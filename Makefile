@@ -22,11 +22,10 @@ install: $(DEPS)
 serve: install
 	$(BIN)/plexus serve --host $(HOST) --port $(PORT)
 
-# System packages the tests use: a real redis-server for multi-node tests and
-# Debian's chromium for browser tests. Installed only when missing.
+# System packages the tests use: Debian's chromium for the browser tests.
+# Installed only when missing.
 system-deps:
 	@missing=""; \
-	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \

@@ -158,6 +158,9 @@ class Settings:
             )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
+        for name in ("history_backend", "broker", "presence_backend"):
+            if getattr(self, name) == "redis":
+                raise ConfigError(f"{name}: redis backends are not available in this version yet")
         if self.history_backend not in ("sqlite", "memory", "redis"):
             raise ConfigError(
                 f"history_backend: must be sqlite, memory or redis, got {self.history_backend!r}"

@@ -203,6 +203,7 @@ def test_sigterm_closes_every_client_with_1001() -> None:
         ([], {"PLEXUS_PING_INTERVAL": "soon"}, "PLEXUS_PING_INTERVAL"),
         ([], {"PLEXUS_MAX_QUEUE_BYTES": "0"}, "max_queue_bytes"),
         ([], {"PLEXUS_LOG_FORMAT": "xml"}, "log_format"),
+        ([], {"PLEXUS_BROKER": "redis"}, "broker"),
         ([], {"PLEXUS_WS_ENGINE": "fast"}, "ws_engine"),
         (["--config", "/nonexistent.toml"], {}, "config"),
     ],
