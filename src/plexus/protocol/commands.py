@@ -112,7 +112,8 @@ def _channel(message: dict[str, Any]) -> str:
     return validate_channel(value)
 
 
-def _since(message: dict[str, Any]) -> Since | None:
+def parse_since(message: dict[str, Any]) -> Since | None:
+    """The `since` position of a command or API body, or None; raises BadRequest."""
     value = message.get("since")
     if value is None:
         return None
@@ -125,6 +126,14 @@ def _since(message: dict[str, Any]) -> Since | None:
     if not isinstance(epoch, str):
         raise BadRequest('"since.epoch" must be a string')
     return Since(offset, epoch)
+
+
+def parse_limit(message: dict[str, Any]) -> int:
+    """The `limit` of a history request (default 100, capped); raises BadRequest."""
+    limit = message.get("limit", DEFAULT_HISTORY_LIMIT)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise BadRequest('"limit" must be an integer >= 0')
+    return min(limit, MAX_HISTORY_LIMIT)
 
 
 def _optional_str(message: dict[str, Any], key: str) -> str | None:
@@ -195,7 +204,7 @@ def parse_command(message: Any, *, max_info_bytes: int = 1024) -> Command:
         return Subscribe(
             cid,
             channel,
-            since=_since(message),
+            since=parse_since(message),
             token=_optional_str(message, "token"),
             info=info,
             has_info=has_info,
@@ -205,10 +214,7 @@ def parse_command(message: Any, *, max_info_bytes: int = 1024) -> Command:
     if kind == "ping":
         return Ping(cid)
     if kind == "history":
-        limit = message.get("limit", DEFAULT_HISTORY_LIMIT)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise BadRequest('"limit" must be an integer >= 0')
-        return History(cid, _channel(message), _since(message), min(limit, MAX_HISTORY_LIMIT))
+        return History(cid, _channel(message), parse_since(message), parse_limit(message))
     if kind == "presence":
         return PresenceQuery(cid, _channel(message))
     if kind == "rpc":

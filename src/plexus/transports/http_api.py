@@ -20,13 +20,7 @@ from plexus.exceptions import BadRequest, PermissionDenied, PlexusError, TooLarg
 from plexus.node import Node
 from plexus.protocol.codec import json_loads_with_bytes, to_json_compatible
 from plexus.protocol.codes import HTTP_STATUS, ErrorCode
-from plexus.protocol.commands import (
-    DEFAULT_HISTORY_LIMIT,
-    MAX_HISTORY_LIMIT,
-    MAX_OFFSET,
-    Since,
-    check_payload,
-)
+from plexus.protocol.commands import check_payload, parse_limit, parse_since
 from plexus.protocol.pushes import publication_message
 from plexus.transports.openapi import OPENAPI_PATH, openapi_handler
 
@@ -182,26 +176,8 @@ class HttpApi:
         """`POST /api/history {"channel","since"?,"limit"?}` -> `{"messages","offset","epoch"}`."""
         body = await self._json(request)
         channel = self._channel(body)
-        limit = body.get("limit", DEFAULT_HISTORY_LIMIT)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise BadRequest('"limit" must be an integer >= 0')
-        since_raw = body.get("since")
-        since = None
-        if since_raw is not None:
-            if not isinstance(since_raw, dict):
-                raise BadRequest('"since" must be an object {"offset": N, "epoch": E}')
-            offset, epoch = since_raw.get("offset"), since_raw.get("epoch")
-            if (
-                isinstance(offset, bool)
-                or not isinstance(offset, int)
-                or not 0 <= offset <= MAX_OFFSET
-            ):
-                raise BadRequest('"since.offset" must be an integer from 0 to 2**63-1')
-            if not isinstance(epoch, str):
-                raise BadRequest('"since.epoch" must be a string')
-            since = Since(offset, epoch)
         page, recoverable = await self.node.history_page(
-            channel, since=since, limit=min(limit, MAX_HISTORY_LIMIT)
+            channel, since=parse_since(body), limit=parse_limit(body)
         )
         return json_body(
             {
