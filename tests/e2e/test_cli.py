@@ -1,0 +1,128 @@
+"""The `plexus` command's client verbs, good and bad input, against a real server process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import jwt
+import pytest
+
+from tests.helpers import TIMEOUT, ServerProcess
+
+SECRET = "s" * 40
+
+
+def plexus(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "plexus", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    with ServerProcess(env={"PLEXUS_HISTORY_BACKEND": "memory"}) as proc:
+        yield proc
+
+
+def test_publish_reaches_a_cli_subscriber(server: ServerProcess) -> None:
+    sub = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "plexus",
+            "subscribe",
+            "chat:cli",
+            "--url",
+            server.ws_url,
+            "--count",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Publish until the subscriber (which may still be connecting) got one.
+        for _ in range(50):
+            result = plexus("publish", "chat:cli", '{"text": "hi"}', "--url", server.ws_url)
+            assert result.returncode == 0, result.stderr
+            assert "offset" in json.loads(result.stdout)
+            try:
+                sub.wait(0.2)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        assert sub.stdout is not None
+        line = json.loads(sub.stdout.readline())
+        assert line["data"] == {"text": "hi"}
+        assert sub.returncode == 0
+    finally:
+        sub.kill()
+        sub.wait(TIMEOUT)
+        if sub.stdout is not None:
+            sub.stdout.close()
+
+
+def test_publish_through_api(server: ServerProcess) -> None:
+    result = plexus("publish", "news", '{"h": 1}', "--api", "--url", server.ws_url)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["offset"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "needle"),
+    [
+        (["publish", "chat:x", "{not json"], 2, "not valid JSON"),
+        (["publish", "news", "1"], 1, "permission_denied"),
+        (["publish", "bad channel", "1"], 1, "invalid_channel"),
+        (["subscribe", "#alice"], 1, "unauthorized"),
+    ],
+)
+def test_client_verbs_refuse_bad_input(
+    server: ServerProcess, args: list[str], status: int, needle: str
+) -> None:
+    result = plexus(*args, "--url", server.ws_url)
+    assert result.returncode == status
+    assert needle in result.stderr
+    assert result.stderr.count("\n") == 1  # one clear line, no traceback
+
+
+def test_unreachable_server_is_one_line() -> None:
+    result = plexus("publish", "chat:x", "1", "--url", "ws://127.0.0.1:9/ws", "--timeout", "2")
+    assert result.returncode == 2
+    assert "cannot reach" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_token_is_signed_with_the_secret() -> None:
+    result = plexus(
+        "token", "--user", "alice", "--ttl", "1h", "--channel", "orders:1", "--secret", SECRET
+    )
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "alice"
+    assert claims["channel"] == "orders:1"
+    assert 3500 < claims["exp"] - claims["iat"] <= 3600
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--user", "a", "--secret", "short"], "32 bytes"),
+        (["--user", "a", "--secret", SECRET, "--ttl", "soon"], "invalid duration"),
+        (["--user", "a", "--secret", SECRET, "--info", "{bad"], "not valid JSON"),
+        (["--user", "a"], "no secret"),
+    ],
+)
+def test_token_refuses_bad_input(args: list[str], needle: str) -> None:
+    result = plexus("token", *args, env={"PLEXUS_JWT_SECRET": ""})
+    assert result.returncode == 2
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr
