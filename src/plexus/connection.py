@@ -11,7 +11,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from plexus.auth import Authenticator, Credentials
@@ -170,26 +170,71 @@ class Connection:
 
     async def receive(self, payload: str | bytes) -> None:
         """Handle one WebSocket message from the client."""
-        self.last_seen = time.monotonic()
+        waiting = self.handle(payload)
+        if waiting is not None:
+            await waiting
+
+    def handle(self, payload: str | bytes) -> Coroutine[Any, Any, None] | None:
+        """Start handling one WebSocket message; return what is left to await, if anything.
+
+        A command that needs no I/O — a ping, an invalid command, a publish
+        when the history store and broker are in-process — is answered before
+        this returns, with no task and no coroutine. Otherwise the returned
+        coroutine does the rest; the caller awaits it before handling the
+        client's next message (publishes return as soon as they are started:
+        see `_pipeline`).
+        """
+        now = self.last_seen = time.monotonic()
         if self.close_code is not None:
-            return
+            return None
         self.node.counters.commands += 1
-        outcome = self.state.receive(payload, time.monotonic())
+        outcome = self.state.receive(payload, now)
         command = outcome.command
-        if command is not None:
-            if isinstance(command, cmd.Publish):
-                await self._pipeline(command)
-                return
-            if self._inflight:
-                # Every command sees the publishes sent before it completed.
-                await asyncio.wait(self._inflight)
-            await self.execute(command)
-            return
-        if outcome.error is not None:
-            self.node.counters.errors[outcome.error["code"]] += 1
-            self.send(outcome.error)
-        if outcome.close is not None:
-            self.close(outcome.close, "too many bad commands")
+        if command is None:
+            if outcome.error is not None:
+                self.node.counters.errors[outcome.error["code"]] += 1
+                self.send(outcome.error)
+            if outcome.close is not None:
+                self.close(outcome.close, "too many bad commands")
+            return None
+        if isinstance(command, cmd.Publish):
+            if not self._inflight and self._publish_now(command):
+                return None
+            return self._pipeline(command)
+        if self._inflight:
+            return self._after_publishes(command)
+        if isinstance(command, cmd.Ping):
+            self._pong(command)
+            return None
+        return self.execute(command)
+
+    async def _after_publishes(self, command: cmd.Command) -> None:
+        """Run `command` once the publishes sent before it completed, so that it sees them."""
+        if self._inflight:
+            await asyncio.wait(self._inflight)
+        await self.execute(command)
+
+    def _pong(self, command: cmd.Ping) -> None:
+        message: dict[str, Any] = {"type": "pong"}
+        if command.id is not None:
+            message["id"] = command.id
+        self.send(message)
+
+    def _publish_now(self, command: cmd.Publish) -> bool:
+        """Publish without suspending if the stores allow it; False: nothing done, use a task."""
+        try:
+            self.node.check_publish(self.user, command.channel)
+            pub = self.node.publish_nowait(
+                command.channel, command.data, client=self.client_id, user=self.user
+            )
+        except Exception as exc:
+            self._failed(command, exc)
+            return True
+        if pub is None:
+            return False
+        if command.id is not None:
+            self.send(cmd.reply(command.id, {"offset": pub.offset}))
+        return True
 
     async def _pipeline(self, command: cmd.Publish) -> None:
         """Run a publish without waiting for it before reading the next command.
@@ -218,17 +263,25 @@ class Connection:
                 result = None
             else:
                 result = await self._run(command)
-        except PlexusError as exc:
-            outcome = self.state.failed(command.id, exc.code, exc.message, time.monotonic())
-        except Exception:
-            log.exception("command %s of %s failed", type(command).__name__, self.client_id)
-            outcome = self.state.failed(
-                command.id, ErrorCode.INTERNAL, "internal error", time.monotonic()
-            )
+        except Exception as exc:
+            self._failed(command, exc)
         else:
             if result is not None and command.id is not None:
                 self.send(cmd.reply(command.id, result))
-            return
+
+    def _failed(self, command: cmd.Command, exc: Exception) -> None:
+        """Answer a command that raised: its error code, or `internal` for a bug."""
+        if isinstance(exc, PlexusError):
+            code, message = exc.code, exc.message
+        else:
+            log.error(
+                "command %s of %s failed",
+                type(command).__name__,
+                self.client_id,
+                exc_info=exc,
+            )
+            code, message = ErrorCode.INTERNAL, "internal error"
+        outcome = self.state.failed(command.id, code, message, time.monotonic())
         if outcome.error is not None:
             self.node.counters.errors[outcome.error["code"]] += 1
             self.send(outcome.error)
@@ -245,10 +298,7 @@ class Connection:
             )
             return {"offset": pub.offset}
         if isinstance(command, cmd.Ping):
-            message: dict[str, Any] = {"type": "pong"}
-            if command.id is not None:
-                message["id"] = command.id
-            self.send(message)
+            self._pong(command)
             return None
         if isinstance(command, cmd.Subscribe):
             await self._subscribe(command)

@@ -215,6 +215,36 @@ class Node:
         self.metrics.publish_latency.observe(time.perf_counter() - started)
         return pub
 
+    def publish_nowait(
+        self, channel: str, data: Any, *, client: str | None = None, user: str | None = None
+    ) -> Publication | None:
+        """`publish` without suspending, or None (and nothing done) if a store needs I/O.
+
+        With the in-process broker and memory history a publish never waits,
+        and a client's publish is answered without a task.
+        """
+        if not self.broker.inline:
+            return None
+        options = self.namespace(channel)
+        started = time.perf_counter()
+        pub = self.history.append_nowait(
+            channel,
+            data,
+            time=now_ms(),
+            client=client,
+            user=user,
+            size=options.history_size,
+            ttl=options.history_ttl,
+        )
+        if pub is None:
+            return None
+        stored = time.perf_counter()
+        self.broker.publish_nowait(pub)
+        self.counters.published += 1
+        self.metrics.history_latency.observe(stored - started)
+        self.metrics.publish_latency.observe(time.perf_counter() - started)
+        return pub
+
     def _on_event(self, event: Event) -> None:
         self.counters.deliveries += self.hub.dispatch(event)
 

@@ -291,6 +291,21 @@ async def test_concurrent_appends_to_two_channels(store: Store) -> None:
         assert [p.data for p in mine] == list(range(parity, 100, 2))
 
 
+async def test_append_nowait_is_append_or_nothing(store: Store) -> None:
+    """Either every `append_nowait` stores at once (like `append`), or none stores anything."""
+    first = store.append_nowait(CH, {"n": 0}, time=T0, size=10, ttl=0)
+    if first is None:
+        assert (await store.position(CH)).offset == 0
+        assert store.append_nowait(CH, {"n": 1}, time=T0, size=10, ttl=0) is None
+        assert (await store.read(CH)).publications == []
+        return
+    second = await store.append(CH, {"n": 1}, time=T0 + 1, size=10, ttl=0)
+    third = store.append_nowait(CH, {"n": 2}, time=T0 + 2, size=10, ttl=0)
+    assert third is not None
+    assert offsets([first, second, third]) == [1, 2, 3]
+    assert (await store.read(CH)).publications == [first, second, third]
+
+
 # -- SQLite only --------------------------------------------------------------
 
 

@@ -121,6 +121,9 @@ async def test_ids_match_replies_and_errors(server: Server) -> None:
 class BrokenHistory(MemoryHistoryStore):
     """A history store whose backend is down."""
 
+    def append_nowait(self, channel: str, data: Any, **kwargs: Any) -> None:
+        return None  # as a store with I/O: the node falls back to `append`
+
     async def append(self, channel: str, data: Any, **kwargs: Any) -> Publication:
         raise Unavailable("history store is down")
 

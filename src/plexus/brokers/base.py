@@ -27,6 +27,10 @@ class Broker(Protocol):
     * Failure: `publish`/`subscribe` raise `plexus.exceptions.Unavailable`.
     """
 
+    inline: bool
+    """True if `publish` delivers before it returns, without I/O; then
+    `publish_nowait` may be called instead."""
+
     def set_handler(self, handler: EventHandler) -> None:
         """Set the function that receives every event for subscribed channels."""
         ...
@@ -37,6 +41,10 @@ class Broker(Protocol):
 
     async def publish(self, event: Event) -> None:
         """Send `event` to every node subscribed to `event.channel`."""
+        ...
+
+    def publish_nowait(self, event: Event) -> None:
+        """`publish` for an `inline` broker; any other broker raises `NotImplementedError`."""
         ...
 
     async def subscribe(self, channel: str) -> None:

@@ -10,6 +10,8 @@ class MemoryBroker:
 
     __slots__ = ("_channels", "_handler")
 
+    inline = True
+
     def __init__(self) -> None:
         self._handler: EventHandler | None = None
         self._channels: set[str] = set()
@@ -21,6 +23,9 @@ class MemoryBroker:
         return None
 
     async def publish(self, event: Event) -> None:
+        self.publish_nowait(event)
+
+    def publish_nowait(self, event: Event) -> None:
         # Synchronous delivery keeps the order of `publish` calls and means no
         # event waits in a queue that could grow without bound.
         if self._handler is not None and event.channel in self._channels:

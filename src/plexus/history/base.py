@@ -54,6 +54,24 @@ class HistoryStore(Protocol):
         """
         ...
 
+    def append_nowait(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        time: int,
+        client: str | None = None,
+        user: str | None = None,
+        size: int,
+        ttl: float,
+    ) -> Publication | None:
+        """`append` without suspending, for a store that needs no I/O; else None, nothing stored.
+
+        A store returns None always or never, so appends of both kinds never
+        interleave and keep the ordering contract.
+        """
+        ...
+
     async def position(self, channel: str) -> StreamPosition:
         """Return the channel's current top offset and epoch (creating the epoch if new)."""
         ...

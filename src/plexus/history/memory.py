@@ -121,6 +121,22 @@ class MemoryHistoryStore:
         See `HistoryStore.append`. The message is kept by reference: the caller
         must not mutate `data` afterwards.
         """
+        return self.append_nowait(
+            channel, data, time=time, client=client, user=user, size=size, ttl=ttl
+        )
+
+    def append_nowait(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        time: int,
+        client: str | None = None,
+        user: str | None = None,
+        size: int,
+        ttl: float,
+    ) -> Publication:
+        """`append`, which never suspends here."""
         stream = self._stream(channel)
         stream.top += 1
         publication = Publication(

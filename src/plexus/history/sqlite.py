@@ -380,6 +380,20 @@ class SqliteHistoryStore:
         position = await future
         return Publication(channel, data, position.offset, position.epoch, time, client, user)
 
+    def append_nowait(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        time: int,
+        client: str | None = None,
+        user: str | None = None,
+        size: int,
+        ttl: float,
+    ) -> None:
+        """Always None: an append waits for its commit (see `HistoryStore.append_nowait`)."""
+        return None
+
     async def position(self, channel: str) -> StreamPosition:
         """Return the channel's last committed offset and epoch (creating the epoch if new)."""
         known = self._positions.get(channel)
