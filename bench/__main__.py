@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="WORKLOAD",
         help=f"any of {', '.join(ALL_WORKLOADS)} (default: {' '.join(DEFAULT_WORKLOADS)})",
     )
-    p.add_argument("--server", choices=("plexus", "node", "both"), default="both")
+    p.add_argument("--server", choices=("plexus", "node", "floor", "both"), default="both")
     p.add_argument("--quick", action="store_true", help="small sizes, a few minutes in all")
     p.add_argument("--subs", type=ints, help="fanout subscriber counts (default 1000,5000)")
     p.add_argument(
@@ -110,7 +110,9 @@ def plan(args: argparse.Namespace) -> list[Run]:
                 ) -> Any:
                     return workloads.steady(ctx, kind, s, args.rate, d, args.size)
 
-                each(f"steady subs={subs} rate={args.rate:g}/s duration={duration:g}s", st)
+                # With the floor beside them: the cost of one bare write per delivery.
+                only = [*kinds, "floor"] if args.server == "both" else None
+                each(f"steady subs={subs} rate={args.rate:g}/s duration={duration:g}s", st, only)
         elif name == "roundtrip":
             rt_duration = args.rt_duration or (3.0 if quick else 10.0)
 
@@ -132,7 +134,9 @@ def plan(args: argparse.Namespace) -> list[Run]:
             each(f"maxconn target={args.max_conns}", mx)
         elif name == "history" and "plexus" in kinds:
             for subs in args.history_subs or [1000]:
-                messages = max(20, (250_000 if quick else 500_000) // subs)
+                # As long as fanout's: shorter runs measured mostly noise.
+                deliveries = args.deliveries or (500_000 if quick else 2_000_000)
+                messages = args.messages or max(20, deliveries // subs)
 
                 def hist(
                     ctx: workloads.Context, kind: str, s: int = subs, m: int = messages

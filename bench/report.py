@@ -64,7 +64,7 @@ METRICS["maxconn"] = [
 NOISY = 0.5
 
 # Which server is compared against which: (numerator, denominator).
-PAIRS = (("plexus", "node"), ("plexus-sqlite", "plexus"))
+PAIRS = (("plexus", "node"), ("floor", "node"), ("plexus-sqlite", "plexus"))
 
 
 def _fmt(fmt: str, value: Any) -> str:
@@ -108,11 +108,10 @@ def table(results: Iterable[Result]) -> str:
         if repeats > 1:
             group += f"  (median of {repeats} runs)"
         first = next(iter(by_server.values()))
-        servers = [s for s in ("plexus", "plexus-sqlite", "node") if s in by_server]
-        pair = next((p for p in PAIRS if p[0] in by_server and p[1] in by_server), None)
+        servers = [s for s in ("plexus", "plexus-sqlite", "node", "floor") if s in by_server]
+        pairs = [p for p in PAIRS if p[0] in by_server and p[1] in by_server]
         head = f"{'':48}" + "".join(f"{s:>16}" for s in servers)
-        if pair:
-            head += f"{pair[0] + '/' + pair[1]:>22}"
+        head += "".join(f"{a + '/' + b:>22}" for a, b in pairs)
         lines += ["", group, head]
         for s in servers:
             if "error" in by_server[s]:
@@ -120,8 +119,8 @@ def table(results: Iterable[Result]) -> str:
         for key, label, fmt in METRICS.get(first["workload"], []):
             row = f"  {label:46}"
             row += "".join(f"{_fmt(fmt, by_server[s].get(key)):>16}" for s in servers)
-            if pair:
-                row += _ratio(by_server[pair[0]].get(key), by_server[pair[1]].get(key))
+            for a, b in pairs:
+                row += _ratio(by_server[a].get(key), by_server[b].get(key))
             lines.append(row)
         noisy = [s for s in servers if by_server[s].get("others_cpu_util", 0) > NOISY]
         if noisy:

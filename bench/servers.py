@@ -31,8 +31,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
 
 # Server kinds: name -> what it is. `plexus-sqlite` differs from `plexus` only
-# in its history backend (sqlite in a fresh temporary data dir).
-KINDS = ("plexus", "plexus-sqlite", "node")
+# in its history backend (sqlite in a fresh temporary data dir). `floor` is
+# bench/peers/floor.py: one bare write per delivery and nothing else.
+KINDS = ("plexus", "plexus-sqlite", "node", "floor")
+FLOOR_PEER = BENCH_DIR / "peers" / "floor.py"
 
 
 @dataclass
@@ -134,6 +136,8 @@ def start(
     if kind == "node":
         ensure_node_peer()
         cmd = ["node", str(NODE_PEER / "server.js"), "0"]
+    elif kind == "floor":
+        cmd = [sys.executable, str(FLOOR_PEER), "0"]
     elif kind in ("plexus", "plexus-sqlite"):
         tmpdir = Path(tempfile.mkdtemp(prefix="plexus-bench-"))
         env.update(
