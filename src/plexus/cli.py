@@ -1,4 +1,4 @@
-"""The `plexus` command: serve, publish, subscribe, token."""
+"""The `plexus` command: serve, publish, subscribe, token, bench."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import orjson
@@ -88,15 +88,43 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--info", help="JSON for the `info` claim")
     token.add_argument("--secret", help="HMAC secret [env: PLEXUS_JWT_SECRET]")
     token.add_argument("--config", metavar="FILE.toml", help="read jwt_secret from this file")
+    bench = commands.add_parser(
+        "bench",
+        help="check fan-out of a running server: throughput, latency, nothing lost",
+        description="Open N subscribers on a channel, publish M messages, check that every "
+        "subscriber got every message in order, and print throughput and latency as seen "
+        "from here. Exit 0 if nothing was lost, 1 otherwise. For the server's CPU cost per "
+        "delivery beside Node ws, use bench/ in the repository.",
+    )
+    bench.add_argument("--channel", default="plexus-bench", help="[default: plexus-bench]")
+    bench.add_argument("--subscribers", type=int, default=100, help="[default: 100]")
+    bench.add_argument("--messages", type=int, default=1000, help="[default: 1000]")
+    bench.add_argument("--size", type=int, default=100, help="payload bytes [default: 100]")
+    bench.add_argument(
+        "--rate", type=float, default=0.0, help="messages/s; 0 = as fast as answered [default: 0]"
+    )
+    bench.add_argument(
+        "--via",
+        choices=["api", "ws"],
+        default="api",
+        help="publish through POST /api/publish, or over a WebSocket (needs a namespace that "
+        "allows client publish, e.g. --channel chat:bench, and meets the per-connection "
+        "publish rate limit) [default: api]",
+    )
+    bench.add_argument("--api-key", help="API key for --via api [env: PLEXUS_API_KEY]")
+    bench.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _client_args(bench, timeout=30.0)
     return parser
 
 
-def _client_args(parser: argparse.ArgumentParser) -> None:
+def _client_args(parser: argparse.ArgumentParser, timeout: float = 10.0) -> None:
     parser.add_argument(
         "--url", default="ws://127.0.0.1:8000/ws", help="[default: ws://127.0.0.1:8000/ws]"
     )
     parser.add_argument("--token", help="connection JWT")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds [default: 10]")
+    parser.add_argument(
+        "--timeout", type=float, default=timeout, help=f"seconds [default: {timeout:g}]"
+    )
 
 
 def _fail(message: str) -> int:
@@ -144,26 +172,49 @@ def _parse_json(text: str) -> Any:
         raise ValueError(f"not valid JSON: {text[:80]!r} ({exc})") from None
 
 
+class _ApiError(Exception):
+    """The HTTP API refused a request: its error code and message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+
+
+def _api_publisher(
+    args: argparse.Namespace, session: Any
+) -> Callable[[str, Any], Coroutine[Any, Any, dict[str, Any]]]:
+    """A function that publishes through `POST /api/publish` of the server at `args.url`."""
+    import aiohttp
+
+    base = args.url.replace("ws", "http", 1).rsplit("/", 1)[0]
+    key = args.api_key or os.environ.get("PLEXUS_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+
+    async def publish(channel: str, data: Any) -> dict[str, Any]:
+        async with session.post(
+            f"{base}/api/publish",
+            json={"channel": channel, "data": data},
+            headers=headers,
+            timeout=timeout,
+        ) as response:
+            body: dict[str, Any] = await response.json()
+            if response.status != 200:
+                error = body.get("error", {})
+                raise _ApiError(str(error.get("code")), str(error.get("message")))
+            return body
+
+    return publish
+
+
 async def _publish(args: argparse.Namespace, data: Any) -> int:
     if args.api:
         import aiohttp
 
-        base = args.url.replace("ws", "http", 1).rsplit("/", 1)[0]
-        key = args.api_key or os.environ.get("PLEXUS_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                f"{base}/api/publish",
-                json={"channel": args.channel, "data": data},
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=args.timeout),
-            ) as response,
-        ):
-            body = await response.json()
-            if response.status != 200:
-                error = body.get("error", {})
-                print(f"plexus: {error.get('code')}: {error.get('message')}", file=sys.stderr)
+        async with aiohttp.ClientSession() as session:
+            try:
+                body = await _api_publisher(args, session)(args.channel, data)
+            except _ApiError as exc:
+                print(f"plexus: {exc}", file=sys.stderr)
                 return 1
             print(orjson.dumps(body).decode())
             return 0
@@ -177,6 +228,75 @@ async def _publish(args: argparse.Namespace, data: Any) -> int:
             return 1
     print(orjson.dumps({"offset": offset}).decode())
     return 0
+
+
+async def _bench(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    from plexus import loadcheck
+    from plexus.client import ConnectionClosed, PlexusClientError
+
+    opts = loadcheck.CheckOptions(
+        url=args.url,
+        channel=args.channel,
+        subscribers=args.subscribers,
+        messages=args.messages,
+        size=args.size,
+        rate=args.rate,
+        token=args.token,
+        timeout=args.timeout,
+    )
+    progress = None if args.json else (lambda text: print(f"plexus bench: {text}", flush=True))
+    async with aiohttp.ClientSession() as session:
+        publish = None
+        if args.via == "api":
+            api = _api_publisher(args, session)
+
+            async def publish(data: dict[str, Any]) -> None:
+                await api(args.channel, data)
+
+        try:
+            result = await loadcheck.run(opts, publish=publish, progress=progress)
+        except PlexusClientError as exc:
+            print(f"plexus: {exc.code}: {exc.message}", file=sys.stderr)
+            return 1
+        except _ApiError as exc:
+            print(f"plexus: {exc}", file=sys.stderr)
+            return 1
+        except ConnectionClosed as exc:
+            print(f"plexus: connection closed by the server ({exc.code})", file=sys.stderr)
+            return 1
+    if args.json:
+        print(orjson.dumps(result.as_dict()).decode())
+    else:
+        print(
+            f"{result.subscribers} subscribers x {result.messages} messages: "
+            f"{result.deliveries:,}/{result.expected:,} delivered"
+            f"{'' if result.out_of_order == 0 else f', {result.out_of_order} out of order'}"
+            f" in {result.wall_s:.2f} s\n"
+            f"{result.deliveries_per_s:,.0f} deliveries/s, {result.publishes_per_s:,.0f} "
+            f"publishes/s; latency p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, "
+            f"max {result.max_ms:.2f} ms"
+        )
+    if not result.complete:
+        print("plexus: some deliveries were missing or out of order", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_bench(args: argparse.Namespace) -> str | None:
+    """What is wrong with `plexus bench`'s numbers, if anything."""
+    if not 1 <= args.subscribers <= 10_000:
+        return "--subscribers must be 1 to 10000 (one process holds at most that many sockets)"
+    if not 1 <= args.messages <= 10_000_000:
+        return "--messages must be 1 to 10000000"
+    if not 0 <= args.size <= 16 * 1024 * 1024:
+        return "--size must be 0 to 16 MiB"
+    if not (args.rate >= 0 and args.rate < float("inf")):
+        return "--rate must be 0 (as fast as possible) or a positive number"
+    if not (args.timeout > 0 and args.timeout < float("inf")):
+        return "--timeout must be a positive number of seconds"
+    return None
 
 
 async def _subscribe(args: argparse.Namespace) -> int:
@@ -232,7 +352,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "token":
         return _token(args)
+    if args.command == "bench":
+        problem = _check_bench(args)
+        if problem is not None:
+            return _fail(problem)
     try:
+        if args.command == "bench":
+            return int(_run(_bench(args)))
         if args.command == "publish":
             try:
                 data = _parse_json(args.data)

@@ -380,6 +380,24 @@ class Connection:
         sub.floor = floor
         sub.backlog = None
 
+    async def end_subscription(self, channel: str, reason: str) -> bool:
+        """End the subscription to `channel` on the server's initiative; False if there was none.
+
+        It ends exactly as the client's own `unsubscribe` ends it; then the
+        `unsubscribed` push is queued after every frame already waiting, and
+        after the hub dropped the subscription, so no message of `channel`
+        follows it. A closing connection is skipped: its subscriptions are
+        ending already and it may get nothing more.
+        """
+        if self.close_code is not None:
+            return False
+        sub = self.subscriptions.pop(channel, None)
+        if sub is None:
+            return False
+        await self.node.unsubscribe(sub)
+        self.send({"type": "unsubscribed", "channel": channel, "reason": reason})
+        return True
+
     async def _history(self, command: cmd.History) -> dict[str, Any]:
         channel = command.channel
         options = self.node.check_read(self.user, channel)

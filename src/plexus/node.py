@@ -36,6 +36,10 @@ class Peer(Subscriber, Protocol):
 
     def close(self, code: CloseCode, reason: str) -> None: ...
 
+    async def end_subscription(self, channel: str, reason: str) -> bool:
+        """End the subscription to `channel` on the server's initiative; False if there was none."""
+        ...
+
 
 @dataclass(slots=True, frozen=True)
 class RpcCall:
@@ -153,6 +157,41 @@ class Node:
         for peer in peers:
             peer.close(CloseCode.UNAUTHORIZED, reason)
         return len(peers)
+
+    async def unsubscribe_server(
+        self,
+        channel: str,
+        *,
+        user: str | None = None,
+        client: str | None = None,
+        reason: str = "unsubscribed by the server",
+    ) -> int:
+        """End the subscriptions to `channel` of `user`'s connections, or of connection `client`.
+
+        Exactly one of `user` and `client` is given. Each subscription ends
+        exactly as the client's own `unsubscribe` command ends it (presence
+        forgets it, the other subscribers get its `leave`), then its connection
+        gets the `unsubscribed` push, queued after whatever was already waiting
+        for it. The connection stays open and may subscribe again. Only this
+        node's connections are reached; one that is closing or not subscribed
+        to `channel` is skipped.
+
+        Returns:
+            How many subscriptions ended.
+        """
+        if (user is None) == (client is None):
+            raise ValueError("give exactly one of user and client")
+        if user is not None:
+            peers = list(self._users.get(user, ()))
+        elif client in self.peers:
+            peers = [self.peers[client]]
+        else:
+            peers = []
+        ended = 0
+        for peer in peers:
+            if await peer.end_subscription(channel, reason):
+                ended += 1
+        return ended
 
     # ----- permissions
 

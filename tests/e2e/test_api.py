@@ -7,6 +7,7 @@ document cannot drift from the handlers unnoticed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -20,7 +21,8 @@ from referencing.jsonschema import DRAFT202012
 
 from plexus import __version__
 from plexus.app import Server
-from plexus.client import Client
+from plexus.auth import make_token
+from plexus.client import Client, ConnectionClosed
 from plexus.config import NamespaceOptions, default_namespaces
 from plexus.transports.http_api import HttpApi
 from plexus.transports.openapi import OPENAPI_PATH, openapi_document
@@ -28,6 +30,7 @@ from tests.conftest import ServerFactory
 from tests.helpers import TIMEOUT
 
 API_KEY = "api-key-for-the-tests-0123456789"
+SECRET = "api-suite-jwt-secret-0123456789abcdef"  # >= 32 bytes, as HS256 needs
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_BODY = 4096
 
@@ -122,7 +125,9 @@ def namespaces() -> dict[str, NamespaceOptions]:
 
 @pytest.fixture
 async def api_server(make_server: ServerFactory) -> Server:
-    return await make_server(api_keys=[API_KEY], max_body_size=MAX_BODY, namespaces=namespaces())
+    return await make_server(
+        api_keys=[API_KEY], max_body_size=MAX_BODY, namespaces=namespaces(), jwt_secret=SECRET
+    )
 
 
 @pytest.fixture
@@ -131,10 +136,22 @@ async def api(api_server: Server) -> AsyncIterator[Api]:
         yield Api(api_server, session)
 
 
-async def subscriber(server: Server, channel: str, **kwargs: Any) -> Client:
-    client = await Client(server.ws_url, timeout=TIMEOUT).connect()
+async def subscriber(
+    server: Server, channel: str, *, user: str | None = None, **kwargs: Any
+) -> Client:
+    token = None if user is None else make_token(SECRET, user=user)
+    client = await Client(server.ws_url, token=token, timeout=TIMEOUT).connect()
     await client.subscribe(channel, **kwargs)
     return client
+
+
+async def next_other(client: Client) -> dict[str, Any]:
+    """The next push that belongs to none of the client's subscriptions (e.g. `unsubscribed`)."""
+    return await asyncio.wait_for(client.other.get(), TIMEOUT)
+
+
+def unsubscribed(channel: str) -> dict[str, Any]:
+    return {"type": "unsubscribed", "channel": channel, "reason": "unsubscribed by the server"}
 
 
 # ----- the document
@@ -275,6 +292,148 @@ async def test_channels(api_server: Server, api: Api) -> None:
 
 async def test_disconnect(api: Api) -> None:
     assert await api.ok("/api/disconnect", {"user": "nobody"}) == {"disconnected": 0}
+
+
+async def test_unsubscribe_by_user(api_server: Server, api: Api) -> None:
+    alices = [await subscriber(api_server, "chat:u", user="alice") for _ in range(2)]
+    bob = await subscriber(api_server, "chat:u", user="bob")  # last: it sees no join
+    try:
+        for alice in alices:
+            await alice.subscribe("chat:marker")
+        await api.ok("/api/publish", {"channel": "chat:u", "data": "before"})
+        answer = await api.ok("/api/unsubscribe", {"channel": "chat:u", "user": "alice"})
+        assert answer == {"unsubscribed": 2}
+        for alice in alices:
+            assert await next_other(alice) == unsubscribed("chat:u")
+            assert "chat:u" not in alice.subscriptions
+        bob_sub = bob.subscriptions["chat:u"]
+        assert (await bob_sub.get(TIMEOUT))["data"] == "before"
+        leaves = [await bob_sub.get(TIMEOUT) for _ in alices]
+        assert {(p["type"], p["client"], p["user"]) for p in leaves} == {
+            ("leave", alice.client_id, "alice") for alice in alices
+        }
+        presence = await api.ok("/api/presence", {"channel": "chat:u"})
+        assert list(presence["clients"]) == [bob.client_id]
+
+        # Later messages reach bob only; the marker, published after, reaches
+        # alice after anything of chat:u would have.
+        await api.ok("/api/publish", {"channel": "chat:u", "data": "after"})
+        assert (await bob_sub.get(TIMEOUT))["data"] == "after"
+        await api.ok("/api/publish", {"channel": "chat:marker", "data": "marker"})
+        for alice in alices:
+            marker = await alice.subscriptions["chat:marker"].get(TIMEOUT, kind="message")
+            assert marker["data"] == "marker"
+            assert alice.other.empty()
+        assert await api.ok("/api/unsubscribe", {"channel": "chat:u", "user": "alice"}) == {
+            "unsubscribed": 0
+        }
+
+        # The connection stayed open: it may subscribe again.
+        again = await alices[0].subscribe("chat:u")
+        assert (await bob_sub.get(TIMEOUT))["type"] == "join"
+        await api.ok("/api/publish", {"channel": "chat:u", "data": "again"})
+        assert (await again.get(TIMEOUT))["data"] == "again"
+        assert (await bob_sub.get(TIMEOUT))["data"] == "again"
+    finally:
+        for client in (*alices, bob):
+            await client.close()
+
+
+async def test_unsubscribe_ends_the_stream_after_queued_messages(
+    api_server: Server, api: Api
+) -> None:
+    client = await subscriber(api_server, "chat:q", user="alice")
+    try:
+        sub = client.subscriptions["chat:q"]
+        for i in range(3):
+            await api.ok("/api/publish", {"channel": "chat:q", "data": i})
+        assert await api.ok("/api/unsubscribe", {"channel": "chat:q", "user": "alice"}) == {
+            "unsubscribed": 1
+        }
+        # The Python client ends a subscription's stream (ConnectionClosed) when
+        # `unsubscribed` arrives: every message queued before came first.
+        assert [(await sub.get(TIMEOUT))["data"] for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(ConnectionClosed):
+            await sub.get(TIMEOUT)
+        assert await next_other(client) == unsubscribed("chat:q")
+    finally:
+        await client.close()
+
+
+async def test_unsubscribe_by_client(api_server: Server, api: Api) -> None:
+    first = await subscriber(api_server, "chat:k", user="alice")
+    second = await subscriber(api_server, "chat:k", user="alice")
+    try:
+        await first.subscribe("chat:marker")
+        body = {"channel": "chat:k", "client": first.client_id}
+        assert await api.ok("/api/unsubscribe", body) == {"unsubscribed": 1}
+        assert await next_other(first) == unsubscribed("chat:k")
+        leave = await second.subscriptions["chat:k"].get(TIMEOUT)
+        assert (leave["type"], leave["client"]) == ("leave", first.client_id)
+        # Only that connection's subscription to that channel ended.
+        await api.ok("/api/publish", {"channel": "chat:k", "data": "k"})
+        await api.ok("/api/publish", {"channel": "chat:marker", "data": "m"})
+        assert (await second.subscriptions["chat:k"].get(TIMEOUT))["data"] == "k"
+        assert (await first.subscriptions["chat:marker"].get(TIMEOUT))["data"] == "m"
+        assert first.other.empty()
+        for nothing in (
+            body,  # not subscribed any more
+            {"channel": "chat:marker", "client": second.client_id},  # not subscribed to it
+            {"channel": "chat:k", "client": "c-unknown"},
+            {"channel": "chat:k", "user": "nobody"},
+        ):
+            assert await api.ok("/api/unsubscribe", nothing) == {"unsubscribed": 0}
+        assert second.other.empty()
+        await first.subscribe("chat:k")
+        await api.ok("/api/publish", {"channel": "chat:k", "data": "back"})
+        assert (await first.subscriptions["chat:k"].get(TIMEOUT))["data"] == "back"
+    finally:
+        for client in (first, second):
+            await client.close()
+
+
+async def test_unsubscribe_refuses_bad_input(api_server: Server, api: Api) -> None:
+    bystander = await subscriber(api_server, "chat:x", user="alice")
+    me = bystander.client_id
+    refused: list[tuple[Any, str]] = [
+        # (body: bytes are sent as they are, code)
+        ({"user": "alice"}, "bad_request"),
+        ({"channel": None, "client": me}, "bad_request"),
+        ({"channel": "bad channel", "client": me}, "invalid_channel"),
+        ({"channel": "chat:ü", "user": "alice"}, "invalid_channel"),
+        ({"channel": "chat:x", "user": "alice", "client": me}, "bad_request"),
+        ({"channel": "chat:x", "user": None, "client": me}, "bad_request"),
+        ({"channel": "chat:x"}, "bad_request"),
+        ({"channel": "chat:x", "user": 5}, "bad_request"),
+        ({"channel": "chat:x", "user": ""}, "bad_request"),
+        ({"channel": "chat:x", "client": [me]}, "bad_request"),
+        (b'{"channel": "chat:x", "user": "alice"', "bad_request"),
+        (b"", "bad_request"),
+        (["chat:x", "alice"], "bad_request"),
+        ("chat:x", "bad_request"),
+        ({"channel": "chat:x", "client": me, "pad": "x" * MAX_BODY}, "too_large"),
+    ]
+    try:
+        for body, code in refused:
+            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            status, found = await api.error("/api/unsubscribe", raw=raw)
+            assert (status, found) == ({"too_large": 413}.get(code, 400), code), body
+            if isinstance(body, dict) and code != "too_large":
+                # What the server refuses, the document does not describe as valid.
+                assert not request_validator("/api/unsubscribe").is_valid(body), body
+        good = {"channel": "chat:x", "client": me}
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            assert await api.error("/api/unsubscribe", good, headers=headers) == (
+                401,
+                "unauthorized",
+            )
+        # Nothing was unsubscribed: the bystander still gets the channel's messages.
+        await api.ok("/api/publish", {"channel": "chat:x", "data": "still here"})
+        assert (await bystander.subscriptions["chat:x"].get(TIMEOUT))["data"] == "still here"
+        assert bystander.other.empty()
+        assert list((await api.ok("/api/presence", {"channel": "chat:x"}))["clients"]) == [me]
+    finally:
+        await bystander.close()
 
 
 async def test_info(api_server: Server, api: Api) -> None:

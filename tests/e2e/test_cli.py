@@ -126,3 +126,74 @@ def test_token_refuses_bad_input(args: list[str], needle: str) -> None:
     assert result.returncode == 2
     assert needle in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bench_counts_every_delivery(server: ServerProcess) -> None:
+    result = plexus(
+        "bench", "--url", server.ws_url, "--subscribers", "5", "--messages", "200", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["deliveries"] == report["expected"] == 1000
+    assert report["out_of_order"] == 0
+    assert report["complete"] is True
+    assert 0 < report["p50_ms"] <= report["p99_ms"] <= report["max_ms"]
+
+
+def test_bench_over_websocket_prints_a_summary(server: ServerProcess) -> None:
+    result = plexus(
+        "bench",
+        *("--url", server.ws_url, "--via", "ws", "--channel", "chat:bench-ws"),
+        *("--subscribers", "3", "--messages", "30"),  # within the publish burst allowance
+    )
+    assert result.returncode == 0, result.stderr
+    assert "90/90 delivered" in result.stdout
+    assert "deliveries/s" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "needle"),
+    [
+        (["--subscribers", "0"], 2, "--subscribers must be"),
+        (["--subscribers", "20000"], 2, "--subscribers must be"),
+        (["--messages", "0"], 2, "--messages must be"),
+        (["--size", "-1"], 2, "--size must be"),
+        (["--rate", "-5"], 2, "--rate must be"),
+        (["--rate", "nan"], 2, "--rate must be"),
+        (["--timeout", "0"], 2, "--timeout must be"),
+        (["--channel", "bad channel"], 1, "invalid_channel"),
+        (["--channel", "#alice"], 1, "unauthorized"),
+        (["--via", "ws", "--channel", "news"], 1, "permission_denied"),
+        (["--size", "2000000"], 1, "too_large"),  # over the API's body limit
+        (["--via", "ws", "--channel", "chat:big", "--size", "100000"], 1, "(1009)"),
+    ],
+)
+def test_bench_refuses_bad_input(
+    server: ServerProcess, args: list[str], status: int, needle: str
+) -> None:
+    result = plexus("bench", "--url", server.ws_url, "--subscribers", "2", "--messages", "3", *args)
+    assert result.returncode == status, result.stderr
+    assert needle in result.stderr
+    assert result.stderr.count("\n") == 1  # one clear line, no traceback
+
+
+def test_bench_needs_the_api_key_the_server_wants() -> None:
+    env = {"PLEXUS_HISTORY_BACKEND": "memory", "PLEXUS_API_KEYS": "k" * 32}
+    with ServerProcess(env=env) as keyed:
+        refused = plexus("bench", "--url", keyed.ws_url, "--subscribers", "1", "--messages", "1")
+        assert refused.returncode == 1
+        assert "unauthorized" in refused.stderr
+        allowed = plexus(
+            "bench",
+            *("--url", keyed.ws_url, "--subscribers", "1", "--messages", "1", "--json"),
+            env={"PLEXUS_API_KEY": "k" * 32},
+        )
+        assert allowed.returncode == 0, allowed.stderr
+        assert json.loads(allowed.stdout)["deliveries"] == 1
+
+
+def test_bench_unreachable_server_is_one_line() -> None:
+    result = plexus("bench", "--url", "ws://127.0.0.1:9/ws", "--timeout", "2")
+    assert result.returncode == 2
+    assert "cannot reach" in result.stderr
+    assert result.stderr.count("\n") == 1

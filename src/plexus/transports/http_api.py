@@ -67,6 +67,7 @@ class HttpApi:
             "/api/presence": self.presence,
             "/api/channels": self.channels,
             "/api/disconnect": self.disconnect,
+            "/api/unsubscribe": self.unsubscribe,
         }
         table: list[web.AbstractRouteDef] = [
             web.post(path, self._guard(handler)) for path, handler in post.items()
@@ -142,6 +143,14 @@ class HttpApi:
             raise BadRequest(f'"{key}" must be a string')
         return validate_channel(value)
 
+    @staticmethod
+    def _name(body: dict[str, Any], key: str) -> str:
+        """A user name or client id: a non-empty string."""
+        value = body.get(key)
+        if not isinstance(value, str) or not value:
+            raise BadRequest(f'"{key}" must be a non-empty string')
+        return value
+
     # ----- endpoints
 
     async def publish(self, request: web.Request) -> web.Response:
@@ -213,10 +222,24 @@ class HttpApi:
     async def disconnect(self, request: web.Request) -> web.Response:
         """`POST /api/disconnect {"user"}` -> `{"disconnected": N}` (closes with 4001)."""
         body = await self._json(request)
-        user = body.get("user")
-        if not isinstance(user, str) or not user:
-            raise BadRequest('"user" must be a non-empty string')
+        user = self._name(body, "user")
         return web.json_response({"disconnected": self.node.disconnect_user(user)})
+
+    async def unsubscribe(self, request: web.Request) -> web.Response:
+        """`POST /api/unsubscribe {"channel", "user" | "client"}` -> `{"unsubscribed": N}`.
+
+        Ends the matching subscriptions of this node; each connection gets the
+        `unsubscribed` push and stays open.
+        """
+        body = await self._json(request)
+        channel = self._channel(body)
+        if ("user" in body) == ("client" in body):
+            raise BadRequest('give exactly one of "user" and "client"')
+        if "user" in body:
+            ended = await self.node.unsubscribe_server(channel, user=self._name(body, "user"))
+        else:
+            ended = await self.node.unsubscribe_server(channel, client=self._name(body, "client"))
+        return web.json_response({"unsubscribed": ended})
 
     async def info(self, request: web.Request) -> web.Response:
         """`GET /api/info` -> version and counters of this node."""

@@ -275,6 +275,40 @@ _SCHEMAS: Final[dict[str, Any]] = {
         "required": ["disconnected"],
         "additionalProperties": False,
     },
+    "UnsubscribeRequest": {
+        "type": "object",
+        "description": "The channel and exactly one of `user` and `client`.",
+        "properties": {
+            "channel": _ref("Channel"),
+            "user": {
+                "type": "string",
+                "minLength": 1,
+                "description": "Every connection of this user.",
+            },
+            "client": {
+                "type": "string",
+                "minLength": 1,
+                "description": "The connection with this client id (from `welcome`).",
+            },
+        },
+        "required": ["channel"],
+        "oneOf": [{"required": ["user"]}, {"required": ["client"]}],
+    },
+    "UnsubscribeResult": {
+        "type": "object",
+        "properties": {
+            "unsubscribed": {
+                "type": "integer",
+                "minimum": 0,
+                "description": (
+                    "Subscriptions ended on this node; each connection got the `unsubscribed`"
+                    " push. 0 when nothing matched (not an error)."
+                ),
+            }
+        },
+        "required": ["unsubscribed"],
+        "additionalProperties": False,
+    },
     "Info": {
         "type": "object",
         "description": "Version and counters of this node (more counters may be added).",
@@ -340,6 +374,12 @@ _DOCUMENT: Final[dict[str, Any]] = {
             "Close every connection of a user on this node (close code 4001)",
             _ref("DisconnectRequest"),
             "DisconnectResult",
+        ),
+        "/api/unsubscribe": _post(
+            "unsubscribe",
+            "End the subscriptions to a channel of a user or a connection on this node",
+            _ref("UnsubscribeRequest"),
+            "UnsubscribeResult",
         ),
         "/api/info": {
             "get": {
