@@ -39,7 +39,12 @@ def plot(results_file: Path, out: Path | None = None) -> Path | None:
         print("plot: no steady results in this file", file=sys.stderr)
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    colours = {"plexus": "tab:blue", "node": "tab:orange", "plexus-sqlite": "tab:green"}
+    colours = {
+        "plexus": "tab:blue",
+        "node": "tab:orange",
+        "plexus-sqlite": "tab:green",
+        "floor": "tab:gray",
+    }
     rate = next(r["rate"] for r in data["results"] if r.get("workload") == "steady")
     for server, points in sorted(series.items()):
         points.sort()

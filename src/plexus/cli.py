@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import orjson
@@ -172,51 +172,25 @@ def _parse_json(text: str) -> Any:
         raise ValueError(f"not valid JSON: {text[:80]!r} ({exc})") from None
 
 
-class _ApiError(Exception):
-    """The HTTP API refused a request: its error code and message."""
+def _api(args: argparse.Namespace, session: Any = None) -> Any:
+    """The backend SDK's client for the server at `args.url` (an `AsyncPlexusApi`)."""
+    from plexus.api import AsyncPlexusApi
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-
-
-def _api_publisher(
-    args: argparse.Namespace, session: Any
-) -> Callable[[str, Any], Coroutine[Any, Any, dict[str, Any]]]:
-    """A function that publishes through `POST /api/publish` of the server at `args.url`."""
-    import aiohttp
-
-    base = args.url.replace("ws", "http", 1).rsplit("/", 1)[0]
     key = args.api_key or os.environ.get("PLEXUS_API_KEY")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    timeout = aiohttp.ClientTimeout(total=args.timeout)
-
-    async def publish(channel: str, data: Any) -> dict[str, Any]:
-        async with session.post(
-            f"{base}/api/publish",
-            json={"channel": channel, "data": data},
-            headers=headers,
-            timeout=timeout,
-        ) as response:
-            body: dict[str, Any] = await response.json()
-            if response.status != 200:
-                error = body.get("error", {})
-                raise _ApiError(str(error.get("code")), str(error.get("message")))
-            return body
-
-    return publish
+    return AsyncPlexusApi(args.url, key, args.timeout, session=session)
 
 
 async def _publish(args: argparse.Namespace, data: Any) -> int:
     if args.api:
-        import aiohttp
+        from plexus.api import ApiError
 
-        async with aiohttp.ClientSession() as session:
+        async with _api(args) as api:
             try:
-                body = await _api_publisher(args, session)(args.channel, data)
-            except _ApiError as exc:
+                offset = await api.publish(args.channel, data)
+            except ApiError as exc:
                 print(f"plexus: {exc}", file=sys.stderr)
                 return 1
-            print(orjson.dumps(body).decode())
+            print(orjson.dumps({"offset": offset}).decode())
             return 0
     from plexus.client import Client, PlexusClientError
 
@@ -231,9 +205,8 @@ async def _publish(args: argparse.Namespace, data: Any) -> int:
 
 
 async def _bench(args: argparse.Namespace) -> int:
-    import aiohttp
-
     from plexus import loadcheck
+    from plexus.api import ApiError
     from plexus.client import ConnectionClosed, PlexusClientError
 
     opts = loadcheck.CheckOptions(
@@ -247,20 +220,19 @@ async def _bench(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     progress = None if args.json else (lambda text: print(f"plexus bench: {text}", flush=True))
-    async with aiohttp.ClientSession() as session:
+    async with _api(args) as api:
         publish = None
         if args.via == "api":
-            api = _api_publisher(args, session)
 
             async def publish(data: dict[str, Any]) -> None:
-                await api(args.channel, data)
+                await api.publish(args.channel, data)
 
         try:
             result = await loadcheck.run(opts, publish=publish, progress=progress)
         except PlexusClientError as exc:
             print(f"plexus: {exc.code}: {exc.message}", file=sys.stderr)
             return 1
-        except _ApiError as exc:
+        except ApiError as exc:
             print(f"plexus: {exc}", file=sys.stderr)
             return 1
         except ConnectionClosed as exc:

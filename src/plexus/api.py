@@ -1,0 +1,277 @@
+"""The backend SDK: call a Plexus server's HTTP API from Python.
+
+`PlexusApi` is synchronous, on the standard library alone, for Django, Flask
+and scripts; `AsyncPlexusApi` is the same API on aiohttp for asyncio apps
+(FastAPI, aiohttp). Both send the same requests and read the same answers: the
+requests are built and the answers checked by plain functions (`_call`,
+`_result`), and only the transport differs.
+
+    from plexus.api import PlexusApi
+
+    api = PlexusApi("http://127.0.0.1:8000", api_key="...")
+    api.publish("chat:lobby", {"text": "deploy finished"})
+    api.publish("#alice", {"notice": "your export is ready"})   # every tab of alice
+    api.unsubscribe("chat:lobby", user="mallory")
+
+Payloads may hold `bytes`: they travel as `{"$bytes": base64}` and come back
+as `bytes`. Any refusal raises `ApiError` with the server's error code.
+Tokens for your users are made with `plexus.auth.make_token` (re-exported).
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from plexus.auth import make_token
+from plexus.protocol.codec import JSON, json_loads_with_bytes
+
+__all__ = ["ApiError", "AsyncPlexusApi", "PlexusApi", "make_token"]
+
+
+class ApiError(Exception):
+    """The server refused a call, or could not be reached.
+
+    Attributes:
+        code: the protocol error code (`unauthorized`, `invalid_channel`, ...),
+            or `unavailable` when the server could not be reached or answered
+            something that is not the API's JSON.
+        message: the server's explanation.
+        status: the HTTP status (0 when there was no HTTP answer).
+    """
+
+    def __init__(self, code: str, message: str, status: int = 0) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    method: str
+    path: str
+    body: bytes | None
+
+
+def _call(path: str, body: dict[str, Any] | None = None) -> _Call:
+    if body is None:
+        return _Call("GET", path, None)
+    return _Call("POST", path, JSON.encode(body))
+
+
+def _result(status: int, raw: bytes) -> dict[str, Any]:
+    """The answer's JSON object, or the `ApiError` the server meant."""
+    try:
+        answer = json_loads_with_bytes(raw)
+    except Exception:
+        answer = None
+    if not isinstance(answer, dict):
+        raise ApiError("unavailable", f"HTTP {status} with a body that is not JSON", status)
+    if status != 200:
+        error = answer.get("error")
+        if isinstance(error, dict):
+            raise ApiError(str(error.get("code")), str(error.get("message")), status)
+        raise ApiError("unavailable", f"HTTP {status}", status)
+    return answer
+
+
+def _unsubscribe_body(channel: str, user: str | None, client: str | None) -> dict[str, Any]:
+    if (user is None) == (client is None):
+        raise ValueError("give exactly one of user and client")
+    if user is not None:
+        return {"channel": channel, "user": user}
+    return {"channel": channel, "client": client}
+
+
+def _history_body(
+    channel: str, since: Mapping[str, Any] | None, limit: int | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"channel": channel}
+    if since is not None:
+        body["since"] = dict(since)
+    if limit is not None:
+        body["limit"] = limit
+    return body
+
+
+class _Base:
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 10.0) -> None:
+        self.base = url.rstrip("/")
+        if self.base.startswith(("ws://", "wss://")):
+            self.base = "http" + self.base[2:].removesuffix("/ws")
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.timeout = timeout
+
+
+class PlexusApi(_Base):
+    """Synchronous client of the HTTP API (standard library only).
+
+    Args:
+        url: the server, e.g. `http://127.0.0.1:8000` (a `ws://…/ws` URL works too).
+        api_key: one of the server's `api_keys` (none needed from loopback
+            when the server has none configured).
+        timeout: seconds per call.
+    """
+
+    def _do(self, call: _Call) -> dict[str, Any]:
+        request = urllib.request.Request(
+            self.base + call.path, data=call.body, method=call.method, headers=self.headers
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return _result(response.status, response.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return _result(exc.code, exc.read())
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ApiError("unavailable", f"cannot reach {self.base}: {reason}") from exc
+
+    def publish(self, channel: str, data: Any) -> int:
+        """Publish `data` to `channel`; return its offset."""
+        return int(self._do(_call("/api/publish", {"channel": channel, "data": data}))["offset"])
+
+    def broadcast(self, channels: list[str], data: Any) -> list[dict[str, Any]]:
+        """Publish `data` to each channel; return `[{"channel", "offset"}, ...]`."""
+        body = {"channels": channels, "data": data}
+        results: list[dict[str, Any]] = self._do(_call("/api/broadcast", body))["results"]
+        return results
+
+    def history(
+        self, channel: str, *, since: Mapping[str, Any] | None = None, limit: int | None = None
+    ) -> dict[str, Any]:
+        """Kept messages after `since`: `{"messages", "offset", "epoch", "complete"}`.
+
+        `since` is the protocol's `{"offset": N, "epoch": E}` (e.g. the
+        `offset` and `epoch` of an earlier answer); without it, the oldest kept.
+        """
+        return self._do(_call("/api/history", _history_body(channel, since, limit)))
+
+    def presence(self, channel: str) -> dict[str, dict[str, Any]]:
+        """Who is in `channel`: `{client_id: {"user", "info"}}`."""
+        clients: dict[str, dict[str, Any]] = self._do(_call("/api/presence", {"channel": channel}))[
+            "clients"
+        ]
+        return clients
+
+    def channels(self) -> dict[str, dict[str, Any]]:
+        """Active channels of the node: `{name: {"subscribers": N}}`."""
+        active: dict[str, dict[str, Any]] = self._do(_call("/api/channels", {}))["channels"]
+        return active
+
+    def disconnect(self, user: str) -> int:
+        """Close every connection of `user` (4001); return how many."""
+        return int(self._do(_call("/api/disconnect", {"user": user}))["disconnected"])
+
+    def unsubscribe(
+        self, channel: str, *, user: str | None = None, client: str | None = None
+    ) -> int:
+        """End `user`'s (or connection `client`'s) subscriptions to `channel`; return how many."""
+        body = _unsubscribe_body(channel, user, client)
+        return int(self._do(_call("/api/unsubscribe", body))["unsubscribed"])
+
+    def info(self) -> dict[str, Any]:
+        """Version and counters of the node."""
+        return self._do(_call("/api/info"))
+
+
+class AsyncPlexusApi(_Base):
+    """The same API for asyncio, on aiohttp; use `async with` or call `close()`.
+
+    Args:
+        url, api_key, timeout: as for `PlexusApi`.
+        session: an aiohttp session to share (not closed by `close()`).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout: float = 10.0,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        super().__init__(url, api_key, timeout)
+        self._session = session
+        self._own = session is None
+
+    async def __aenter__(self) -> AsyncPlexusApi:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the session this client opened."""
+        if self._own and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _do(self, call: _Call) -> dict[str, Any]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        try:
+            async with self._session.request(
+                call.method,
+                self.base + call.path,
+                data=call.body,
+                headers=self.headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            ) as response:
+                return _result(response.status, await response.read())
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise ApiError("unavailable", f"cannot reach {self.base}: {exc}") from exc
+
+    async def publish(self, channel: str, data: Any) -> int:
+        """Publish `data` to `channel`; return its offset."""
+        answer = await self._do(_call("/api/publish", {"channel": channel, "data": data}))
+        return int(answer["offset"])
+
+    async def broadcast(self, channels: list[str], data: Any) -> list[dict[str, Any]]:
+        """Publish `data` to each channel; return `[{"channel", "offset"}, ...]`."""
+        answer = await self._do(_call("/api/broadcast", {"channels": channels, "data": data}))
+        results: list[dict[str, Any]] = answer["results"]
+        return results
+
+    async def history(
+        self, channel: str, *, since: Mapping[str, Any] | None = None, limit: int | None = None
+    ) -> dict[str, Any]:
+        """Kept messages after `since`: `{"messages", "offset", "epoch", "complete"}`.
+
+        `since` is the protocol's `{"offset": N, "epoch": E}` (e.g. the
+        `offset` and `epoch` of an earlier answer); without it, the oldest kept.
+        """
+        return await self._do(_call("/api/history", _history_body(channel, since, limit)))
+
+    async def presence(self, channel: str) -> dict[str, dict[str, Any]]:
+        """Who is in `channel`: `{client_id: {"user", "info"}}`."""
+        answer = await self._do(_call("/api/presence", {"channel": channel}))
+        clients: dict[str, dict[str, Any]] = answer["clients"]
+        return clients
+
+    async def channels(self) -> dict[str, dict[str, Any]]:
+        """Active channels of the node: `{name: {"subscribers": N}}`."""
+        active: dict[str, dict[str, Any]] = (await self._do(_call("/api/channels", {})))["channels"]
+        return active
+
+    async def disconnect(self, user: str) -> int:
+        """Close every connection of `user` (4001); return how many."""
+        return int((await self._do(_call("/api/disconnect", {"user": user})))["disconnected"])
+
+    async def unsubscribe(
+        self, channel: str, *, user: str | None = None, client: str | None = None
+    ) -> int:
+        """End `user`'s (or connection `client`'s) subscriptions to `channel`; return how many."""
+        body = _unsubscribe_body(channel, user, client)
+        return int((await self._do(_call("/api/unsubscribe", body)))["unsubscribed"])
+
+    async def info(self) -> dict[str, Any]:
+        """Version and counters of the node."""
+        return await self._do(_call("/api/info"))

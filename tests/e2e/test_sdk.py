@@ -1,0 +1,134 @@
+"""The backend SDK (`plexus.api`), sync and async, against a real server process."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from plexus.api import ApiError, AsyncPlexusApi, PlexusApi
+from plexus.client import Client, ConnectionClosed
+from tests.helpers import TIMEOUT, ServerProcess
+
+KEY = "k" * 40
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    env = {"PLEXUS_HISTORY_BACKEND": "memory", "PLEXUS_API_KEYS": KEY}
+    with ServerProcess(env=env) as proc:
+        yield proc
+
+
+@pytest.fixture
+def api(server: ServerProcess) -> PlexusApi:
+    return PlexusApi(server.url, api_key=KEY, timeout=TIMEOUT)
+
+
+def test_sync_publish_history_and_bytes(api: PlexusApi) -> None:
+    first = api.publish("chat:sdk-sync", {"text": "one"})
+    second = api.publish("chat:sdk-sync", {"blob": b"\x00\xff"})
+    assert second == first + 1
+    page = api.history("chat:sdk-sync")
+    assert [m["data"] for m in page["messages"]] == [{"text": "one"}, {"blob": b"\x00\xff"}]
+    assert page["offset"] == second
+    since = {"offset": first, "epoch": page["epoch"]}
+    later = api.history("chat:sdk-sync", since=since, limit=1)
+    assert [m["offset"] for m in later["messages"]] == [second]
+    assert later["complete"] is True
+
+
+def test_sync_admin_calls(api: PlexusApi) -> None:
+    results = api.broadcast(["chat:sdk-a", "chat:sdk-b"], {"n": 1})
+    assert [r["channel"] for r in results] == ["chat:sdk-a", "chat:sdk-b"]
+    assert api.presence("chat:sdk-a") == {}
+    assert isinstance(api.channels(), dict)
+    assert api.disconnect("nobody") == 0
+    assert api.unsubscribe("chat:sdk-a", user="nobody") == 0
+    assert "version" in api.info()
+
+
+def test_a_ws_url_works_as_the_base(server: ServerProcess) -> None:
+    assert PlexusApi(server.ws_url, api_key=KEY).publish("chat:sdk-ws", 1) >= 1
+
+
+@pytest.mark.parametrize(
+    ("call", "code", "status"),
+    [
+        (lambda a: a.publish("bad channel", 1), "invalid_channel", 400),
+        (lambda a: a.publish("chat:big", "x" * (2 * 1024 * 1024)), "too_large", 413),
+        (lambda a: a.history("chat:x", limit=-1), "bad_request", 400),
+        (lambda a: a.broadcast([], 1), "bad_request", 400),
+        (lambda a: a.disconnect(""), "bad_request", 400),
+    ],
+)
+def test_sync_refusals_carry_the_server_code(
+    api: PlexusApi, call: object, code: str, status: int
+) -> None:
+    with pytest.raises(ApiError) as caught:
+        call(api)  # type: ignore[operator]
+    assert (caught.value.code, caught.value.status) == (code, status)
+
+
+def test_sync_wrong_or_missing_key_is_unauthorized(server: ServerProcess) -> None:
+    for key in ("wrong" * 8, None):
+        with pytest.raises(ApiError) as caught:
+            PlexusApi(server.url, api_key=key).publish("chat:x", 1)
+        assert (caught.value.code, caught.value.status) == ("unauthorized", 401)
+
+
+def test_sync_unreachable_server_is_unavailable() -> None:
+    with pytest.raises(ApiError) as caught:
+        PlexusApi("http://127.0.0.1:9", timeout=2).publish("chat:x", 1)
+    assert caught.value.code == "unavailable"
+    assert caught.value.status == 0
+
+
+def test_unsubscribe_needs_exactly_one_target(api: PlexusApi) -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        api.unsubscribe("chat:x")
+    with pytest.raises(ValueError, match="exactly one"):
+        api.unsubscribe("chat:x", user="a", client="b")
+
+
+def test_unencodable_data_is_refused_before_sending(api: PlexusApi) -> None:
+    with pytest.raises(TypeError):
+        api.publish("chat:x", {1, 2})
+
+
+async def test_async_publish_reaches_a_subscriber_and_unsubscribe_ends_it(
+    server: ServerProcess,
+) -> None:
+    async with (
+        AsyncPlexusApi(server.url, api_key=KEY, timeout=TIMEOUT) as api,
+        Client(server.ws_url, timeout=TIMEOUT) as client,
+    ):
+        sub = await client.subscribe("chat:sdk-async")
+        offset = await api.publish("chat:sdk-async", {"text": "hi", "raw": b"\x01"})
+        message = await sub.get(TIMEOUT, kind="message")
+        assert (message["offset"], message["data"]) == (offset, {"text": "hi", "raw": b"\x01"})
+        assert client.client_id in await api.presence("chat:sdk-async")
+        assert await api.unsubscribe("chat:sdk-async", client=client.client_id) == 1
+        pushed = await asyncio.wait_for(client.other.get(), TIMEOUT)
+        assert pushed["type"] == "unsubscribed"
+        assert pushed["channel"] == "chat:sdk-async"
+        with pytest.raises(ConnectionClosed):  # the subscription's stream ended
+            await sub.get(TIMEOUT, kind="message")
+        assert await api.presence("chat:sdk-async") == {}
+
+
+async def test_async_refusals_and_unreachable(server: ServerProcess) -> None:
+    async with AsyncPlexusApi(server.url, api_key="wrong" * 8, timeout=TIMEOUT) as api:
+        with pytest.raises(ApiError) as caught:
+            await api.publish("chat:x", 1)
+        assert (caught.value.code, caught.value.status) == ("unauthorized", 401)
+    async with AsyncPlexusApi(server.url, api_key=KEY, timeout=TIMEOUT) as api:
+        with pytest.raises(ApiError) as caught:
+            await api.history("bad channel")
+        assert caught.value.code == "invalid_channel"
+        assert (await api.info())["version"]
+    async with AsyncPlexusApi("http://127.0.0.1:9", timeout=2) as api:
+        with pytest.raises(ApiError) as caught:
+            await api.channels()
+        assert caught.value.code == "unavailable"
