@@ -236,6 +236,9 @@ class Node:
         Returns once the message is stored (as durably as the history store
         promises), so an acknowledged message is never lost.
         """
+        done = self.publish_nowait(channel, data, client=client, user=user)
+        if done is not None:
+            return done
         options = self.namespace(channel)
         started = time.perf_counter()
         pub = await self.history.append(
@@ -249,9 +252,7 @@ class Node:
         )
         stored = time.perf_counter()
         await self.broker.publish(pub)
-        self.counters.published += 1
-        self.metrics.history_latency.observe(stored - started)
-        self.metrics.publish_latency.observe(time.perf_counter() - started)
+        self._published(started, stored)
         return pub
 
     def publish_nowait(
@@ -279,10 +280,13 @@ class Node:
             return None
         stored = time.perf_counter()
         self.broker.publish_nowait(pub)
+        self._published(started, stored)
+        return pub
+
+    def _published(self, started: float, stored: float) -> None:
         self.counters.published += 1
         self.metrics.history_latency.observe(stored - started)
         self.metrics.publish_latency.observe(time.perf_counter() - started)
-        return pub
 
     def _on_event(self, event: Event) -> None:
         self.counters.deliveries += self.hub.dispatch(event)

@@ -37,12 +37,12 @@ from websockets.typing import Subprotocol
 from yarl import URL
 
 from plexus.protocol.codec import SUBPROTOCOLS
+from plexus.transports.websocket import Link, Refusal, WebSocketEndpoint
 
 try:  # websockets' C unmasking, as websockets.frames picks it
     from websockets.speedups import apply_mask
 except ImportError:  # pragma: no cover - built wheels carry the C extension
     from websockets.utils import apply_mask
-from plexus.transports.websocket import Link, Refusal, WebSocketEndpoint
 
 log = logging.getLogger("plexus.ws")
 # websockets logs every open and close at INFO, and every frame at DEBUG:
