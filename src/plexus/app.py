@@ -22,13 +22,11 @@ from aiohttp import web
 
 from plexus import __version__
 from plexus.auth import Authenticator
-from plexus.backends import make_broker, make_history, make_presence
-from plexus.brokers.base import Broker
 from plexus.config import Settings
-from plexus.history.base import HistoryStore
+from plexus.engines import make_engine
+from plexus.engines.base import Engine
 from plexus.metrics import CONTENT_TYPE
 from plexus.node import Node, RpcHandler
-from plexus.presence.base import PresenceStore
 from plexus.transports.http_api import HttpApi
 from plexus.transports.lean import LeanListener
 from plexus.transports.websocket import WebSocketEndpoint
@@ -83,19 +81,10 @@ class Server:
             await server.wait_closed()
     """
 
-    def __init__(
-        self,
-        settings: Settings | None = None,
-        *,
-        broker: Broker | None = None,
-        history: HistoryStore | None = None,
-        presence: PresenceStore | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings | None = None, *, engine: Engine | None = None) -> None:
         self.settings = settings or Settings()
         self.settings.validate()
-        self._broker = broker
-        self._history = history
-        self._presence = presence
+        self._engine = engine
         self.node: Node | None = None
         self.endpoint: WebSocketEndpoint | None = None
         self._runner: web.AppRunner | None = None
@@ -145,22 +134,42 @@ class Server:
         app.add_routes([web.get("/ws", self.endpoint.handle)])
         if self.settings.echo_endpoint:
             app.add_routes([web.get("/echo", self.endpoint.handle_echo)])
-        app.add_routes([web.get("/health", self._health), web.get("/metrics", self._metrics)])
+        app.add_routes(
+            [
+                web.get("/health", self._health),
+                web.get("/ready", self._ready),
+                web.get("/metrics", self._metrics),
+            ]
+        )
         app.add_routes(HttpApi(self.node).routes())
         app.add_routes(_static_routes())
         return app
 
-    async def _health(self, request: web.Request) -> web.Response:
-        assert self.node is not None
+    def health(self) -> dict[str, Any]:
+        """What `/health` answers: status, each component's state, and counters."""
+        if self.node is None:
+            return {"status": "degraded", "ready": False, "components": {}}
+        health = self.node.health()
         stats = self.node.stats()
-        return web.json_response(
-            {
-                "status": "ok",
-                "version": __version__,
-                "connections": stats["connections"],
-                "uptime": round(time.time() - self.started_at, 3),
-            }
-        )
+        return {
+            "status": health["status"],
+            "version": __version__,
+            "node": self.node.name,
+            "connections": stats["connections"],
+            "uptime": round(time.time() - self.started_at, 3),
+            "components": health["components"],
+            "ready": health["ready"],
+        }
+
+    async def _health(self, request: web.Request) -> web.Response:
+        # 200 while the process serves, whatever its components say.
+        return web.json_response(self.health())
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        health = self.health()
+        ready = health["ready"] and self._runner is not None
+        body = {"ready": ready, "status": health["status"], "components": health["components"]}
+        return web.json_response(body, status=200 if ready else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         if self.node is None or self.endpoint is None:
@@ -179,12 +188,7 @@ class Server:
     async def start(self) -> None:
         """Start the stores, the broker and the listener."""
         settings = self.settings
-        self.node = Node(
-            settings,
-            broker=self._broker or make_broker(settings),
-            history=self._history or make_history(settings),
-            presence=self._presence or make_presence(settings),
-        )
+        self.node = Node(settings, self._engine or make_engine(settings))
         self.node.rpc_handlers.update(self._rpc)
         await self.node.start()
         self.endpoint = WebSocketEndpoint(self.node, Authenticator.from_settings(settings))

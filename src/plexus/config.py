@@ -17,6 +17,12 @@ from typing import Any, get_type_hints
 from plexus.exceptions import ConfigError
 
 ENV_PREFIX = "PLEXUS_"
+# `engine` sets the three backends at once; each name is one coherent engine.
+ENGINES = {
+    "memory": ("memory", "memory", "memory"),
+    "sqlite": ("memory", "sqlite", "memory"),
+    "redis": ("redis", "redis", "redis"),
+}
 # The WebSocket engines: aiohttp's WebSocketResponse, or Plexus's own asyncio
 # protocol around websockets' sans-I/O core (transports/lean.py).
 WS_ENGINES = ("aiohttp", "lean")
@@ -40,8 +46,11 @@ class NamespaceOptions:
     join_leave: bool = False  # push join/leave to subscribers
     history_size: int = 0  # messages kept per channel (0 = none)
     history_ttl: float = 0.0  # seconds a message is kept (0 = no age limit)
+    history_max_bytes: int = 0  # payload bytes kept per channel (0 = no limit)
+    max_channels: int = 0  # channels of this namespace holding state at once (0 = no limit)
     recovery: bool = False  # `subscribe` with `since` may recover missed messages
-    private: bool = False  # subscribe needs a subscription token
+    private: bool = False  # subscribe needs a subscription token (and publish a subscription)
+    publish_without_subscribe: bool = False  # private: clients may publish without subscribing
 
     def validate(self, name: str) -> None:
         """Raise ConfigError naming the option if a value is out of range."""
@@ -50,6 +59,9 @@ class NamespaceOptions:
             raise ConfigError(f"{where}.history_size: must be >= 0, got {self.history_size}")
         if self.history_ttl < 0:
             raise ConfigError(f"{where}.history_ttl: must be >= 0, got {self.history_ttl}")
+        for name in ("history_max_bytes", "max_channels"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
         if self.recovery and self.history_size == 0:
             raise ConfigError(f"{where}.recovery: needs history_size > 0")
 
@@ -66,6 +78,10 @@ def default_namespaces() -> dict[str, NamespaceOptions]:
             join_leave=True,
             history_size=1000,
             history_ttl=24 * 3600.0,
+            # Anyone may write here: bound what they can make the server keep
+            # (at most 1000 rooms of 512 KiB each; a 64 KiB image still fits).
+            history_max_bytes=512 * 1024,
+            max_channels=1000,
             recovery=True,
         ),
     }
@@ -101,11 +117,18 @@ class Settings:
     max_body_size: int = 1024 * 1024  # HTTP API request body
 
     data_dir: str = "./plexus-data"
+    engine: str = ""  # memory | sqlite | redis: sets the three below at once
     history_backend: str = "sqlite"  # sqlite | memory | redis
     broker: str = "memory"  # memory | redis
     presence_backend: str = "memory"  # memory | redis
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:6379/0"  # several, comma-separated: channels are sharded
+    redis_prefix: str = "plexus"
+    redis_timeout: float = 5.0  # seconds per Redis command
     node_name: str = ""
+    workers: int = 1  # processes sharing the port (needs the redis engine when > 1)
+    channel_grace: float = 300.0  # seconds an idle channel's epoch and offset outlive it
+    idempotency_ttl: float = 300.0  # seconds an idempotency key is remembered
+    sweep_interval: float = 30.0  # seconds between passes that forget expired state
 
     jwt_secret: str | None = None
     jwt_public_key: str | None = None
@@ -158,9 +181,10 @@ class Settings:
             )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
-        for name in ("history_backend", "broker", "presence_backend"):
-            if getattr(self, name) == "redis":
-                raise ConfigError(f"{name}: redis backends are not available in this version yet")
+        if self.engine:
+            if self.engine not in ENGINES:
+                raise ConfigError(f"engine: must be {', '.join(ENGINES)}, got {self.engine!r}")
+            self.broker, self.history_backend, self.presence_backend = ENGINES[self.engine]
         if self.history_backend not in ("sqlite", "memory", "redis"):
             raise ConfigError(
                 f"history_backend: must be sqlite, memory or redis, got {self.history_backend!r}"
@@ -171,6 +195,26 @@ class Settings:
             raise ConfigError(
                 f"presence_backend: must be memory or redis, got {self.presence_backend!r}"
             )
+        chosen = (self.broker, self.history_backend, self.presence_backend)
+        if "redis" in chosen and chosen != ENGINES["redis"]:
+            raise ConfigError(
+                "broker: a redis broker, history and presence go together (history and presence"
+                ' kept by one node cannot be shared by many); set engine = "redis"'
+                f" (got broker={self.broker}, history_backend={self.history_backend},"
+                f" presence_backend={self.presence_backend})"
+            )
+        if self.broker == "redis":
+            self.redis_urls()  # validates
+        if self.workers < 1:
+            raise ConfigError(f"workers: must be >= 1, got {self.workers}")
+        if self.workers > 1 and self.broker != "redis":
+            raise ConfigError(
+                f"workers: {self.workers} processes share channels only through the redis"
+                ' engine; set engine = "redis" and redis_url (or run one worker)'
+            )
+        for name in ("channel_grace", "idempotency_ttl", "sweep_interval", "redis_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if (self.certfile is None) != (self.keyfile is None):
             raise ConfigError("certfile: certfile and keyfile must be given together")
         for name in ("certfile", "keyfile", "jwt_public_key", "jwt_jwks_file"):
@@ -179,6 +223,21 @@ class Settings:
                 raise ConfigError(f"{name}: no such file: {value}")
         for name, options in self.namespaces.items():
             options.validate(name)
+
+    def redis_urls(self) -> list[str]:
+        """The Redis servers of `redis_url` (comma-separated), validated."""
+        urls = [url.strip() for url in self.redis_url.split(",") if url.strip()]
+        if not urls:
+            raise ConfigError("redis_url: no Redis URL given")
+        for url in urls:
+            scheme = url.partition("://")[0]
+            if scheme not in ("redis", "rediss", "unix"):
+                raise ConfigError(
+                    f"redis_url: {url!r} must start with redis://, rediss:// or unix://"
+                )
+        if len(set(urls)) != len(urls):
+            raise ConfigError("redis_url: the same server is listed twice")
+        return urls
 
     @property
     def tls(self) -> bool:

@@ -18,7 +18,7 @@ from plexus.auth import Authenticator, Credentials
 from plexus.channels import validate_channel
 from plexus.exceptions import AuthError, PermissionDenied, PlexusError
 from plexus.hub import Subscription
-from plexus.models import Publication
+from plexus.models import Duplicate, Publication
 from plexus.node import Node, RpcCall
 from plexus.outbox import Flusher, Outbox, Transport
 from plexus.protocol import commands as cmd
@@ -40,6 +40,14 @@ def new_client_id() -> str:
 
 
 Closer = Callable[[CloseCode, str], None]
+
+
+def published(result: Publication | Duplicate) -> dict[str, Any]:
+    """The result of a `publish`: where the message is, and whether it was a repeat."""
+    if isinstance(result, Duplicate):
+        return {"offset": result.offset, "epoch": result.epoch, "duplicate": True}
+    return {"offset": result.offset, "epoch": result.epoch}
+
 
 # Publishes of one connection that may be in flight at once; the next one
 # waits. Bounds the memory a client can pin by publishing faster than the
@@ -198,7 +206,8 @@ class Connection:
                 self.close(outcome.close, "too many bad commands")
             return None
         if isinstance(command, cmd.Publish):
-            if not self._inflight and self._publish_now(command):
+            if not self._inflight and self.node.space(command.channel).inline:
+                self._publish_now(command)
                 return None
             return self._pipeline(command)
         if self._inflight:
@@ -220,21 +229,30 @@ class Connection:
             message["id"] = command.id
         self.send(message)
 
-    def _publish_now(self, command: cmd.Publish) -> bool:
-        """Publish without suspending if the stores allow it; False: nothing done, use a task."""
+    def _publish_now(self, command: cmd.Publish) -> None:
+        """Publish where the engine stores and delivers without I/O: no task, no coroutine."""
         try:
-            self.node.check_publish(self.user, command.channel)
-            pub = self.node.publish_nowait(
-                command.channel, command.data, client=self.client_id, user=self.user
+            self._check_publish(command.channel)
+            result = self.node.publish_nowait(
+                command.channel,
+                command.data,
+                raw=command.raw,
+                client=self.client_id,
+                user=self.user,
+                key=command.idempotency_key,
             )
         except Exception as exc:
             self._failed(command, exc)
-            return True
-        if pub is None:
-            return False
+            return
         if command.id is not None:
-            self.send(cmd.reply(command.id, {"offset": pub.offset}))
-        return True
+            self.send(cmd.reply(command.id, published(result)))
+
+    def _check_publish(self, channel: str) -> None:
+        options = self.node.check_publish(self.user, channel)
+        # Writing into a private channel needs the right to read it.
+        private = options.private and not options.publish_without_subscribe
+        if private and channel not in self.subscriptions:
+            raise PermissionDenied(f"{channel} is private: subscribe (with its token) first")
 
     async def _pipeline(self, command: cmd.Publish) -> None:
         """Run a publish without waiting for it before reading the next command.
@@ -292,11 +310,16 @@ class Connection:
     async def _run(self, command: cmd.Command) -> dict[str, Any] | None:
         node = self.node
         if isinstance(command, cmd.Publish):
-            node.check_publish(self.user, command.channel)
-            pub = await node.publish(
-                command.channel, command.data, client=self.client_id, user=self.user
+            self._check_publish(command.channel)
+            result = await node.publish(
+                command.channel,
+                command.data,
+                raw=command.raw,
+                client=self.client_id,
+                user=self.user,
+                key=command.idempotency_key,
             )
-            return {"offset": pub.offset}
+            return published(result)
         if isinstance(command, cmd.Ping):
             self._pong(command)
             return None
@@ -353,7 +376,13 @@ class Connection:
             info = command.info
         else:
             info = self.credentials.info if self.credentials else None
-        outcome = await self.node.subscribe(self, channel, since=command.since, info=info)
+        outcome = await self.node.subscribe(
+            self,
+            channel,
+            since=command.since,
+            info=info,
+            recovery_budget=max(0, self.outbox.limit - self.outbox.buffered),
+        )
         sub = outcome.subscription
         if self.close_code is not None:
             # Closed while subscribing: undo so nothing dangles.
@@ -380,22 +409,31 @@ class Connection:
         sub.floor = floor
         sub.backlog = None
 
-    async def end_subscription(self, channel: str, reason: str) -> bool:
+    async def end_subscription(
+        self, channel: str, reason: str, *, resubscribe: bool = False
+    ) -> bool:
         """End the subscription to `channel` on the server's initiative; False if there was none.
 
         It ends exactly as the client's own `unsubscribe` ends it; then the
         `unsubscribed` push is queued after every frame already waiting, and
         after the hub dropped the subscription, so no message of `channel`
-        follows it. A closing connection is skipped: its subscriptions are
-        ending already and it may get nothing more.
+        follows it. With `resubscribe`, the push tells the client to subscribe
+        again at once with `since` (the server lost track of the channel's
+        stream, see `insufficient_state`). A closing connection is skipped:
+        its subscriptions are ending already and it may get nothing more.
         """
         if self.close_code is not None:
             return False
         sub = self.subscriptions.pop(channel, None)
         if sub is None:
             return False
+        # Taken off the hub before anything awaits: nothing of the channel
+        # may reach the client after the push.
+        message: dict[str, Any] = {"type": "unsubscribed", "channel": channel, "reason": reason}
+        if resubscribe:
+            message["resubscribe"] = True
         await self.node.unsubscribe(sub)
-        self.send({"type": "unsubscribed", "channel": channel, "reason": reason})
+        self.send(message)
         return True
 
     async def _history(self, command: cmd.History) -> dict[str, Any]:

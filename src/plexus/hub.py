@@ -2,15 +2,28 @@
 
 Fan-out happens here: one event is encoded at most once per encoding and the
 same frame is pushed to every subscriber's outbox, without awaiting anyone.
+
+The hub also keeps, per channel, the last position this node delivered, and
+checks every publication against it: `offset == last + 1` is delivered, an
+older offset is a duplicate and is dropped, and a jump or a new epoch is a
+gap. A gapped channel holds what arrives until the node repaired it from
+history (`resume`) or told its subscribers to resubscribe (`rebase`). Nothing
+here does I/O.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
-from plexus.models import Presence, Publication
+from plexus.models import Presence, Publication, StreamPosition
 from plexus.protocol.pushes import EncodedPush
+
+Event = Publication | Presence
+
+# Events a gapped channel holds while it is repaired; beyond this they are
+# dropped (and repaired from history in turn), so holding stays bounded.
+MAX_HELD: Final = 10_000
 
 
 class Subscriber(Protocol):
@@ -52,81 +65,224 @@ class Subscription:
         self.channel = channel
         self.info = info
         self.floor = 0
-        self.backlog: list[Publication | Presence] | None = []
+        self.backlog: list[Event] | None = []
+
+
+class Channel:
+    """A channel this node subscribes to: its subscriptions and where its stream stands.
+
+    `epoch`/`last` is the last publication delivered here (None until the
+    node read the channel's position). While `held` is not None the channel
+    is not in sync (position unknown, or a gap being repaired): events wait
+    there, in arrival order.
+    """
+
+    __slots__ = ("epoch", "held", "last", "name", "overflowed", "snapshot", "subs")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.subs: dict[str, Subscription] = {}
+        # Fan-out iterates a tuple that membership changes replace, so a
+        # subscriber removed during fan-out (a slow consumer) cannot break it.
+        self.snapshot: tuple[Subscription, ...] | None = None
+        self.epoch: str | None = None
+        self.last = 0
+        self.held: list[Event] | None = []
+        self.overflowed = False  # more than MAX_HELD arrived while held
 
 
 class Hub:
-    """channel -> subscriptions of local connections."""
+    """channel -> subscriptions of local connections, and each channel's stream position.
 
-    __slots__ = ("_channels", "_snapshots")
+    Args:
+        on_gap: called (once per gap) with a channel that fell out of sync;
+            the node repairs it and then calls `resume` or `rebase`.
+    """
 
-    def __init__(self) -> None:
-        self._channels: dict[str, dict[str, Subscription]] = {}
-        # Fan-out iterates a tuple that membership changes replace, so a
-        # subscriber removed during fan-out (a slow consumer) cannot break it.
-        self._snapshots: dict[str, tuple[Subscription, ...]] = {}
+    __slots__ = ("_channels", "on_gap")
+
+    def __init__(self, on_gap: Callable[[Channel], None] | None = None) -> None:
+        self._channels: dict[str, Channel] = {}
+        self.on_gap = on_gap
+
+    # ----- membership
 
     def add(self, sub: Subscription) -> bool:
         """Register `sub`; return True if it is the channel's first local subscriber."""
-        subs = self._channels.get(sub.channel)
-        first = subs is None
-        if subs is None:
-            subs = self._channels[sub.channel] = {}
-        subs[sub.conn.client_id] = sub
-        self._snapshots.pop(sub.channel, None)
+        channel = self._channels.get(sub.channel)
+        first = channel is None
+        if channel is None:
+            channel = self._channels[sub.channel] = Channel(sub.channel)
+        first = first or not channel.subs
+        channel.subs[sub.conn.client_id] = sub
+        channel.snapshot = None
         return first
 
     def remove(self, sub: Subscription) -> bool:
-        """Unregister `sub`; return True if the channel has no local subscriber left."""
-        subs = self._channels.get(sub.channel)
-        if subs is None or subs.get(sub.conn.client_id) is not sub:
+        """Unregister `sub`; return True if the channel has no local subscriber left.
+
+        The channel itself stays (and keeps tracking its stream) until `drop`.
+        """
+        channel = self._channels.get(sub.channel)
+        if channel is None or channel.subs.get(sub.conn.client_id) is not sub:
             return False
-        del subs[sub.conn.client_id]
-        self._snapshots.pop(sub.channel, None)
-        if subs:
+        del channel.subs[sub.conn.client_id]
+        channel.snapshot = None
+        return not channel.subs
+
+    def drop(self, name: str) -> bool:
+        """Forget channel `name` if nobody subscribes to it; return whether it was forgotten."""
+        channel = self._channels.get(name)
+        if channel is None or channel.subs:
             return False
-        del self._channels[sub.channel]
+        del self._channels[name]
         return True
+
+    def channel(self, name: str) -> Channel | None:
+        """The channel `name`, if this node tracks it."""
+        return self._channels.get(name)
 
     def has_channel(self, channel: str) -> bool:
         """True while any local connection subscribes to `channel`."""
-        return channel in self._channels
+        found = self._channels.get(channel)
+        return found is not None and bool(found.subs)
 
     def channels(self) -> list[str]:
         """Channels with at least one local subscriber."""
-        return list(self._channels)
+        return [name for name, channel in self._channels.items() if channel.subs]
+
+    def tracked(self) -> list[Channel]:
+        """Every channel this node tracks (subscribed, or lingering after its last subscriber)."""
+        return list(self._channels.values())
 
     def subscriber_count(self, channel: str | None = None) -> int:
         """Subscriptions in `channel`, or in all channels."""
         if channel is not None:
-            return len(self._channels.get(channel, ()))
-        return sum(len(subs) for subs in self._channels.values())
+            found = self._channels.get(channel)
+            return len(found.subs) if found is not None else 0
+        return sum(len(found.subs) for found in self._channels.values())
 
-    def dispatch(self, event: Publication | Presence) -> int:
+    def subscriptions(self, channel: str) -> list[Subscription]:
+        """The subscriptions of `channel`."""
+        found = self._channels.get(channel)
+        return list(found.subs.values()) if found is not None else []
+
+    # ----- stream position
+
+    def sync(self, name: str, position: StreamPosition) -> None:
+        """The node read the channel's position: deliver what waited, from there on.
+
+        A no-op when the channel is already in sync (another subscribe synced it).
+        """
+        channel = self._channels.get(name)
+        if channel is None or channel.epoch is not None:
+            return
+        channel.epoch, channel.last = position.epoch, position.offset
+        self._release(channel)
+
+    def resume(self, channel: Channel, repaired: list[Publication]) -> None:
+        """The node read what `channel` missed: deliver it, then what was held."""
+        held = channel.held or []
+        channel.held = None
+        for pub in repaired:
+            self._publication(channel, pub)
+        if channel.held is None:
+            channel.held = held
+            self._release(channel)
+        else:  # the repair itself showed a gap: what was held waits for the next one
+            channel.held.extend(held)
+
+    def rebase(self, channel: Channel, position: StreamPosition) -> list[Subscription]:
+        """`channel` cannot be repaired: continue from `position`, return the subscriptions
+        that must resubscribe (every one already live; those being set up keep
+        their backlog, which their own reply will cover)."""
+        stale = [sub for sub in channel.subs.values() if sub.backlog is None]
+        channel.epoch, channel.last = position.epoch, position.offset
+        self._release(channel)
+        return stale
+
+    def _release(self, channel: Channel) -> None:
+        held = channel.held or []
+        channel.held = None
+        channel.overflowed = False
+        for index, event in enumerate(held):
+            if channel.held is not None:  # a new gap: the rest waits with it
+                channel.held.extend(held[index:])
+                return
+            if isinstance(event, Publication):
+                self._publication(channel, event)
+            else:
+                self._fan_out_presence(channel, event)
+
+    # ----- fan-out
+
+    def dispatch(self, event: Event) -> int:
         """Deliver `event` to every local subscriber of its channel; return how many got it."""
-        subs = self._snapshots.get(event.channel)
-        if subs is None:
-            members = self._channels.get(event.channel)
-            if not members:
-                return 0
-            subs = self._snapshots[event.channel] = tuple(members.values())
-        encoded = EncodedPush(event)
-        frames = encoded.frames
-        delivered = 0
+        channel = self._channels.get(event.channel)
+        if channel is None:
+            return 0
         if isinstance(event, Publication):
-            offset = event.offset
-            for sub in subs:
-                if sub.backlog is not None:
-                    sub.backlog.append(event)
-                elif offset > sub.floor:
-                    sub.floor = offset
-                    frame = frames[sub.codec_index]
-                    if frame is None:
-                        frame = encoded.frame(sub.codec_index)
-                    sub.push(frame)
-                    delivered += 1
-            return delivered
+            return self._publication(channel, event)
+        if channel.held is not None:
+            self._hold(channel, event)
+            return 0
+        return self._fan_out_presence(channel, event)
+
+    def _publication(self, channel: Channel, pub: Publication) -> int:
+        if channel.held is not None:
+            self._hold(channel, pub)
+            return 0
+        offset = pub.offset
+        if pub.epoch == channel.epoch:
+            if offset <= channel.last:
+                return 0  # a duplicate: a repair already delivered it
+            if offset == channel.last + 1:
+                channel.last = offset
+                return self._fan_out(channel, pub)
+        channel.held = [pub]
+        if self.on_gap is not None:
+            self.on_gap(channel)
+        return 0
+
+    def _hold(self, channel: Channel, event: Event) -> None:
+        held = channel.held
+        assert held is not None
+        if len(held) < MAX_HELD:
+            held.append(event)
+        else:
+            # Dropped: the publications among them leave a hole after what
+            # was held, which the gap check finds and repairs like any other.
+            channel.overflowed = True
+
+    def _fan_out(self, channel: Channel, pub: Publication) -> int:
+        subs = channel.snapshot
+        if subs is None:
+            subs = channel.snapshot = tuple(channel.subs.values())
+        if not subs:
+            return 0
+        encoded = EncodedPush(pub)
+        frames = encoded.frames
+        offset = pub.offset
+        delivered = 0
+        for sub in subs:
+            if sub.backlog is not None:
+                sub.backlog.append(pub)
+            elif offset > sub.floor:
+                sub.floor = offset
+                frame = frames[sub.codec_index]
+                if frame is None:
+                    frame = encoded.frame(sub.codec_index)
+                sub.push(frame)
+                delivered += 1
+        return delivered
+
+    def _fan_out_presence(self, channel: Channel, event: Presence) -> int:
+        subs = channel.snapshot
+        if subs is None:
+            subs = channel.snapshot = tuple(channel.subs.values())
+        encoded = EncodedPush(event)
         skip = event.client.client
+        delivered = 0
         for sub in subs:
             if sub.backlog is not None:
                 sub.backlog.append(event)

@@ -30,7 +30,10 @@ class Counters:
         "commands",
         "deliveries",
         "errors",
+        "gaps",
+        "insufficient_state",
         "published",
+        "repaired",
         "slow_consumers",
     )
 
@@ -40,6 +43,9 @@ class Counters:
         self.deliveries = 0  # frames queued to subscribers by fan-out
         self.bytes_out = 0  # bytes written to client sockets
         self.slow_consumers = 0
+        self.gaps = 0  # channels found out of sync (a lost message or connection)
+        self.repaired = 0  # messages delivered from history by a repair
+        self.insufficient_state = 0  # subscriptions told to resubscribe
         self.errors: Counter[str] = Counter()  # error answers by code
         self.closes: Counter[int] = Counter()  # connection ends by close code
 
@@ -102,6 +108,13 @@ class _Collector(Collector):
             ("plexus_deliveries", "Message frames queued to subscribers.", c.deliveries),
             ("plexus_bytes_out", "Bytes written to client sockets.", c.bytes_out),
             ("plexus_slow_consumer_disconnects", "Connections closed with 4008.", c.slow_consumers),
+            ("plexus_channel_gaps", "Channels found out of sync with their stream.", c.gaps),
+            ("plexus_repaired_messages", "Messages delivered from history by repairs.", c.repaired),
+            (
+                "plexus_insufficient_state",
+                "Subscriptions told to resubscribe (a gap history could not fill).",
+                c.insufficient_state,
+            ),
         )
         for name, doc, value in simple:
             yield CounterMetricFamily(name, doc, value=value)
@@ -124,16 +137,10 @@ class Metrics:
         self.counters = Counters()
         self.publish_latency = LatencyHistogram(
             "plexus_publish_seconds",
-            "Time from accepting a publish to its fan-out (storage included).",
-        )
-        self.history_latency = LatencyHistogram(
-            "plexus_history_append_seconds",
-            "Time the history store took to store one message.",
+            "Time the engine took to store and fan out one message.",
         )
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(
-            _Collector(self.counters, gauges, (self.publish_latency, self.history_latency))
-        )
+        self.registry.register(_Collector(self.counters, gauges, (self.publish_latency,)))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

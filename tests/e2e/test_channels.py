@@ -12,8 +12,9 @@ from plexus.app import Server
 from plexus.client import Client, PlexusClientError
 from plexus.config import NamespaceOptions, default_namespaces
 from plexus.exceptions import Unavailable
-from plexus.history.memory import MemoryHistoryStore
-from plexus.models import HistoryPage, Publication, StreamPosition
+from plexus.engines.base import Engine, Retention
+from plexus.engines.memory import MemoryBroker, MemoryPresenceStore
+from plexus.models import Duplicate, HistoryPage, Publication, StreamPosition
 from plexus.node import RpcCall
 from tests.conftest import ClientFactory, ServerFactory
 from tests.helpers import TIMEOUT
@@ -118,16 +119,15 @@ async def test_ids_match_replies_and_errors(server: Server) -> None:
         await ws.close()
 
 
-class BrokenHistory(MemoryHistoryStore):
-    """A history store whose backend is down."""
+class BrokenBroker(MemoryBroker):
+    """A memory engine whose storage is down."""
 
-    def append_nowait(self, channel: str, data: Any, **kwargs: Any) -> None:
-        return None  # as a store with I/O: the node falls back to `append`
-
-    async def append(self, channel: str, data: Any, **kwargs: Any) -> Publication:
+    def publish_nowait(
+        self, pub: Publication, retention: Retention, key: str | None = None
+    ) -> Publication | Duplicate:
         raise Unavailable("history store is down")
 
-    async def position(self, channel: str) -> StreamPosition:
+    async def position(self, channel: str, *, create: Retention | None = None) -> StreamPosition:
         raise Unavailable("history store is down")
 
     async def read(self, channel: str, **kwargs: Any) -> HistoryPage:
@@ -187,7 +187,8 @@ async def test_rate_limited_and_unavailable(make_server: ServerFactory) -> None:
             port=0, history_backend="memory", ws_engine=limited.settings.ws_engine
         )
     )
-    broken._history = BrokenHistory()
+    broker = BrokenBroker()
+    broken._engine = Engine(broker, broker, MemoryPresenceStore())
     await broken.start()
     try:
         async with Client(broken.ws_url, timeout=TIMEOUT) as client:

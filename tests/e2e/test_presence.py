@@ -20,8 +20,8 @@ import pytest
 
 from plexus.app import Server
 from plexus.auth import make_token
-from plexus.brokers.base import Event
-from plexus.brokers.memory import MemoryBroker
+from plexus.engines.base import Engine
+from plexus.engines.memory import MemoryBroker, MemoryPresenceStore
 from plexus.client import Client, PlexusClientError, Subscription
 from plexus.config import Settings
 from plexus.exceptions import Unavailable
@@ -236,15 +236,18 @@ class JoinFailingBroker(MemoryBroker):
         super().__init__()
         self.fail_joins = False
 
-    async def publish(self, event: Event) -> None:
-        if self.fail_joins and isinstance(event, Presence) and event.kind == "join":
+    async def publish_presence(self, event: Presence) -> None:
+        if self.fail_joins and event.kind == "join":
             raise Unavailable("broker is down")
-        await super().publish(event)
+        await super().publish_presence(event)
 
 
 async def test_failed_subscribe_leaves_no_presence() -> None:
     broker = JoinFailingBroker()
-    server = Server(Settings(port=0, history_backend="memory", publish_rate=0), broker=broker)
+    server = Server(
+        Settings(port=0, history_backend="memory", publish_rate=0),
+        engine=Engine(broker, broker, MemoryPresenceStore()),
+    )
     await server.start()
     channel = "chat:outage"
     try:

@@ -174,6 +174,31 @@ def codec_for(subprotocol: str | None) -> Codec:
     return MSGPACK if subprotocol == MSGPACK_SUBPROTOCOL else JSON
 
 
+def encode_data(value: Any, name: str = "data") -> bytes:
+    """Compact JSON of a client-given payload, checked to be sendable to every client.
+
+    Published `data` and subscription `info` are sent again to others inside
+    replies and pushes that wrap them up to four levels deep (a `history`
+    reply: `{"result": {"messages": [{"data": VALUE}]}}`); orjson refuses more
+    than 254 levels, so the value is encoded at that depth, inside four lists
+    whose brackets are then cut off. This one encoding is both the check and
+    the form every engine stores and ships: the payload is not encoded again.
+    MessagePack input may also hold what JSON cannot carry (non-string map
+    keys, extension types): refused here, before anything is stored.
+
+    Raises:
+        BadRequest: the value cannot be sent as JSON.
+    """
+    try:
+        wrapped = orjson.dumps([[[[value]]]], default=_json_default)
+    except (TypeError, orjson.JSONEncodeError):
+        raise BadRequest(
+            f'"{name}" cannot be sent as JSON: nested too deeply (over 250 levels),'
+            " a non-string key or an extension type"
+        ) from None
+    return wrapped[4:-4]
+
+
 def to_json_compatible(value: Any) -> Any:
     """Replace bytes inside `value` by `{"$bytes": base64}` objects (for the HTTP API)."""
     return orjson.loads(orjson.dumps(value, default=_json_default))

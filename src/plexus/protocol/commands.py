@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-import orjson
-
 from plexus.channels import validate_channel
 from plexus.exceptions import BadRequest, PlexusError, TooLarge
-from plexus.protocol.codec import JSON
+from plexus.protocol.codec import encode_data
 from plexus.protocol.codes import ErrorCode
 
 CommandId = int | str
@@ -23,6 +21,7 @@ CommandId = int | str
 # __init__ sets each field through object.__setattr__, measurably slower on
 # the per-message path. They are never mutated after construction.
 MAX_ID_LENGTH: Final = 64
+MAX_IDEMPOTENCY_KEY_LENGTH: Final = 64
 DEFAULT_HISTORY_LIMIT: Final = 100
 MAX_HISTORY_LIMIT: Final = 10_000
 # Offsets are stored as signed 64-bit integers (SQLite INTEGER); a larger
@@ -68,6 +67,8 @@ class Unsubscribe(Command):
 class Publish(Command):
     channel: str
     data: Any
+    raw: bytes = b"null"  # `data` as compact JSON: encoded once, when validated
+    idempotency_key: str | None = None
 
 
 @dataclass(slots=True)
@@ -136,6 +137,18 @@ def parse_limit(message: dict[str, Any]) -> int:
     return min(limit, MAX_HISTORY_LIMIT)
 
 
+def parse_idempotency_key(message: dict[str, Any]) -> str | None:
+    """The `idempotency_key` of a publish: a string of 1 to 64 characters, or None."""
+    key = message.get("idempotency_key")
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise BadRequest(
+            f'"idempotency_key" must be a string of 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters'
+        )
+    return key
+
+
 def _optional_str(message: dict[str, Any], key: str) -> str | None:
     value = message.get(key)
     if value is not None and not isinstance(value, str):
@@ -143,33 +156,13 @@ def _optional_str(message: dict[str, Any], key: str) -> str | None:
     return value
 
 
-def json_size(value: Any) -> int:
-    """Size of `value` as compact JSON (bytes count as their base64 form)."""
-    try:
-        return len(JSON.encode(value))
-    except (TypeError, orjson.JSONEncodeError):
-        raise BadRequest("value cannot be represented as JSON") from None
-
-
-def check_payload(value: Any, name: str = "data") -> None:
+def check_payload(value: Any, name: str = "data") -> bytes:
     """Raise BadRequest unless a client-given value can be sent to every client.
 
-    Published `data` and subscription `info` are encoded again for others, in
-    replies and pushes that wrap them up to four levels deep (a `history` or
-    `presence` reply: `{"result": {"messages": [{"data": VALUE}]}}`), so the
-    value is encoded at that depth: orjson refuses more than 254 levels, and a
-    value accepted into a channel or its presence but not encodable would break
-    the fan-out and every later history or presence read. MessagePack input may
-    also hold what JSON cannot carry: non-string map keys, extension types.
-    Checked on the way in, before anything is stored.
+    Returns its compact JSON encoding (see `plexus.protocol.codec.encode_data`),
+    which is the only time the value is encoded.
     """
-    try:
-        JSON.encode({"result": {"messages": [{name: value}]}})
-    except (TypeError, orjson.JSONEncodeError):
-        raise BadRequest(
-            f'"{name}" cannot be sent as JSON: nested too deeply (over 250 levels),'
-            " a non-string key or an extension type"
-        ) from None
+    return encode_data(value, name)
 
 
 def parse_command(message: Any, *, max_info_bytes: int = 1024) -> Command:
@@ -191,16 +184,14 @@ def parse_command(message: Any, *, max_info_bytes: int = 1024) -> Command:
         if "data" not in message:
             raise BadRequest('"publish" needs "data"')
         channel = _channel(message)
-        check_payload(message["data"])
-        return Publish(cid, channel, message["data"])
+        raw = check_payload(message["data"])
+        return Publish(cid, channel, message["data"], raw, parse_idempotency_key(message))
     if kind == "subscribe":
         channel = _channel(message)
         has_info = "info" in message and message["info"] is not None
         info = message.get("info")
-        if has_info:
-            check_payload(info, "info")
-            if json_size(info) > max_info_bytes:
-                raise TooLarge(f'"info" is over {max_info_bytes} bytes')
+        if has_info and len(check_payload(info, "info")) > max_info_bytes:
+            raise TooLarge(f'"info" is over {max_info_bytes} bytes')
         return Subscribe(
             cid,
             channel,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from plexus.models import Presence, Publication
-from plexus.protocol.codec import CODECS
+from plexus.protocol.codec import CODECS, build_frame
 
 
 def publication_message(pub: Publication) -> dict[str, Any]:
@@ -21,6 +23,25 @@ def publication_message(pub: Publication) -> dict[str, Any]:
     if pub.client is not None:
         out["from"] = {"client": pub.client, "user": pub.user}
     return out
+
+
+def publication_json(pub: Publication) -> bytes:
+    """The `message` push as JSON, with the payload's stored encoding spliced in.
+
+    The same object as `publication_message` encodes to (keys in another
+    order), without decoding and encoding the payload again: a message that
+    reached this node from SQLite or Redis as JSON goes out as it came.
+    """
+    head: dict[str, Any] = {
+        "type": "message",
+        "channel": pub.channel,
+        "offset": pub.offset,
+        "epoch": pub.epoch,
+        "time": pub.time,
+    }
+    if pub.client is not None:
+        head["from"] = {"client": pub.client, "user": pub.user}
+    return b'{"data":' + pub.raw + b"," + orjson.dumps(head)[1:]
 
 
 def presence_message(event: Presence) -> dict[str, Any]:
@@ -43,15 +64,10 @@ class EncodedPush:
     subscriber pays for the JSON encoding and every later one reuses it.
     """
 
-    __slots__ = ("event", "frames", "message")
+    __slots__ = ("event", "frames")
 
     def __init__(self, event: Publication | Presence) -> None:
         self.event = event
-        self.message = (
-            publication_message(event)
-            if isinstance(event, Publication)
-            else presence_message(event)
-        )
         # frames[i] is the frame for CODECS[i], None until first asked for.
         self.frames: list[bytes | None] = [None] * len(CODECS)
 
@@ -59,6 +75,14 @@ class EncodedPush:
         """The ready-to-write frame for the codec `CODECS[index]`."""
         frame = self.frames[index]
         if frame is None:
-            frame = CODECS[index].frame(self.message)
+            event = self.event
+            codec = CODECS[index]
+            if isinstance(event, Publication):
+                if codec.binary:
+                    frame = codec.frame(publication_message(event))
+                else:
+                    frame = build_frame(publication_json(event), codec.opcode)
+            else:
+                frame = codec.frame(presence_message(event))
             self.frames[index] = frame
         return frame

@@ -168,21 +168,16 @@ class WebSocketEndpoint:
         self.connections: set[Connection] = set()
         self._drained = asyncio.Event()
         self._per_ip: dict[str, int] = {}
-        self._heartbeat: asyncio.Task[None] | None = None
 
     # ----- lifecycle
 
     def start(self) -> None:
-        """Start the server-wide heartbeat."""
-        self._heartbeat = asyncio.get_running_loop().create_task(
-            self._heartbeat_loop(), name="plexus-heartbeat"
-        )
+        """Start the server-wide heartbeat (supervised: a crash is logged and it restarts)."""
+        self.node.supervisor.spawn("heartbeat", self._heartbeat_loop)
 
     async def stop(self) -> None:
         """Stop the heartbeat and close every connection with 1001."""
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        await self.node.supervisor.cancel("heartbeat")
         for conn in list(self.connections):
             conn.close(CloseCode.GOING_AWAY, "server shutting down")
 

@@ -1,1 +1,0 @@
-"""Brokers: carry channel events between the nodes that serve subscribers."""

@@ -1,1 +1,0 @@
-"""History stores: each channel's offset counter, epoch and recent messages."""

@@ -1,1 +1,0 @@
-"""Presence stores: which clients are subscribed to a channel, with their info."""
