@@ -11,9 +11,9 @@ import pytest
 from plexus.app import Server
 from plexus.client import Client, PlexusClientError
 from plexus.config import NamespaceOptions, default_namespaces
-from plexus.exceptions import Unavailable
 from plexus.engines.base import Engine, Retention
 from plexus.engines.memory import MemoryBroker, MemoryPresenceStore
+from plexus.exceptions import Unavailable
 from plexus.models import Duplicate, HistoryPage, Publication, StreamPosition
 from plexus.node import RpcCall
 from tests.conftest import ClientFactory, ServerFactory

@@ -20,10 +20,10 @@ import pytest
 
 from plexus.app import Server
 from plexus.auth import make_token
-from plexus.engines.base import Engine
-from plexus.engines.memory import MemoryBroker, MemoryPresenceStore
 from plexus.client import Client, PlexusClientError, Subscription
 from plexus.config import Settings
+from plexus.engines.base import Engine
+from plexus.engines.memory import MemoryBroker, MemoryPresenceStore
 from plexus.exceptions import Unavailable
 from plexus.models import Presence
 from tests.conftest import ServerFactory
