@@ -124,6 +124,7 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"  # several, comma-separated: channels are sharded
     redis_prefix: str = "plexus"
     redis_timeout: float = 5.0  # seconds per Redis command
+    presence_ttl: float = 60.0  # seconds a dead node's clients stay in shared presence
     node_name: str = ""
     workers: int = 1  # processes sharing the port (needs the redis engine when > 1)
     channel_grace: float = 300.0  # seconds an idle channel's epoch and offset outlive it
@@ -212,7 +213,13 @@ class Settings:
                 f"workers: {self.workers} processes share channels only through the redis"
                 ' engine; set engine = "redis" and redis_url (or run one worker)'
             )
-        for name in ("channel_grace", "idempotency_ttl", "sweep_interval", "redis_timeout"):
+        for name in (
+            "channel_grace",
+            "idempotency_ttl",
+            "sweep_interval",
+            "redis_timeout",
+            "presence_ttl",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if (self.certfile is None) != (self.keyfile is None):

@@ -665,6 +665,31 @@ class Node:
             "repairs_running": len(self._repairs),
         }
 
+    def info(self) -> dict[str, Any]:
+        """This node's id and counters (what the registry of nodes shows)."""
+        from plexus import __version__
+
+        counters = self.counters
+        return {
+            "node": self.name,
+            "version": __version__,
+            "started_at": round(self.started_at, 3),
+            "uptime": round(time.time() - self.started_at, 3),
+            "connections": len(self.peers),
+            "subscriptions": self.hub.subscriber_count(),
+            "channels": len(self.hub.channels()),
+            "commands": counters.commands,
+            "published": counters.published,
+            "deliveries": counters.deliveries,
+            "slow_consumers": counters.slow_consumers,
+            "status": self.health()["status"],
+        }
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Every live node sharing this node's engine (this one from fresh counters)."""
+        others = [n for n in await self.broker.nodes() if n.get("node") != self.name]
+        return sorted([self.info(), *others], key=lambda n: str(n.get("node")))
+
     def stats(self) -> dict[str, Any]:
         """Counters for /health and /api/info."""
         return {

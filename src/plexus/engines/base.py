@@ -51,6 +51,15 @@ class EventSink(Protocol):
     """What a broker delivers to: the node. Every method is called on the event loop,
     must not block, and is never awaited by the broker."""
 
+    @property
+    def name(self) -> str:
+        """The node's id, unique across every node sharing the engine."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """The node's id and counters, for the registry of nodes (`Broker.nodes`)."""
+        ...
+
     def on_publication(self, pub: Publication) -> None:
         """A message of a channel this node subscribes to."""
         ...
@@ -156,6 +165,10 @@ class Broker(Protocol):
 
     def health(self) -> Health:
         """The engine's state for `/health` (`status` down = requests fail)."""
+        ...
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """`EventSink.info` of every live node sharing this engine (this one included)."""
         ...
 
 

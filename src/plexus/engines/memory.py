@@ -23,7 +23,7 @@ import secrets
 import time as _time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Collection
-from typing import Final
+from typing import Any, Final
 
 from plexus.engines.base import EventSink, Health, Retention
 from plexus.exceptions import Unavailable
@@ -196,6 +196,10 @@ class MemoryBroker:
         self._subscribed.clear()
         self._counts.clear()
         self._due.clear()
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Only this node shares this engine."""
+        return [self._sink.info()] if self._sink is not None else []
 
     def health(self) -> Health:
         """Always ok: nothing here can be down."""

@@ -662,6 +662,10 @@ class SqliteBroker:
         await self._stopped
         self._thread.join()  # it has nothing left to do but return
 
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Only this node shares this engine."""
+        return [self._sink.info()] if self._sink is not None else []
+
     def health(self) -> Health:
         """Down while the writer thread is dead or its last batch failed."""
         if self._thread is not None and not self._thread.is_alive() and not self._closed:

@@ -1,0 +1,428 @@
+"""The Redis broker: channels' offsets, history and fan-out shared by every node.
+
+Each channel lives on one of the configured Redis servers (`shard_of`). A
+publish is one Lua script there (see `scripts.PUBLISH`): it assigns the
+offset, appends to the channel's stream with its trims and TTLs, publishes
+the message on the channel's pub/sub channel and records the idempotency key,
+as one step. A node subscribes a channel's pub/sub channel only while it has
+local subscribers (through one `PubSubLink` per server), and learns of every
+reconnect, so a lost message is always repaired from the stream or reported.
+
+Nothing waits in a queue for Redis: when a server is down, publishes and
+subscribes to its channels fail at once with `Unavailable`, `/health` says
+which server, and the pub/sub link reconnects with backoff by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from plexus.engines.base import EventSink, Health, Retention
+from plexus.engines.memory import new_epoch, now_ms, page_is_complete
+from plexus.engines.redis import scripts
+from plexus.engines.redis.pubsub import PubSubLink
+from plexus.engines.redis.wire import Keys, as_text, body, decode, publication_from_body, shard_of
+from plexus.exceptions import Unavailable
+from plexus.models import Duplicate, HistoryPage, Presence, Publication, StreamPosition
+from plexus.supervisor import Supervisor
+
+log = logging.getLogger("plexus.redis")
+
+NODE_REPORT_INTERVAL: Final = 5.0  # seconds between a node's reports to the registry
+NODE_EXPIRY: Final = 15.0  # a node that did not report for this long is gone
+_NO_STREAM: Final = StreamPosition(0, "")
+
+
+@dataclass
+class Shard:
+    """One Redis server: a command client and a pub/sub link."""
+
+    index: int
+    url: str
+    client: aioredis.Redis
+    link: PubSubLink
+    scripts: dict[str, Any] = field(default_factory=dict)
+    errors: int = 0
+    last_error: str = ""
+
+    def script(self, name: str) -> Any:
+        return self.scripts[name]
+
+
+class RedisBroker:
+    """Streams, history and fan-out in Redis; see the module docstring.
+
+    Implements `plexus.engines.base.Broker` and `HistoryStore`.
+
+    Args:
+        urls: the Redis servers; channels are spread over them by a consistent hash.
+        prefix: the prefix of every key and pub/sub channel (several Plexus
+            clusters can share a Redis under different prefixes).
+        timeout: seconds per Redis command (connect, confirm, answer).
+        idempotency_ttl: seconds an idempotency key is remembered.
+        grace: seconds an idle channel's epoch and offset are kept.
+        linger: seconds a channel stays subscribed after its last local subscriber.
+        probe_interval: seconds between PING probes of idle pub/sub connections.
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        prefix: str = "plexus",
+        timeout: float = 5.0,
+        idempotency_ttl: float = 300.0,
+        grace: float = 300.0,
+        linger: float = 2.0,
+        probe_interval: float = 5.0,
+    ) -> None:
+        if not urls:
+            raise ValueError("at least one Redis URL is needed")
+        self.urls = list(urls)
+        self.keys = Keys(prefix)
+        self.timeout = timeout
+        self.idempotency_ttl_ms = round(idempotency_ttl * 1000)
+        self.grace_ms = round(grace * 1000)
+        self.unsubscribe_linger = linger
+        self.probe_interval = probe_interval
+        # Idle channels are checked often enough to keep their state alive
+        # (every check refreshes it) and to catch a lost message within ~40 s.
+        self.check_interval: float | None = min(40.0, grace / 3)
+        self.shards: list[Shard] = []
+        self._sink: EventSink | None = None
+        self._started = False
+
+    # ----- lifecycle
+
+    def inline_for(self, retention: Retention) -> bool:
+        """Never: every publish is a round trip to Redis."""
+        return False
+
+    def bind(self, sink: EventSink) -> None:
+        """Set where events of subscribed channels go."""
+        self._sink = sink
+
+    def _client(self, url: str, node: str) -> aioredis.Redis:
+        # Every option set explicitly: redis-py 8.0 changed defaults (RESP3, a
+        # socket timeout that broke idle connections). No retry: a publish
+        # retried after a timeout could be stored twice; the caller (or the
+        # SDK, with an idempotency key) retries instead.
+        return aioredis.Redis.from_url(
+            url,
+            protocol=2,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            socket_keepalive=True,
+            health_check_interval=30,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            max_connections=256,
+            client_name=f"plexus-{node}",
+            decode_responses=False,
+        )
+
+    async def start(self, supervisor: Supervisor) -> None:
+        """Connect to every server; start degraded (logged, `/ready` 503) if one is down."""
+        sink = self._sink
+        node = sink.name if sink is not None else "node"
+        for index, url in enumerate(self.urls):
+            shown = _redact(url)
+            link = PubSubLink(
+                url,
+                on_message=self._on_message,
+                on_gap=self._on_gap,
+                name=f"{node}#{index}" if len(self.urls) > 1 else node,
+                timeout=self.timeout,
+                probe_interval=self.probe_interval,
+            )
+            client = self._client(url, node)
+            shard = Shard(index, shown, client, link)
+            for name, source in (
+                ("publish", scripts.PUBLISH),
+                ("position", scripts.POSITION),
+                ("read", scripts.READ),
+                ("presence_get", scripts.PRESENCE_GET),
+            ):
+                shard.scripts[name] = client.register_script(source)
+            self.shards.append(shard)
+            link.start(supervisor)
+        self._started = True
+        for shard in self.shards:
+            if not await shard.link.wait_ready(self.timeout):
+                log.warning(
+                    "redis %s is not reachable (%s): starting degraded; publishes answer"
+                    " unavailable and /ready 503 until it is",
+                    shard.url,
+                    shard.link.last_error or "no answer",
+                )
+        supervisor.spawn("redis-node-registry", self._report_loop)
+
+    async def close(self) -> None:
+        """Leave the registry and close every connection."""
+        sink = self._sink
+        if sink is not None and self.shards:
+            try:
+                first = self.shards[0].client
+                await first.hdel(self.keys.nodes, sink.name)
+                await first.zrem(self.keys.nodes_expiry, sink.name)
+            except RedisError:
+                pass  # it expires from the registry by itself
+        for shard in self.shards:
+            await shard.link.close()
+            await shard.client.aclose()
+        self.shards = []
+
+    def health(self) -> Health:
+        """Down while any server's pub/sub connection is down."""
+        servers = {}
+        for shard in self.shards:
+            state = shard.link.health()
+            state["command_errors"] = shard.errors
+            if shard.last_error:
+                state["last_command_error"] = shard.last_error
+            servers[shard.url] = state
+        down = not self.shards or any(not shard.link.up for shard in self.shards)
+        return {"status": "down" if down else "ok", "servers": servers}
+
+    # ----- where a channel lives
+
+    def shard(self, channel: str) -> Shard:
+        """The server that holds `channel`."""
+        shards = self.shards
+        if not shards:
+            raise Unavailable("the redis engine is not started")
+        return shards[shard_of(channel, len(shards)) if len(shards) > 1 else 0]
+
+    def _failed(self, shard: Shard, exc: RedisError) -> Unavailable:
+        shard.errors += 1
+        shard.last_error = f"{type(exc).__name__}: {exc}"[:200]
+        log.warning("redis %s: %s", shard.url, shard.last_error)
+        error = Unavailable(f"redis is unavailable: {type(exc).__name__}")
+        error.__cause__ = exc
+        return error
+
+    # ----- publishing
+
+    async def publish(
+        self, pub: Publication, retention: Retention, key: str | None = None
+    ) -> Publication | Duplicate:
+        """Run the publish script on the channel's server; see `Broker.publish`.
+
+        Raises:
+            Unavailable: the server is down or refused; nothing was stored (a
+                timeout may hide a publish that happened: retry with the same
+                idempotency key to be sure).
+        """
+        channel = pub.channel
+        shard = self.shard(channel)
+        keys = self.keys
+        idempotency = keys.idempotency(channel, key) if key is not None else keys.meta(channel)
+        try:
+            offset, epoch, duplicate = await shard.script("publish")(
+                keys=[keys.meta(channel), keys.stream(channel), idempotency],
+                args=[
+                    body(pub),
+                    retention.size,
+                    round(retention.ttl * 1000),
+                    retention.max_bytes,
+                    self.grace_ms,
+                    keys.pubsub(channel),
+                    self.idempotency_ttl_ms if key is not None else 0,
+                    new_epoch(),
+                    pub.time,
+                ],
+            )
+        except RedisError as exc:
+            raise self._failed(shard, exc) from None
+        if duplicate:
+            return Duplicate(int(offset), as_text(epoch))
+        pub.offset, pub.epoch = int(offset), as_text(epoch)
+        return pub
+
+    def publish_nowait(
+        self, pub: Publication, retention: Retention, key: str | None = None
+    ) -> Publication | Duplicate:
+        """Never available here (see `inline_for`)."""
+        raise NotImplementedError("the redis engine publishes with `publish`")
+
+    async def publish_presence(self, event: Presence) -> None:
+        """Send a join or leave to every node subscribed to the channel."""
+        from plexus.engines.redis.wire import presence_payload
+
+        shard = self.shard(event.channel)
+        try:
+            await shard.client.publish(self.keys.pubsub(event.channel), presence_payload(event))
+        except RedisError as exc:
+            raise self._failed(shard, exc) from None
+
+    # ----- subscriptions
+
+    async def subscribe(self, channel: str) -> None:
+        """Subscribe the channel's pub/sub channel; returns once Redis confirmed."""
+        await self.shard(channel).link.subscribe(self.keys.pubsub(channel).encode())
+
+    async def unsubscribe(self, channel: str) -> None:
+        """Unsubscribe the channel's pub/sub channel."""
+        if self.shards:
+            self.shard(channel).link.unsubscribe(self.keys.pubsub(channel).encode())
+
+    def _on_message(self, pubsub: bytes, payload: bytes) -> None:
+        sink = self._sink
+        if sink is None:
+            return
+        channel = self.keys.channel_of(pubsub)
+        try:
+            event = decode(channel, payload)
+        except (ValueError, IndexError, orjson.JSONDecodeError):
+            log.warning("redis: ignored a malformed message on %r", pubsub)
+            return
+        if isinstance(event, Publication):
+            sink.on_publication(event)
+        elif event is not None:
+            sink.on_presence(event)
+
+    def _on_gap(self, pubsubs: Collection[bytes]) -> None:
+        if self._sink is not None:
+            self._sink.on_gapped([self.keys.channel_of(name) for name in pubsubs])
+
+    # ----- reading
+
+    async def position(self, channel: str, *, create: Retention | None = None) -> StreamPosition:
+        """The channel's top offset and epoch; see `HistoryStore.position`."""
+        shard = self.shard(channel)
+        try:
+            top, epoch = await shard.script("position")(
+                keys=[self.keys.meta(channel), self.keys.stream(channel)],
+                args=[1 if create is not None else 0, new_epoch(), self.grace_ms],
+            )
+        except RedisError as exc:
+            raise self._failed(shard, exc) from None
+        if epoch is None:
+            return _NO_STREAM
+        return StreamPosition(int(top), as_text(epoch))
+
+    async def positions(self, channels: Collection[str]) -> dict[str, StreamPosition]:
+        """Positions of `channels` in one pipeline per server; each existing one is kept
+        alive for the grace period from now (the node checks the channels it serves)."""
+        by_shard: dict[int, list[str]] = {}
+        for channel in channels:
+            by_shard.setdefault(self.shard(channel).index, []).append(channel)
+        found: dict[str, StreamPosition] = {}
+        for index, names in by_shard.items():
+            shard = self.shards[index]
+            try:
+                async with shard.client.pipeline(transaction=False) as pipe:
+                    for channel in names:
+                        await shard.script("position")(
+                            keys=[self.keys.meta(channel), self.keys.stream(channel)],
+                            args=[0, "", self.grace_ms],
+                            client=pipe,
+                        )
+                    replies = await pipe.execute()
+            except RedisError as exc:
+                raise self._failed(shard, exc) from None
+            for channel, (top, epoch) in zip(names, replies, strict=True):
+                found[channel] = (
+                    _NO_STREAM if epoch is None else StreamPosition(int(top), as_text(epoch))
+                )
+        return found
+
+    async def read(
+        self,
+        channel: str,
+        *,
+        since: int | None = None,
+        limit: int | None = None,
+        max_bytes: int | None = None,
+        now: int | None = None,
+    ) -> HistoryPage:
+        """Return kept messages after `since`, oldest first; see `HistoryStore.read`."""
+        after = max(since or 0, 0)
+        wanted = max(limit, 0) if limit is not None else None
+        fetch = -1 if wanted is None else wanted + 1  # one more tells what follows the page
+        shard = self.shard(channel)
+        try:
+            reply = await shard.script("read")(
+                keys=[self.keys.meta(channel), self.keys.stream(channel)],
+                args=[after, fetch, -1 if max_bytes is None else max_bytes, now or now_ms()],
+            )
+        except RedisError as exc:
+            raise self._failed(shard, exc) from None
+        epoch, top, cut = reply[0], int(reply[1]), bool(reply[2])
+        if epoch is None:
+            return HistoryPage([], _NO_STREAM, page_is_complete([], after, 0, None))
+        epoch_text = as_text(epoch)
+        position = StreamPosition(top, epoch_text)
+        entries = reply[3:]
+        publications = [
+            publication_from_body(
+                channel, int(entries[i].split(b"-", 1)[0]), epoch_text, entries[i + 1]
+            )
+            for i in range(0, len(entries), 2)
+        ]
+        following: int | None = None
+        if wanted is not None and len(publications) > wanted:
+            following = publications[wanted].offset
+            publications = publications[:wanted]
+        offsets = [p.offset for p in publications]
+        complete = not cut and page_is_complete(offsets, after, top, following)
+        return HistoryPage(publications, position, complete)
+
+    # ----- the node registry
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Every node that reported in the last `NODE_EXPIRY` seconds, this one included."""
+        shard = self.shards[0] if self.shards else None
+        if shard is None:
+            return []
+        try:
+            alive = await shard.client.zrangebyscore(self.keys.nodes_expiry, time.time(), "+inf")
+            if not alive:
+                return []
+            values = await shard.client.hmget(self.keys.nodes, list(alive))  # type: ignore[arg-type]
+        except RedisError as exc:
+            raise self._failed(shard, exc) from None
+        return [orjson.loads(value) for value in values if value is not None]
+
+    async def _report_loop(self) -> None:
+        while True:
+            await self._report()
+            await asyncio.sleep(NODE_REPORT_INTERVAL)
+
+    async def _report(self) -> None:
+        sink = self._sink
+        if sink is None or not self.shards:
+            return
+        shard = self.shards[0]
+        try:
+            async with shard.client.pipeline(transaction=True) as pipe:
+                pipe.hset(self.keys.nodes, sink.name, orjson.dumps(sink.info()))
+                pipe.zadd(self.keys.nodes_expiry, {sink.name: time.time() + NODE_EXPIRY})
+                # Nodes that stopped reporting long ago leave the registry.
+                pipe.zremrangebyscore(self.keys.nodes_expiry, "-inf", time.time() - 3600)
+                await pipe.execute()
+        except RedisError as exc:
+            self._failed(shard, exc)
+
+
+def _redact(url: str) -> str:
+    """The URL without its password (for logs and `/health`)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.partition(":")[0]
+    return f"{scheme}://{user + ':***@' if user else '***@'}{host}"
