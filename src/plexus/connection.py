@@ -399,7 +399,11 @@ class Connection:
             outcome.result["recovered"] = False
             events, frames = events[missed:], frames[missed:]
         # Reply, then missed and held messages, then live: no await in between.
-        if command.id is not None:
+        if granted:
+            # Made by the server: the client learns of it (and where it starts)
+            # from this push, as it would from a reply.
+            self.send({"type": "subscribed", **outcome.result})
+        elif command.id is not None:
             self.send(cmd.reply(command.id, outcome.result))
         floor = outcome.result["offset"]
         for event, frame in zip(events, frames, strict=True):

@@ -662,12 +662,20 @@ async def test_channels_claim_makes_server_side_subscriptions(
     claim = ["chat:news", "#alice", "secret:room", "#bob", "no spaces allowed"]
     ws = await session.ws_connect(server.ws_url, params={"token": token(channels=claim)})
     assert (await ws.receive_json(timeout=TIMEOUT))["type"] == "welcome"
-    # Refused grants are reported like a `subscribe` without id.
-    refused = [await ws.receive_json(timeout=TIMEOUT) for _ in range(2)]
-    assert [(e["type"], e.get("id"), e["code"]) for e in refused] == [
+    # Each grant is announced with a `subscribed` push (where its stream starts);
+    # refused ones are reported like a `subscribe` without id, in claim order.
+    answers = [await ws.receive_json(timeout=TIMEOUT) for _ in range(5)]
+    assert [(e["type"], e.get("channel"), e.get("code")) for e in answers] == [
+        ("subscribed", "chat:news", None),
+        ("subscribed", "#alice", None),
+        ("subscribed", "secret:room", None),
         ("error", None, "permission_denied"),
         ("error", None, "invalid_channel"),
     ]
+    for granted in answers[:3]:
+        assert granted.keys() == {"type", "channel", "offset", "epoch", "recovered"}
+        assert (granted["offset"], granted["recovered"]) == (0, False)
+        assert "id" not in granted
     for channel in ("chat:news", "#alice", "secret:room"):
         status, _ = await api_post(
             server.url, "/api/publish", {"channel": channel, "data": channel}, headers=AUTH
