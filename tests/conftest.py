@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import pytest
 from plexus.app import Server
 from plexus.client import Client
 from plexus.config import Settings
-from tests.helpers import TIMEOUT
+from tests.helpers import TIMEOUT, RedisServer
 
 ServerFactory = Callable[..., Awaitable[Server]]
 ClientFactory = Callable[..., Awaitable[Client]]
@@ -68,3 +68,16 @@ async def connect(server: Server) -> AsyncIterator[ClientFactory]:
     yield factory
     for client in clients:
         await client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session; tests keep apart by key prefix (`redis_prefix`)."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_prefix(request: pytest.FixtureRequest) -> str:
+    """A key prefix no other test uses."""
+    return f"t{abs(hash(request.node.nodeid)) % 10**10}-{os.getpid()}"

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -151,3 +153,93 @@ async def api_post(
         ) as response,
     ):
         return response.status, await response.json()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """A real `redis-server` on a free loopback port, started and stopped by a test.
+
+    `persistent=True` keeps an append-only file in `directory`, so `restart()`
+    brings the data back (a restart with nothing kept is a flush).
+    """
+
+    def __init__(self, directory: Path, *, persistent: bool = False, port: int = 0) -> None:
+        self.directory = directory
+        self.persistent = persistent
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = TIMEOUT) -> RedisServer:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            raise RuntimeError("redis-server is not installed (make test installs it)")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        persistence = ["--appendonly", "yes"] if self.persistent else ["--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            [
+                executable,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                *persistence,
+                "--dir", str(self.directory),
+                "--maxmemory-policy", "noeviction",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.command("PING") == "PONG":
+                    return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)  # sleep-ok: polls a starting process, bounded
+
+    def command(self, *args: str) -> Any:
+        """Run one command with a blocking socket (no client library needed)."""
+        import hiredis
+
+        with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as sock:
+            sock.sendall(hiredis.pack_command(args))
+            reader = hiredis.Reader(encoding="utf-8")
+            while (reply := reader.gets()) is False:
+                data = sock.recv(65536)
+                if not data:
+                    raise OSError("redis closed the connection")
+                reader.feed(data)
+            return reply
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(TIMEOUT)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

@@ -16,11 +16,17 @@ from aiohttp import hdrs, web
 
 from plexus import __version__
 from plexus.channels import validate_channel
+from plexus.connection import published
 from plexus.exceptions import BadRequest, PermissionDenied, PlexusError, TooLarge, Unauthorized
 from plexus.node import Node
 from plexus.protocol.codec import json_loads_with_bytes, to_json_compatible
 from plexus.protocol.codes import HTTP_STATUS, ErrorCode
-from plexus.protocol.commands import check_payload, parse_limit, parse_since
+from plexus.protocol.commands import (
+    check_payload,
+    parse_idempotency_key,
+    parse_limit,
+    parse_since,
+)
 from plexus.protocol.pushes import publication_message
 from plexus.transports.openapi import OPENAPI_PATH, openapi_handler
 
@@ -159,9 +165,11 @@ class HttpApi:
         channel = self._channel(body)
         if "data" not in body:
             raise BadRequest('"data" is required')
-        check_payload(body["data"])
-        pub = await self.node.publish(channel, body["data"])
-        return web.json_response({"offset": pub.offset, "epoch": pub.epoch})
+        raw = check_payload(body["data"])
+        result = await self.node.publish(
+            channel, body["data"], raw=raw, key=parse_idempotency_key(body)
+        )
+        return web.json_response(published(result))
 
     async def broadcast(self, request: web.Request) -> web.Response:
         """`POST /api/broadcast {"channels": [...], "data"}` -> `{"results": [...]}`."""
@@ -174,11 +182,11 @@ class HttpApi:
         names = [self._channel({"channel": c}) for c in channels]
         if "data" not in body:
             raise BadRequest('"data" is required')
-        check_payload(body["data"])
+        raw = check_payload(body["data"])
         results = []
         for name in names:
-            pub = await self.node.publish(name, body["data"])
-            results.append({"channel": name, "offset": pub.offset})
+            result = await self.node.publish(name, body["data"], raw=raw)
+            results.append({"channel": name, "offset": result.offset})
         return web.json_response({"results": results})
 
     async def history(self, request: web.Request) -> web.Response:
@@ -242,5 +250,12 @@ class HttpApi:
         return web.json_response({"unsubscribed": ended})
 
     async def info(self, request: web.Request) -> web.Response:
-        """`GET /api/info` -> version and counters of this node."""
-        return web.json_response({"version": __version__, **self.node.stats()})
+        """`GET /api/info` -> version and counters of this node, and every live node."""
+        return web.json_response(
+            {
+                "version": __version__,
+                "node": self.node.name,
+                **self.node.stats(),
+                "nodes": await self.node.nodes(),
+            }
+        )

@@ -26,7 +26,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from plexus.engines.base import EventSink, Health, Retention
 from plexus.engines.memory import new_epoch, now_ms, page_is_complete
@@ -42,11 +42,27 @@ log = logging.getLogger("plexus.redis")
 NODE_REPORT_INTERVAL: Final = 5.0  # seconds between a node's reports to the registry
 NODE_EXPIRY: Final = 15.0  # a node that did not report for this long is gone
 _NO_STREAM: Final = StreamPosition(0, "")
+ERROR_LOG_INTERVAL: Final = 5.0
+
+
+@dataclass(slots=True)
+class _Publish:
+    pub: Publication
+    retention: Retention
+    key: str | None
+    future: asyncio.Future[Publication | Duplicate]
 
 
 @dataclass
 class Shard:
-    """One Redis server: a command client and a pub/sub link."""
+    """One Redis server: a command client and a pub/sub link.
+
+    Publishes to the server leave in batches, one at a time: those made while
+    a batch is on its way go together in the next pipeline. Redis runs a
+    pipeline's scripts in order, so a channel's offsets follow the order in
+    which `publish` was called (a connection's pipelined publishes keep their
+    order), and a burst costs one round trip instead of one per message.
+    """
 
     index: int
     url: str
@@ -55,6 +71,9 @@ class Shard:
     scripts: dict[str, Any] = field(default_factory=dict)
     errors: int = 0
     last_error: str = ""
+    pending: list[_Publish] = field(default_factory=list)
+    sending: bool = False
+    logged_at: float = -1e9
 
     def script(self, name: str) -> Any:
         return self.scripts[name]
@@ -209,7 +228,12 @@ class RedisBroker:
     def _failed(self, shard: Shard, exc: RedisError) -> Unavailable:
         shard.errors += 1
         shard.last_error = f"{type(exc).__name__}: {exc}"[:200]
-        log.warning("redis %s: %s", shard.url, shard.last_error)
+        now = time.monotonic()
+        if now - shard.logged_at > ERROR_LOG_INTERVAL:  # an outage is one line, not thousands
+            shard.logged_at = now
+            log.warning(
+                "redis %s: %s (%d errors so far)", shard.url, shard.last_error, shard.errors
+            )
         error = Unavailable(f"redis is unavailable: {type(exc).__name__}")
         error.__cause__ = exc
         return error
@@ -221,36 +245,103 @@ class RedisBroker:
     ) -> Publication | Duplicate:
         """Run the publish script on the channel's server; see `Broker.publish`.
 
+        A cancelled caller does not withdraw the message: it is still sent.
+
         Raises:
             Unavailable: the server is down or refused; nothing was stored (a
-                timeout may hide a publish that happened: retry with the same
-                idempotency key to be sure).
+                lost connection may hide a publish that happened: retry with
+                the same idempotency key to be sure).
         """
+        shard = self.shard(pub.channel)
+        pub.raw  # noqa: B018 - encoded now, in call order, not in the batch
+        future: asyncio.Future[Publication | Duplicate] = asyncio.get_running_loop().create_future()
+        shard.pending.append(_Publish(pub, retention, key, future))
+        if not shard.sending:
+            shard.sending = True
+            asyncio.get_running_loop().create_task(self._send_batches(shard))
+        return await future
+
+    async def _send_batches(self, shard: Shard) -> None:
+        try:
+            while shard.pending:
+                batch, shard.pending = shard.pending, []
+                await self._send(shard, batch)
+        except Exception as exc:  # a bug: every waiting publisher hears of it
+            log.exception("redis %s: publishing failed", shard.url)
+            for job in shard.pending:
+                if not job.future.done():
+                    job.future.set_exception(Unavailable(f"redis publish failed: {exc}"))
+            shard.pending = []
+        finally:
+            shard.sending = False
+
+    def _publish_args(self, job: _Publish) -> list[Any]:
+        pub, retention, key = job.pub, job.retention, job.key
         channel = pub.channel
-        shard = self.shard(channel)
         keys = self.keys
         idempotency = keys.idempotency(channel, key) if key is not None else keys.meta(channel)
-        try:
-            offset, epoch, duplicate = await shard.script("publish")(
-                keys=[keys.meta(channel), keys.stream(channel), idempotency],
-                args=[
-                    body(pub),
-                    retention.size,
-                    round(retention.ttl * 1000),
-                    retention.max_bytes,
-                    self.grace_ms,
-                    keys.pubsub(channel),
-                    self.idempotency_ttl_ms if key is not None else 0,
-                    new_epoch(),
-                    pub.time,
-                ],
-            )
-        except RedisError as exc:
-            raise self._failed(shard, exc) from None
-        if duplicate:
-            return Duplicate(int(offset), as_text(epoch))
-        pub.offset, pub.epoch = int(offset), as_text(epoch)
-        return pub
+        return [
+            3,
+            keys.meta(channel),
+            keys.stream(channel),
+            idempotency,
+            body(pub),
+            retention.size,
+            round(retention.ttl * 1000),
+            retention.max_bytes,
+            self.grace_ms,
+            keys.pubsub(channel),
+            self.idempotency_ttl_ms if key is not None else 0,
+            new_epoch(),
+            pub.time,
+        ]
+
+    async def _send(self, shard: Shard, batch: list[_Publish]) -> None:
+        script = shard.script("publish")
+        todo = batch
+        results: dict[int, Any] = {}
+        for attempt in range(2):
+            try:
+                async with shard.client.pipeline(transaction=False) as pipe:
+                    for job in todo:
+                        pipe.evalsha(script.sha, *self._publish_args(job))
+                    replies = await pipe.execute(raise_on_error=False)
+            except RedisError as exc:
+                error = self._failed(shard, exc)
+                for job in todo:
+                    if not job.future.done():
+                        job.future.set_exception(error)
+                return
+            missing = []
+            for job, reply in zip(todo, replies, strict=True):
+                if isinstance(reply, NoScriptError) and attempt == 0:
+                    missing.append(job)  # the script cache was emptied (a restart, a flush)
+                else:
+                    results[id(job)] = reply
+            if not missing:
+                break
+            try:
+                script.sha = await shard.client.script_load(scripts.PUBLISH)
+            except RedisError as exc:
+                error = self._failed(shard, exc)
+                for job in missing:
+                    if not job.future.done():
+                        job.future.set_exception(error)
+                return
+            todo = missing
+        for job in batch:
+            reply = results.get(id(job))
+            if job.future.done() or reply is None:
+                continue
+            if isinstance(reply, Exception):
+                job.future.set_exception(self._failed(shard, reply))  # type: ignore[arg-type]
+                continue
+            offset, epoch, duplicate = reply
+            if duplicate:
+                job.future.set_result(Duplicate(int(offset), as_text(epoch)))
+            else:
+                job.pub.offset, job.pub.epoch = int(offset), as_text(epoch)
+                job.future.set_result(job.pub)
 
     def publish_nowait(
         self, pub: Publication, retention: Retention, key: str | None = None

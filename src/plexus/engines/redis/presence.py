@@ -33,14 +33,18 @@ class RedisPresenceStore:
     Args:
         broker: the engine's broker (its servers, keys and error accounting).
         ttl: seconds an entry lives after its node's last refresh.
-        refresh: seconds between refreshes of this node's entries.
+        refresh: seconds between refreshes of this node's entries (default: 25, or
+            less when `ttl` is short).
     """
 
-    def __init__(self, broker: RedisBroker, *, ttl: float = 60.0, refresh: float = 25.0) -> None:
+    def __init__(
+        self, broker: RedisBroker, *, ttl: float = 60.0, refresh: float | None = None
+    ) -> None:
         self.broker = broker
         self.keys = broker.keys
         self.ttl_ms = round(ttl * 1000)
-        self.refresh = refresh
+        # Twice per TTL at least, so one late refresh does not expire anyone.
+        self.refresh = refresh if refresh is not None else min(25.0, ttl * 0.4)
         # What this node added: it refreshes exactly these.
         self._mine: dict[str, dict[str, ClientInfo]] = {}
 

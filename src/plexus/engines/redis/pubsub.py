@@ -252,7 +252,9 @@ class PubSubLink:
             finally:
                 self._ready = False
                 self._ready_event.clear()
-                self._wire = None
+                if self._wire is not None:
+                    self._wire.close()  # also when cancelled: the socket must not leak
+                    self._wire = None
                 self._fail_waiting("connection lost")
             await asyncio.sleep(backoff * (0.5 + random.random()))  # jitter: no reconnect storm
             backoff = min(backoff * 2, BACKOFF_MAX)

@@ -1,0 +1,466 @@
+"""End-to-end: many nodes share channels through a real redis-server, and nothing is lost.
+
+Nodes are separate `plexus serve` processes (or, where a test needs to reach
+inside a node, in-process servers) on loopback ports, all on one real
+redis-server started by the test. Every subscriber here is a `Follower`: a
+plain WebSocket that checks each message arrives exactly once, in offset
+order, and that does what a client must when the server says so
+(`insufficient_state` -> resubscribe with `since`; a closed connection ->
+reconnect to the next node and recover).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from plexus.app import Server
+from plexus.config import Settings
+from tests.conftest import WS_ENGINE
+from tests.e2e.test_recovery import drop
+from tests.helpers import TIMEOUT, RedisServer, ServerProcess, api_post, wait_for
+
+CHANNEL = "chat:scale"
+
+
+def node_env(redis: RedisServer, prefix: str, **extra: str) -> dict[str, str]:
+    return {
+        "PLEXUS_ENGINE": "redis",
+        "PLEXUS_REDIS_URL": redis.url,
+        "PLEXUS_REDIS_PREFIX": prefix,
+        "PLEXUS_PUBLISH_RATE": "0",
+        "PLEXUS_REDIS_TIMEOUT": "2",
+        **extra,
+    }
+
+
+class Follower:
+    """A subscriber that proves exactly-once, in-order delivery across failures.
+
+    It reads `channel` from offset `start` and keeps every message's data in
+    `values` (in offset order); a gap, a duplicate or an epoch change fails
+    the test at once. It recovers from `insufficient_state` and from closed
+    connections (trying `urls` in turn), counting each.
+    """
+
+    def __init__(
+        self, session: aiohttp.ClientSession, urls: list[str], channel: str = CHANNEL
+    ) -> None:
+        self.session = session
+        self.urls = itertools.cycle(urls)
+        self.channel = channel
+        self.values: list[Any] = []
+        self.last = 0
+        self.epoch: str | None = None
+        self.resubscribes = 0
+        self.reconnects = 0
+        self.ready = asyncio.Event()
+        self._ids = itertools.count(1)
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+
+    async def _subscribe(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        command: dict[str, Any] = {
+            "type": "subscribe",
+            "id": next(self._ids),
+            "channel": self.channel,
+        }
+        if self.epoch is not None:
+            command["since"] = {"offset": self.last, "epoch": self.epoch}
+        await ws.send_json(command)
+
+    async def run(self, until: int) -> None:
+        """Read until offset `until` has arrived."""
+        url = next(self.urls)
+        while self.last < until:
+            try:
+                ws = self._ws = await self.session.ws_connect(url)
+            except aiohttp.ClientError:
+                url = next(self.urls)
+                await asyncio.sleep(0.05)  # sleep-ok: reconnect backoff against a dead node
+                continue
+            try:
+                await self._read(ws, until)
+            finally:
+                await ws.close()
+            if self.last < until:
+                self.reconnects += 1
+                url = next(self.urls)
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse, until: int) -> None:
+        welcome = await ws.receive(timeout=TIMEOUT)
+        if welcome.type is not aiohttp.WSMsgType.TEXT:
+            return
+        await self._subscribe(ws)
+        while self.last < until:
+            msg = await ws.receive(timeout=TIMEOUT)
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                return  # closed: the caller reconnects elsewhere
+            push = msg.json()
+            kind = push["type"]
+            if kind == "reply":
+                result = push["result"]
+                if self.epoch is None:
+                    self.epoch, self.last = result["epoch"], result["offset"]
+                else:
+                    assert result["recovered"] is True, (self.last, result)
+                    assert result["epoch"] == self.epoch
+                self.ready.set()
+            elif kind == "error":
+                assert push["code"] == "unavailable", push  # a node whose Redis is down
+                await asyncio.sleep(0.05)  # sleep-ok: retry pacing while Redis is down
+                await self._subscribe(ws)
+            elif kind == "message":
+                assert push["epoch"] == self.epoch, push
+                assert push["offset"] == self.last + 1, (self.last, push["offset"])
+                self.last = push["offset"]
+                self.values.append(push["data"])
+            elif kind == "unsubscribed":
+                assert push["reason"] == "insufficient_state", push
+                assert push["resubscribe"] is True
+                self.resubscribes += 1
+                await self._subscribe(ws)
+
+
+async def ws_publisher(
+    session: aiohttp.ClientSession,
+    url: str,
+    name: str,
+    count: int,
+    acked: dict[int, Any],
+    *,
+    channel: str = CHANNEL,
+    window: int = 8,
+) -> list[str]:
+    """Publish `count` messages over a WebSocket, `window` in flight; record acks by offset.
+
+    Returns the error codes of refused publishes (they are not retried).
+    """
+    ws = await session.ws_connect(url)
+    refused: list[str] = []
+    try:
+        assert (await ws.receive_json(timeout=TIMEOUT))["type"] == "welcome"
+        sent: dict[int, Any] = {}
+        n = 0
+        while n < count or sent:
+            while n < count and len(sent) < window:
+                data = {"p": name, "n": n}
+                sent[n] = data
+                await ws.send_json({"type": "publish", "id": n, "channel": channel, "data": data})
+                n += 1
+            answer = await ws.receive_json(timeout=TIMEOUT)
+            if answer["type"] not in ("reply", "error"):
+                continue
+            data = sent.pop(answer["id"])
+            if answer["type"] == "error":
+                refused.append(answer["code"])
+            else:
+                offset = answer["result"]["offset"]
+                assert offset not in acked, "two publishes got one offset"
+                acked[offset] = data
+    finally:
+        await ws.close()
+    return refused
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+async def test_three_nodes_one_offset_order(
+    redis_server: RedisServer, redis_prefix: str, session: aiohttp.ClientSession
+) -> None:
+    env = node_env(redis_server, redis_prefix)
+    nodes = [ServerProcess(env={**env, "PLEXUS_NODE_NAME": n}).start() for n in "ABC"]
+    try:
+        followers = [Follower(session, [node.ws_url]) for node in nodes]
+        total = 2 + 2 * 300
+        readers = [asyncio.create_task(f.run(until=total)) for f in followers]
+        for follower in followers:
+            await asyncio.wait_for(follower.ready.wait(), TIMEOUT)
+        a, b, c = nodes
+        acked: dict[int, Any] = {}
+        # A message published on B (WebSocket) and one through C's HTTP API reach A.
+        acked.update({o: d for o, d in (await publish_ws_once(session, b.ws_url, "via-b"),)})
+        status, body = await api_post(c.url, "/api/publish", {"channel": CHANNEL, "data": "via-c"})
+        assert status == 200, body
+        acked[body["offset"]] = "via-c"
+        # Then two publishers race 300 messages each through A and B.
+        refused = await asyncio.gather(
+            ws_publisher(session, a.ws_url, "a", 300, acked),
+            ws_publisher(session, b.ws_url, "b", 300, acked),
+        )
+        assert refused == [[], []]
+        await asyncio.wait_for(asyncio.gather(*readers), TIMEOUT)
+        expected = [acked[offset] for offset in range(1, total + 1)]
+        for follower in followers:
+            assert follower.values == expected
+        # Each publisher's own messages kept their order in the one sequence.
+        for name in "ab":
+            mine = [v["n"] for v in expected if isinstance(v, dict) and v["p"] == name]
+            assert mine == list(range(300))
+        # Every node is in the registry.
+        status, info = await api_get(a.url, "/api/info")
+        assert status == 200
+        assert sorted(n["node"] for n in info["nodes"]) == ["A", "B", "C"]
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+async def publish_ws_once(session: aiohttp.ClientSession, url: str, data: Any) -> tuple[int, Any]:
+    acked: dict[int, Any] = {}
+    ws = await session.ws_connect(url)
+    try:
+        assert (await ws.receive_json(timeout=TIMEOUT))["type"] == "welcome"
+        await ws.send_json({"type": "publish", "id": 1, "channel": CHANNEL, "data": data})
+        reply = await ws.receive_json(timeout=TIMEOUT)
+        assert reply["type"] == "reply", reply
+        acked[reply["result"]["offset"]] = data
+    finally:
+        await ws.close()
+    ((offset, value),) = acked.items()
+    return offset, value
+
+
+async def api_get(base_url: str, path: str) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(base_url + path, timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as response,
+    ):
+        return response.status, await response.json()
+
+
+async def test_kill_9_of_a_node_its_clients_recover_on_another(
+    redis_server: RedisServer, redis_prefix: str, session: aiohttp.ClientSession
+) -> None:
+    env = node_env(redis_server, redis_prefix)
+    a = ServerProcess(env={**env, "PLEXUS_NODE_NAME": "A"}).start()
+    b = ServerProcess(env={**env, "PLEXUS_NODE_NAME": "B"}).start()
+    try:
+        followers = [Follower(session, [a.ws_url, b.ws_url]) for _ in range(5)]
+        total = 600
+        readers = [asyncio.create_task(f.run(until=total)) for f in followers]
+        for follower in followers:
+            await asyncio.wait_for(follower.ready.wait(), TIMEOUT)
+        acked: dict[int, Any] = {}
+        publishing = asyncio.create_task(ws_publisher(session, b.ws_url, "b", total, acked))
+        await wait_for(lambda: len(acked) >= total // 3)
+        await asyncio.to_thread(a.kill)  # SIGKILL mid-stream: A's clients lose their socket
+        assert await publishing == []
+        await asyncio.wait_for(asyncio.gather(*readers), 2 * TIMEOUT)
+        expected = [acked[offset] for offset in range(1, total + 1)]
+        for follower in followers:
+            assert follower.values == expected
+            assert follower.reconnects >= 1
+    finally:
+        a.kill()
+        b.stop()
+
+
+async def start_node(redis: RedisServer, prefix: str, name: str, **overrides: Any) -> Server:
+    settings = Settings(
+        port=0,
+        engine="redis",
+        redis_url=redis.url,
+        redis_prefix=prefix,
+        publish_rate=0,
+        redis_timeout=2.0,
+        node_name=name,
+        ws_engine=WS_ENGINE,
+        **overrides,
+    )
+    server = Server(settings)
+    await server.start()
+    return server
+
+
+def reconnects(server: Server) -> int:
+    """How often the server's pub/sub link to its one Redis came back."""
+    (state,) = server.health()["components"]["broker"]["servers"].values()
+    return int(state["reconnects"]) if state["status"] == "ok" else -1
+
+
+async def test_pubsub_connections_killed_mid_stream_lose_nothing(
+    redis_server: RedisServer, redis_prefix: str, session: aiohttp.ClientSession
+) -> None:
+    a = await start_node(redis_server, redis_prefix, "A")
+    b = await start_node(redis_server, redis_prefix, "B")
+    try:
+        followers = [Follower(session, [node.ws_url]) for node in (a, b, a, b)]
+        total = 1500
+        readers = [asyncio.create_task(f.run(until=total)) for f in followers]
+        for follower in followers:
+            await asyncio.wait_for(follower.ready.wait(), TIMEOUT)
+        acked: dict[int, Any] = {}
+        publishing = asyncio.create_task(ws_publisher(session, b.ws_url, "b", total, acked))
+        for kill, threshold in enumerate((300, 700, 1100)):
+            await wait_for(lambda t=threshold: len(acked) >= t)  # type: ignore[misc]
+            # Both nodes' links are back from the previous kill before the next.
+            await wait_for(lambda k=kill: reconnects(a) == reconnects(b) == k)  # type: ignore[misc]
+            killed = redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")
+            assert killed == 2
+        assert await publishing == []
+        await asyncio.wait_for(asyncio.gather(*readers), 2 * TIMEOUT)
+        expected = [acked[offset] for offset in range(1, total + 1)]
+        for follower in followers:
+            assert follower.values == expected
+            # Repaired on the same socket: no client had to reconnect.
+            assert follower.reconnects == 0
+        await wait_for(lambda: reconnects(a) == reconnects(b) == 3)
+        for node in (a, b):
+            assert node.node is not None
+            assert node.node.counters.gaps >= 3
+        for node in (a, b):
+            broker = node.health()["components"]["broker"]
+            assert broker["status"] == "ok"
+            (server_state,) = broker["servers"].values()
+            assert server_state["reconnects"] >= 3
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_redis_restart_mid_stream(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    redis = RedisServer(tmp_path / "redis", persistent=True).start()
+    a = b = None
+    try:
+        a = await start_node(redis, "r", "A")
+        b = await start_node(redis, "r", "B")
+        followers = [Follower(session, [node.ws_url]) for node in (a, b)]
+        target = 400
+        readers = [asyncio.create_task(f.run(until=10**9)) for f in followers]
+        for follower in followers:
+            await asyncio.wait_for(follower.ready.wait(), TIMEOUT)
+        acked: dict[int, Any] = {}
+        await ws_publisher(session, a.ws_url, "before", target // 2, acked)
+        await asyncio.to_thread(redis.stop)  # a clean stop: the append-only file is complete
+        # While Redis is down: publishes are refused (never a 200 without delivery),
+        # the nodes stay up and say so.
+        status, body = await api_post(b.url, "/api/publish", {"channel": CHANNEL, "data": "x"})
+        assert (status, body["error"]["code"]) == (503, "unavailable")
+        refused = await ws_publisher(session, a.ws_url, "down", 5, acked)
+        assert refused == ["unavailable"] * 5
+        await wait_for(lambda: not a.health()["ready"])
+        async with session.get(a.url + "/ready") as response:
+            assert response.status == 503
+        async with session.get(a.url + "/health") as response:
+            assert response.status == 200
+            assert (await response.json())["status"] == "degraded"
+        await asyncio.to_thread(redis.start)
+        await wait_for(lambda: a.health()["ready"] and b.health()["ready"])
+        await ws_publisher(session, b.ws_url, "after", target // 2, acked)
+        top = max(acked)
+        await wait_for(lambda: all(f.last >= top for f in followers))
+        expected = [acked[offset] for offset in range(1, top + 1)]
+        for follower in followers:
+            assert follower.values == expected
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+    finally:
+        for node in (a, b):
+            if node is not None:
+                await node.stop()
+        redis.kill()
+
+
+async def test_api_publish_retried_on_another_node_is_delivered_once(
+    redis_server: RedisServer, redis_prefix: str, session: aiohttp.ClientSession
+) -> None:
+    a = await start_node(redis_server, redis_prefix, "A")
+    b = await start_node(redis_server, redis_prefix, "B")
+    try:
+        follower = Follower(session, [a.ws_url])
+        reading = asyncio.create_task(follower.run(until=2))
+        await asyncio.wait_for(follower.ready.wait(), TIMEOUT)
+        body = {"channel": CHANNEL, "data": {"order": 17}, "idempotency_key": "order-17"}
+        status, first = await api_post(a.url, "/api/publish", body)
+        assert status == 200, first
+        status, again = await api_post(b.url, "/api/publish", body)
+        assert status == 200, again
+        assert again == {**first, "duplicate": True}
+        status, _ = await api_post(b.url, "/api/publish", {"channel": CHANNEL, "data": "next"})
+        assert status == 200
+        await asyncio.wait_for(reading, TIMEOUT)
+        assert follower.values == [{"order": 17}, "next"]
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_subscribe_churn_leaves_no_redis_subscription(
+    redis_server: RedisServer, redis_prefix: str, session: aiohttp.ClientSession
+) -> None:
+    node = await start_node(redis_server, redis_prefix, "A")
+    assert node.node is not None
+    node.node.broker.unsubscribe_linger = 0.05
+    try:
+        ws = await session.ws_connect(node.ws_url)
+        assert (await ws.receive_json(timeout=TIMEOUT))["type"] == "welcome"
+        channels = [f"chat:churn-{n}" for n in range(40)]
+        for round_ in range(5):
+            for channel in channels:
+                await ws.send_json({"type": "subscribe", "id": round_, "channel": channel})
+            for channel in channels:
+                await ws.send_json({"type": "unsubscribe", "id": round_, "channel": channel})
+        await ws.send_json({"type": "ping", "id": "done"})
+        while (await ws.receive_json(timeout=TIMEOUT)).get("id") != "done":
+            pass
+        pattern = f"{redis_prefix}.c.*"
+        await wait_for(lambda: redis_server.command("PUBSUB", "CHANNELS", pattern) == [])
+        # A connection that vanishes leaves nothing behind either.
+        await ws.send_json({"type": "subscribe", "id": "x", "channel": "chat:churn-last"})
+        assert (await ws.receive_json(timeout=TIMEOUT))["type"] == "reply"
+        assert redis_server.command("PUBSUB", "CHANNELS", pattern) != []
+        drop(ws)
+        await ws.close()
+        await wait_for(lambda: redis_server.command("PUBSUB", "CHANNELS", pattern) == [])
+        assert node.node.state_size()["joined"] == 0
+    finally:
+        await node.stop()
+
+
+async def test_presence_of_a_killed_node_expires(
+    redis_server: RedisServer, redis_prefix: str, session: aiohttp.ClientSession
+) -> None:
+    env = node_env(redis_server, redis_prefix, PLEXUS_PRESENCE_TTL="1.5")
+    a = ServerProcess(env={**env, "PLEXUS_NODE_NAME": "A"}).start()
+    b = ServerProcess(env={**env, "PLEXUS_NODE_NAME": "B"}).start()
+    try:
+        ws_a = await session.ws_connect(a.ws_url)
+        welcome = await ws_a.receive_json(timeout=TIMEOUT)
+        await ws_a.send_json({"type": "subscribe", "id": 1, "channel": CHANNEL, "info": "on A"})
+        assert (await ws_a.receive_json(timeout=TIMEOUT))["type"] == "reply"
+        ws_b = await session.ws_connect(b.ws_url)
+        assert (await ws_b.receive_json(timeout=TIMEOUT))["type"] == "welcome"
+        await ws_b.send_json({"type": "subscribe", "id": 1, "channel": CHANNEL, "info": "on B"})
+        assert (await ws_b.receive_json(timeout=TIMEOUT))["type"] == "reply"
+
+        async def present() -> set[str]:
+            status, body = await api_post(b.url, "/api/presence", {"channel": CHANNEL})
+            assert status == 200, body
+            return {entry["info"] for entry in body["clients"].values()}
+
+        assert await present() == {"on A", "on B"}
+        # Presence outlives several refresh periods while A lives.
+        await asyncio.sleep(3)  # sleep-ok: spans two TTLs, to show refreshes keep A's entry
+        assert await present() == {"on A", "on B"}
+        a.kill()
+        deadline = asyncio.get_running_loop().time() + TIMEOUT
+        while await present() != {"on B"}:
+            assert asyncio.get_running_loop().time() < deadline, "A's client never expired"
+            await asyncio.sleep(0.1)  # sleep-ok: polls presence in another process
+        assert welcome["type"] == "welcome"
+        await ws_b.close()
+        await ws_a.close()
+    finally:
+        a.kill()
+        b.stop()
