@@ -22,11 +22,14 @@ install: $(DEPS)
 serve: install
 	$(BIN)/plexus serve --host $(HOST) --port $(PORT)
 
-# System packages the tests use: Debian's chromium for the browser tests.
-# Installed only when missing.
+# System packages the tests use: Debian's chromium for the browser tests,
+# redis-server for the multi-node tests (each test starts its own on a free
+# loopback port) and nginx for the load-balancer test. Installed only when missing.
 system-deps:
 	@missing=""; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \

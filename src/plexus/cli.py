@@ -53,6 +53,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-format", choices=["text", "json"], help="log format [default: text]")
     serve.add_argument("--data-dir", help="where SQLite history lives [default: ./plexus-data]")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="processes sharing the port (needs engine = redis) [env: PLEXUS_WORKERS, default: 1]",
+    )
+    serve.add_argument(
+        "--engine",
+        choices=["memory", "sqlite", "redis"],
+        help="where channels live: memory, sqlite (one process) or redis (many processes)"
+        " [env: PLEXUS_ENGINE]",
+    )
+    serve.add_argument(
+        "--redis-url", help="Redis server(s), comma-separated [env: PLEXUS_REDIS_URL]"
+    )
 
     publish = commands.add_parser(
         "publish",
@@ -146,6 +160,9 @@ def _serve(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
         "log_format": args.log_format,
         "data_dir": args.data_dir,
+        "workers": args.workers,
+        "engine": args.engine,
+        "redis_url": args.redis_url,
     }
     try:
         settings = load_settings(args.config or os.environ.get("PLEXUS_CONFIG"), None, overrides)
@@ -154,6 +171,17 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(f"invalid setting: {exc}")
     setup_logging(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        from plexus.workers import Workers
+
+        forwarded = [
+            f"--{name.replace('_', '-')}={value}"
+            for name, value in overrides.items()
+            if value is not None and name not in ("port", "workers")
+        ]
+        if args.config:
+            forwarded.append(f"--config={args.config}")
+        return Workers(settings, forwarded).run()
     try:
         _run(serve(settings))
     except OSError as exc:

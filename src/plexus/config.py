@@ -127,6 +127,7 @@ class Settings:
     presence_ttl: float = 60.0  # seconds a dead node's clients stay in shared presence
     node_name: str = ""
     workers: int = 1  # processes sharing the port (needs the redis engine when > 1)
+    reuse_port: bool = False  # SO_REUSEPORT on the listening socket (set for --workers)
     channel_grace: float = 300.0  # seconds an idle channel's epoch and offset outlive it
     idempotency_ttl: float = 300.0  # seconds an idempotency key is remembered
     sweep_interval: float = 30.0  # seconds between passes that forget expired state

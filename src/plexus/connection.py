@@ -150,6 +150,7 @@ class Connection:
             "client": self.client_id,
             "user": self.user,
             "server": SERVER_NAME,
+            "node": self.node.name,
             "ping_interval": self.node.settings.ping_interval,
             "max_message_size": self.node.settings.max_message_size,
         }

@@ -672,6 +672,7 @@ class Node:
         counters = self.counters
         return {
             "node": self.name,
+            "pid": os.getpid(),
             "version": __version__,
             "started_at": round(self.started_at, 3),
             "uptime": round(time.time() - self.started_at, 3),

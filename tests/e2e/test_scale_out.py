@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,7 @@ class Follower:
         self.epoch: str | None = None
         self.resubscribes = 0
         self.reconnects = 0
+        self.nodes: list[str] = []  # the node of each connection, from its welcome
         self.ready = asyncio.Event()
         self._ids = itertools.count(1)
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -96,6 +100,7 @@ class Follower:
         welcome = await ws.receive(timeout=TIMEOUT)
         if welcome.type is not aiohttp.WSMsgType.TEXT:
             return
+        self.nodes.append(welcome.json()["node"])
         await self._subscribe(ws)
         while self.last < until:
             msg = await ws.receive(timeout=TIMEOUT)
@@ -464,3 +469,147 @@ async def test_presence_of_a_killed_node_expires(
     finally:
         a.kill()
         b.stop()
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"PLEXUS_ENGINE": "cassandra"}, "engine: must be memory, sqlite, redis"),
+        ({"PLEXUS_HISTORY_BACKEND": "redis"}, "broker: a redis broker, history and presence"),
+        ({"PLEXUS_BROKER": "kafka"}, "broker: must be memory or redis"),
+        ({"PLEXUS_ENGINE": "redis", "PLEXUS_REDIS_URL": "http://127.0.0.1:1"}, "redis_url"),
+        ({"PLEXUS_ENGINE": "redis", "PLEXUS_REDIS_URL": " , "}, "redis_url: no Redis URL"),
+        ({"PLEXUS_WORKERS": "2"}, "workers: 2 processes share channels only through"),
+        ({"PLEXUS_WORKERS": "0"}, "workers: must be >= 1"),
+        ({"PLEXUS_ENGINE": "redis", "PLEXUS_CHANNEL_GRACE": "0"}, "channel_grace"),
+    ],
+)
+def test_bad_engine_settings_exit_2_with_one_line(env: dict[str, str], needle: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "plexus", "serve", "--port", "0"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert needle in lines[0]
+
+
+async def test_unreachable_redis_at_start_starts_degraded_then_recovers(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis")  # its port is chosen, nothing listens yet
+    node = ServerProcess(env=node_env(redis, "late")).start()
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with client.get(node.url + "/ready") as response:
+                assert response.status == 503
+            async with client.get(node.url + "/health") as response:
+                assert response.status == 200
+                health = await response.json()
+            assert health["status"] == "degraded"
+            assert health["components"]["broker"]["status"] == "down"
+            status, body = await api_post(node.url, "/api/publish", {"channel": "c", "data": 1})
+            assert (status, body["error"]["code"]) == (503, "unavailable")
+            redis.start()
+            await wait_for(lambda: node_ready(node.url))
+            status, body = await api_post(node.url, "/api/publish", {"channel": "c", "data": 1})
+            assert status == 200, body
+        assert "starting degraded" in node.output()
+        assert "Traceback" not in node.output()
+    finally:
+        node.stop()
+        redis.kill()
+
+
+def node_ready(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/ready", timeout=TIMEOUT) as response:
+            return bool(response.status == 200)
+    except urllib.error.HTTPError:
+        return False
+
+
+async def test_a_server_that_is_not_redis_is_a_clear_degraded_state() -> None:
+    impostor = ServerProcess().start()  # an HTTP server where Redis should be
+    node = ServerProcess(
+        env={
+            "PLEXUS_ENGINE": "redis",
+            "PLEXUS_REDIS_URL": f"redis://127.0.0.1:{impostor.port}/0",
+            "PLEXUS_REDIS_TIMEOUT": "1",
+        }
+    ).start()
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with client.get(node.url + "/ready") as response:
+                assert response.status == 503
+            async with client.get(node.url + "/health") as response:
+                health = await response.json()
+        (server,) = health["components"]["broker"]["servers"].values()
+        assert server["status"] == "down"
+        assert server["last_error"]
+        status, body = await api_post(node.url, "/api/publish", {"channel": "c", "data": 1})
+        assert (status, body["error"]["code"]) == (503, "unavailable")
+        output = node.output()
+        assert "Traceback" not in output
+        assert output.count("pub/sub connection failed") == 1  # one line per outage
+    finally:
+        node.stop()
+        impostor.stop()
+
+
+async def test_workers_share_one_port_and_a_dead_worker_is_replaced(
+    redis_server: RedisServer, redis_prefix: str, session: aiohttp.ClientSession
+) -> None:
+    master = ServerProcess(args=["--workers", "2"], env=node_env(redis_server, redis_prefix))
+    master.start()
+    try:
+        total = 400
+        followers: list[Follower] = []
+        readers: list[asyncio.Task[None]] = []
+        # The kernel spreads connections over the workers: open followers until
+        # both have some (bounded: it would take absurd luck to need them all).
+        for _ in range(40):
+            follower = Follower(session, [master.ws_url])
+            followers.append(follower)
+            readers.append(asyncio.create_task(follower.run(until=total)))
+            await asyncio.wait_for(follower.ready.wait(), TIMEOUT)
+            if len({f.nodes[0] for f in followers}) == 2 and len(followers) >= 4:
+                break
+        workers = {f.nodes[0] for f in followers}
+        assert len(workers) == 2
+        status, info = await api_get(master.url, "/api/info")
+        assert status == 200
+        pids = {n["node"]: n["pid"] for n in info["nodes"]}
+        assert set(pids) == workers
+        victim = sorted(workers)[0]
+        acked: dict[int, Any] = {}
+        await ws_publisher(session, master.ws_url, "first", total // 2, acked)
+        os.kill(pids[victim], 9)
+        # The master starts it again (same node name, new process).
+
+        async def replaced() -> bool:
+            _, info = await api_get(master.url, "/api/info")
+            now = {n["node"]: n["pid"] for n in info["nodes"]}
+            return now.get(victim) not in (None, pids[victim])
+
+        deadline = asyncio.get_running_loop().time() + TIMEOUT
+        while not await replaced():
+            assert asyncio.get_running_loop().time() < deadline, "the worker was not restarted"
+            await asyncio.sleep(0.1)  # sleep-ok: polls another process's registry entry
+        await ws_publisher(session, master.ws_url, "second", total - total // 2, acked)
+        await asyncio.wait_for(asyncio.gather(*readers), 2 * TIMEOUT)
+        expected = [acked[offset] for offset in range(1, total + 1)]
+        for follower in followers:
+            assert follower.values == expected
+            if follower.nodes[0] == victim:
+                assert follower.reconnects >= 1
+        assert "exited with -9: restarting" in master.output()
+    finally:
+        status = master.stop()
+    assert status == 0
+    assert "stopped 2 workers" in master.output()
