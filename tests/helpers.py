@@ -116,6 +116,16 @@ class ServerProcess:
             self._reap()
         return status
 
+    def pause(self) -> None:
+        """SIGSTOP: the process stops running, its sockets stay open."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after `pause`."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL: no shutdown at all."""
         if self.proc is not None and self.proc.poll() is None:

@@ -124,6 +124,7 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"  # several, comma-separated: channels are sharded
     redis_prefix: str = "plexus"
     redis_timeout: float = 5.0  # seconds per Redis command
+    redis_probe_interval: float = 5.0  # seconds between PINGs of each pub/sub connection
     presence_ttl: float = 60.0  # seconds a dead node's clients stay in shared presence
     node_name: str = ""
     workers: int = 1  # processes sharing the port (needs the redis engine when > 1)
@@ -219,6 +220,7 @@ class Settings:
             "idempotency_ttl",
             "sweep_interval",
             "redis_timeout",
+            "redis_probe_interval",
             "presence_ttl",
         ):
             if getattr(self, name) <= 0:

@@ -16,6 +16,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -271,17 +272,17 @@ async def test_kill_9_of_a_node_its_clients_recover_on_another(
 
 
 async def start_node(redis: RedisServer, prefix: str, name: str, **overrides: Any) -> Server:
-    settings = Settings(
-        port=0,
-        engine="redis",
-        redis_url=redis.url,
-        redis_prefix=prefix,
-        publish_rate=0,
-        redis_timeout=2.0,
-        node_name=name,
-        ws_engine=WS_ENGINE,
-        **overrides,
-    )
+    values: dict[str, Any] = {
+        "port": 0,
+        "engine": "redis",
+        "redis_url": redis.url,
+        "redis_prefix": prefix,
+        "publish_rate": 0,
+        "redis_timeout": 2.0,
+        "node_name": name,
+        "ws_engine": WS_ENGINE,
+    }
+    settings = Settings(**{**values, **overrides})
     server = Server(settings)
     await server.start()
     return server
@@ -613,3 +614,162 @@ async def test_workers_share_one_port_and_a_dead_worker_is_replaced(
         status = master.stop()
     assert status == 0
     assert "stopped 2 workers" in master.output()
+
+
+BIG_CONFIG = """
+max_queue_bytes = 67108864
+
+[namespaces.big]
+anonymous = true
+allow_publish = true
+history_size = 5000
+recovery = true
+"""
+
+
+async def test_a_node_too_slow_for_redis_is_cut_off_and_repairs(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """SIGSTOP a node while messages flow: Redis cuts its pub/sub connection when the
+    output buffer passes its limit (every message queued for it is lost there);
+    once the node runs again it reconnects and repairs the gap from the stream,
+    and its subscribers get every message exactly once on their same sockets."""
+    redis = RedisServer(tmp_path / "redis").start()
+    redis.command("CONFIG", "SET", "client-output-buffer-limit", "pubsub 256kb 128kb 1")
+    config = tmp_path / "plexus.toml"
+    config.write_text(BIG_CONFIG)
+    env = node_env(redis, "slow")
+    a = ServerProcess(["--config", str(config)], env={**env, "PLEXUS_NODE_NAME": "A"}).start()
+    b = ServerProcess(["--config", str(config)], env={**env, "PLEXUS_NODE_NAME": "B"}).start()
+    try:
+        channel = "big:stream"
+        followers = [Follower(session, [a.ws_url], channel) for _ in range(2)]
+        total = 2500
+        readers = [asyncio.create_task(f.run(until=total)) for f in followers]
+        for follower in followers:
+            await asyncio.wait_for(follower.ready.wait(), TIMEOUT)
+        acked: dict[int, Any] = {}
+        await ws_publisher(session, b.ws_url, "warm", 100, acked, channel=channel)
+        a.pause()
+        try:
+            # ~20 MB: more than the kernel's socket buffers hold, so Redis's own
+            # output buffer for the stopped node passes its limit.
+            padded = "x" * 8000
+            await ws_publisher(
+                session, b.ws_url, padded, total - 200, acked, channel=channel, window=64
+            )
+            killed = await asyncio.to_thread(
+                wait_until_sync, lambda: redis.command("CLIENT", "LIST", "TYPE", "pubsub")
+            )
+        finally:
+            a.resume()
+        assert "name=plexus-pubsub-A" not in killed  # Redis dropped the stopped node
+        await ws_publisher(session, b.ws_url, "after", 100, acked, channel=channel)
+        await asyncio.wait_for(asyncio.gather(*readers), 3 * TIMEOUT)
+        expected = [acked[offset] for offset in range(1, total + 1)]
+        for follower in followers:
+            assert follower.values == expected
+            assert follower.reconnects == 0
+            assert follower.resubscribes == 0
+        _, health = await api_get(a.url, "/health")
+        (state,) = health["components"]["broker"]["servers"].values()
+        assert state["reconnects"] >= 1
+    finally:
+        a.resume()
+        a.stop()
+        b.stop()
+        redis.kill()
+
+
+def wait_until_sync(read: Any) -> str:
+    """Poll `read()` (a CLIENT LIST) until the stopped node is no longer in it."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        listing = str(read())
+        if "name=plexus-pubsub-A" not in listing or time.monotonic() > deadline:
+            return listing
+        time.sleep(0.05)  # sleep-ok: polls Redis's client list, bounded
+
+
+class FreezingProxy:
+    """A TCP proxy to Redis that can go silent without closing: a deaf connection.
+
+    After `freeze()`, connections open at that moment stop passing Redis's
+    replies on (they are held, not closed); new connections work normally.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.frozen: set[asyncio.StreamWriter] = set()
+        self.live: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.never = asyncio.Event()
+
+    async def start(self) -> FreezingProxy:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.live.add(writer)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, down: bool) -> None:
+            while data := await src.read(65536):
+                if down and writer in self.frozen:
+                    await self.never.wait()  # held for good: the link is deaf, not closed
+                dst.write(data)
+                await dst.drain()
+
+        try:
+            await asyncio.gather(pump(reader, up_writer, False), pump(up_reader, writer, True))
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.live.discard(writer)
+            for end in (writer, up_writer):
+                end.close()
+
+    def freeze(self) -> None:
+        self.frozen |= self.live
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for writer in list(self.live):
+                writer.close()
+
+
+async def test_a_deaf_pubsub_connection_is_found_and_repaired(
+    redis_server: RedisServer, redis_prefix: str, session: aiohttp.ClientSession
+) -> None:
+    proxy = await FreezingProxy(redis_server.port).start()
+    behind = RedisServer(Path("."), port=proxy.port)  # only for its URL
+    a = await start_node(behind, redis_prefix, "A", redis_probe_interval=0.2, redis_timeout=0.5)
+    b = await start_node(redis_server, redis_prefix, "B")
+    try:
+        follower = Follower(session, [a.ws_url])
+        total = 300
+        reading = asyncio.create_task(follower.run(until=total))
+        await asyncio.wait_for(follower.ready.wait(), TIMEOUT)
+        acked: dict[int, Any] = {}
+        await ws_publisher(session, b.ws_url, "before", 100, acked)
+        await wait_for(lambda: follower.last >= 100)
+        proxy.freeze()  # A's connections to Redis stay open but hear nothing
+        await ws_publisher(session, b.ws_url, "deaf", 100, acked)
+        await wait_for(lambda: reconnects(a) >= 1)
+        await ws_publisher(session, b.ws_url, "after", 100, acked)
+        await asyncio.wait_for(reading, TIMEOUT)
+        assert follower.values == [acked[offset] for offset in range(1, total + 1)]
+        assert follower.reconnects == 0
+        assert "deaf connection" in reconnect_error(a)
+    finally:
+        await a.stop()
+        await b.stop()
+        await proxy.close()
+
+
+def reconnect_error(server: Server) -> str:
+    (state,) = server.health()["components"]["broker"]["servers"].values()
+    return str(state.get("last_error", ""))

@@ -23,6 +23,7 @@ def make_redis_engine(settings: Settings) -> Engine:
         timeout=settings.redis_timeout,
         idempotency_ttl=settings.idempotency_ttl,
         grace=settings.channel_grace,
+        probe_interval=settings.redis_probe_interval,
     )
     presence = RedisPresenceStore(broker, ttl=settings.presence_ttl)
     return Engine(broker, broker, presence)
