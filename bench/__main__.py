@@ -23,7 +23,8 @@ from bench import report, servers, workloads
 from bench.loadgen import LoadGen
 
 DEFAULT_WORKLOADS = ("fanout", "steady", "roundtrip", "idle", "history")
-ALL_WORKLOADS = (*DEFAULT_WORKLOADS, "maxconn")
+# Not in the defaults: `maxconn` is long; `scaleout` and `durable` need redis-server.
+ALL_WORKLOADS = (*DEFAULT_WORKLOADS, "maxconn", "scaleout", "durable")
 
 
 def ints(text: str) -> list[int]:
@@ -132,6 +133,36 @@ def plan(args: argparse.Namespace) -> list[Run]:
                 return workloads.idle(ctx, kind, args.max_conns, workload="maxconn")
 
             each(f"maxconn target={args.max_conns}", mx)
+        elif name == "scaleout" and "plexus" in kinds:
+            # The delivering node's CPU per delivery when another node published
+            # (through Redis), beside one node doing it all in memory.
+            for subs in args.subs or [1000]:
+                deliveries = args.deliveries or (500_000 if quick else 2_000_000)
+                messages = args.messages or max(20, deliveries // subs)
+                for channel in ("bench:fanout", "benchhist:fanout"):
+
+                    def so(
+                        ctx: workloads.Context,
+                        kind: str,
+                        s: int = subs,
+                        m: int = messages,
+                        c: str = channel,
+                    ) -> Any:
+                        return workloads.fanout(ctx, kind, s, m, args.size, args.via, c, "scaleout")
+
+                    group = f"scaleout subs={subs} messages={messages} {channel} (memory vs redis)"
+                    each(group, so, ["plexus", "plexus-redis"])
+        elif name == "durable" and "plexus" in kinds:
+            # Publish round trips into channels with history: memory, SQLite, Redis.
+            rt_duration = args.rt_duration or (3.0 if quick else 10.0)
+
+            def dur(ctx: workloads.Context, kind: str, d: float = rt_duration) -> Any:
+                return workloads.roundtrip(
+                    ctx, kind, args.rt_clients, d, "publish", "benchhist:rt", "durable"
+                )
+
+            group = f"durable clients={args.rt_clients} publish {rt_duration:g}s"
+            each(group, dur, ["plexus", "plexus-sqlite", "plexus-redis"])
         elif name == "history" and "plexus" in kinds:
             for subs in args.history_subs or [1000]:
                 # As long as fanout's: shorter runs measured mostly noise.

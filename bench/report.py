@@ -54,6 +54,14 @@ METRICS: dict[str, list[tuple[str, str, str]]] = {
         ("cpu_s_per_1m", "server CPU s / 1M deliveries (lower better)", "{:.2f}"),
     ],
 }
+METRICS["scaleout"] = [
+    ("cpu_s_per_1m", "delivering node CPU s / 1M deliveries (lower better)", "{:.2f}"),
+    ("deliveries_per_s", "deliveries/s (higher better)", "{:,.0f}"),
+    ("publishes_per_s", "publishes/s", "{:,.0f}"),
+    ("server_cpu_util", "delivering node CPU utilisation", "{:.2f}"),
+    ("others_cpu_util", "other CPU use (publishing node, redis, softirq)", "{:.2f}"),
+]
+METRICS["durable"] = METRICS["roundtrip"][:4]
 METRICS["maxconn"] = [
     ("held", "connections held (higher better)", "{:,.0f}"),
     ("still_serving", "accepts one more after", "{}"),
@@ -64,7 +72,12 @@ METRICS["maxconn"] = [
 NOISY = 0.5
 
 # Which server is compared against which: (numerator, denominator).
-PAIRS = (("plexus", "node"), ("floor", "node"), ("plexus-sqlite", "plexus"))
+PAIRS = (
+    ("plexus", "node"),
+    ("floor", "node"),
+    ("plexus-sqlite", "plexus"),
+    ("plexus-redis", "plexus"),
+)
 
 
 def _fmt(fmt: str, value: Any) -> str:
@@ -108,7 +121,8 @@ def table(results: Iterable[Result]) -> str:
         if repeats > 1:
             group += f"  (median of {repeats} runs)"
         first = next(iter(by_server.values()))
-        servers = [s for s in ("plexus", "plexus-sqlite", "node", "floor") if s in by_server]
+        known = ("plexus", "plexus-sqlite", "plexus-redis", "node", "floor")
+        servers = [s for s in known if s in by_server]
         pairs = [p for p in PAIRS if p[0] in by_server and p[1] in by_server]
         head = f"{'':48}" + "".join(f"{s:>16}" for s in servers)
         head += "".join(f"{a + '/' + b:>22}" for a, b in pairs)

@@ -33,7 +33,11 @@ PR_SET_PDEATHSIG = 1
 # Server kinds: name -> what it is. `plexus-sqlite` differs from `plexus` only
 # in its history backend (sqlite in a fresh temporary data dir). `floor` is
 # bench/peers/floor.py: one bare write per delivery and nothing else.
-KINDS = ("plexus", "plexus-sqlite", "node", "floor")
+# `plexus-redis` is two Plexus nodes on the Redis engine with their own
+# redis-server: the measured node (subscribers connect there) and a second
+# node where the fan-out workloads publish, so the measured node delivers
+# what another node published.
+KINDS = ("plexus", "plexus-sqlite", "plexus-redis", "node", "floor")
 FLOOR_PEER = BENCH_DIR / "peers" / "floor.py"
 
 
@@ -47,6 +51,9 @@ class Server:
     log: Path
     tmpdir: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    # Started with it and stopped after it: the publishing node and redis-server.
+    companions: list[Server] = field(default_factory=list)
+    publisher_port: int = 0  # where fan-out publishes go (its own port unless set)
 
     @property
     def pid(self) -> int:
@@ -90,6 +97,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        for companion in self.companions:
+            companion.stop(timeout)
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
@@ -131,6 +140,8 @@ def start(
     timeout: float = 30.0,
 ) -> Server:
     """Start a server of `kind` (see KINDS) and wait until it listens."""
+    if kind == "plexus-redis":
+        return _start_redis_pair(log_dir, cpus, env_extra, timeout)
     env = dict(os.environ)
     tmpdir: Path | None = None
     if kind == "node":
@@ -138,7 +149,7 @@ def start(
         cmd = ["node", str(NODE_PEER / "server.js"), "0"]
     elif kind == "floor":
         cmd = [sys.executable, str(FLOOR_PEER), "0"]
-    elif kind in ("plexus", "plexus-sqlite"):
+    elif kind in ("plexus", "plexus-sqlite", "plexus-redis-node"):
         tmpdir = Path(tempfile.mkdtemp(prefix="plexus-bench-"))
         env.update(
             PLEXUS_PUBLISH_RATE="0",
@@ -181,3 +192,64 @@ def start(
     server = Server(kind, proc, 0, log, tmpdir)
     server.stop()
     raise RuntimeError(f"{kind} did not start (exit {proc.returncode}):\n{server.log_tail()}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _start_redis(log_dir: Path, timeout: float) -> Server:
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise RuntimeError("redis-server not found (apt install redis-server)")
+    port = _free_port()
+    log = log_dir / f"redis-{int(time.time() * 1000)}.log"
+    tmpdir = Path(tempfile.mkdtemp(prefix="plexus-bench-redis-"))
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(tmpdir),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    import socket
+
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as c:
+            c.sendall(b"PING\r\n")
+            if c.recv(16).startswith(b"+PONG"):
+                return Server("redis", proc, port, log, tmpdir)
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def _start_redis_pair(
+    log_dir: Path, cpus: list[int] | None, env_extra: dict[str, str] | None, timeout: float
+) -> Server:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    redis = _start_redis(log_dir, timeout)
+    redis_env = {
+        "PLEXUS_ENGINE": "redis",
+        "PLEXUS_REDIS_URL": f"redis://127.0.0.1:{redis.port}/0",
+        **(env_extra or {}),
+    }
+    others = [c for c in range(os.cpu_count() or 1) if not cpus or c not in cpus] or None
+    try:
+        publisher = start("plexus-redis-node", log_dir, others, redis_env, timeout)
+        measured = start("plexus-redis-node", log_dir, cpus, redis_env, timeout)
+    except BaseException:
+        redis.stop()
+        raise
+    measured.kind = "plexus-redis"
+    measured.companions = [publisher, redis]
+    measured.publisher_port = publisher.port
+    return measured

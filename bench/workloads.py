@@ -90,6 +90,7 @@ class Session:
         workers: list[int] | None = None,
         stop_after_failures: int = 0,
         timeout: float = 300.0,
+        port: int | None = None,
     ) -> tuple[int, list[str]]:
         """Open `n` connections spread over `workers` (subscribed to `channel` if given)."""
         ids = workers if workers is not None else self.ctx.sub_workers
@@ -101,7 +102,7 @@ class Session:
             cmds[worker] = {
                 "op": "connect",
                 "host": "127.0.0.1",
-                "port": self.server.port,
+                "port": port or self.server.port,
                 "n": share,
                 "channel": channel,
                 "sources": sources,
@@ -206,9 +207,10 @@ def fanout(
         connected, errors = s.connect(subs, channel)
         if connected < subs:
             raise RuntimeError(f"only {connected}/{subs} subscribers connected: {errors[:3]}")
-        s.connect(1, None, [ctx.pub_worker])
+        pub_port = s.server.publisher_port or s.server.port
+        s.connect(1, None, [ctx.pub_worker], port=pub_port)
         base = {"op": "burst", "channel": channel, "size": size, "via": via, "window": 100}
-        base.update(host="127.0.0.1", port=s.server.port, timeout=120.0)
+        base.update(host="127.0.0.1", port=pub_port, timeout=120.0)
         warm = min(50, messages)
         ctx.status(f"{kind}: warm-up")
         _publish_and_wait(s, {**base, "count": warm}, warm, subs, 60.0)
@@ -315,7 +317,13 @@ def steady(
 
 
 def roundtrip(
-    ctx: Context, kind: str, clients: int, duration: float, mode: str = "publish"
+    ctx: Context,
+    kind: str,
+    clients: int,
+    duration: float,
+    mode: str = "publish",
+    prefix: str = "bench:rt",
+    workload: str = "roundtrip",
 ) -> Result:
     """`clients` connections each doing command -> answer in a loop for `duration` seconds."""
     ctx.label = f"roundtrip clients={clients} {mode} {kind}"
@@ -324,7 +332,7 @@ def roundtrip(
         connected, errors = s.connect(clients, None)
         if connected < clients:
             raise RuntimeError(f"only {connected}/{clients} clients connected: {errors[:3]}")
-        cmd = {"op": "roundtrip", "mode": mode, "channel": "bench:rt", "size": 100}
+        cmd = {"op": "roundtrip", "mode": mode, "channel": prefix, "size": 100}
         ctx.status(f"{kind}: warm-up")
         ctx.loadgen.all({**cmd, "duration": min(1.0, duration)}, 30.0, ctx.sub_workers)
         busy0 = servers.machine_busy_seconds()
@@ -345,7 +353,7 @@ def roundtrip(
         client_cpu = sum(a["cpu"] for a in answers.values())
         others = servers.machine_busy_seconds() - busy0 - cpu - client_cpu
         result: Result = {
-            "workload": "roundtrip",
+            "workload": workload,
             "server": kind,
             "clients": clients,
             "mode": mode,
