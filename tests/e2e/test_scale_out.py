@@ -25,6 +25,7 @@ import aiohttp
 import pytest
 
 from plexus.app import Server
+from plexus.client import Client
 from plexus.config import Settings
 from tests.conftest import WS_ENGINE
 from tests.e2e.test_recovery import drop
@@ -773,3 +774,29 @@ async def test_a_deaf_pubsub_connection_is_found_and_repaired(
 def reconnect_error(server: Server) -> str:
     (state,) = server.health()["components"]["broker"]["servers"].values()
     return str(state.get("last_error", ""))
+
+
+async def test_probes_keep_an_idle_link_without_reconnecting(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """A PING answered on a connection subscribed to nothing is a plain PONG, and one
+    subscribed to channels answers in pub/sub form: both count as alive."""
+    node = await start_node(
+        redis_server, redis_prefix, "A", redis_probe_interval=0.05, redis_timeout=1.0
+    )
+    assert node.node is not None
+
+    def state() -> dict[str, Any]:
+        (server,) = node.health()["components"]["broker"]["servers"].values()
+        return dict(server)
+
+    try:
+        await wait_for(lambda: state()["probes"] >= 5)
+        async with Client(node.ws_url, timeout=TIMEOUT) as client:
+            await client.subscribe(CHANNEL)
+            probes = state()["probes"]
+            await wait_for(lambda: state()["probes"] >= probes + 5)
+        assert state()["reconnects"] == 0
+        assert "last_error" not in state()
+    finally:
+        await node.stop()

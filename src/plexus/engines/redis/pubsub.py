@@ -118,6 +118,7 @@ class PubSubLink:
         self._ready_event = asyncio.Event()
         self._pong: asyncio.Future[None] | None = None
         self.reconnects = 0
+        self.probes = 0  # PINGs answered
         self.connected_since = 0.0
         self.last_error = ""
         self._first = True
@@ -135,6 +136,7 @@ class PubSubLink:
             "status": "ok" if self._ready else "down",
             "channels": len(self.wanted),
             "reconnects": self.reconnects,
+            "probes": self.probes,
         }
         if self.last_error:
             state["last_error"] = self.last_error
@@ -207,6 +209,10 @@ class PubSubLink:
                 return
             if kind == b"unsubscribe":
                 return
+        if reply == b"PONG":  # a PING answered while subscribed to nothing
+            if self._pong is not None and not self._pong.done():
+                self._pong.set_result(None)
+            return
         if isinstance(reply, hiredis.ReplyError):
             log.warning("redis %s: error on the pub/sub connection: %s", self.name, reply)
             self.last_error = str(reply)[:200]
@@ -344,6 +350,7 @@ class PubSubLink:
             if not pong.done():
                 wire.close()
                 raise TimeoutError(f"no answer to PING within {self.timeout}s (a deaf connection)")
+            self.probes += 1
             await asyncio.wait([wire.lost], timeout=self.probe_interval)
             if wire.lost.done():
                 raise OSError("connection closed by the server")
