@@ -45,6 +45,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ _DB_SUFFIXES: Final = (".db", ".sqlite", ".sqlite3")
 _SWEEP_BATCH: Final = 10_000  # bounds how long one sweep holds up the appends queued behind it
 SCHEMA_VERSION: Final = "2"
 _NO_STREAM: Final = StreamPosition(0, "")
+ERROR_LOG_INTERVAL: Final = 5.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -197,6 +199,8 @@ class _Writer:
     counts: Counter[str] = field(default_factory=Counter)  # channels per namespace
     pinned: set[str] = field(default_factory=set)  # channels a local client subscribes to
     grace_ms: int = 300_000
+    failures: int = 0
+    logged_at: float = -1e9
     jobs: queue.SimpleQueue[_Job | None] = field(default_factory=queue.SimpleQueue)  # None = stop
 
     def run(self, loop: asyncio.AbstractEventLoop, store: SqliteBroker) -> None:
@@ -215,10 +219,18 @@ class _Writer:
             try:
                 results = self.run_batch(batch)
             except Exception as exc:  # supervised: each caller of the batch hears of it
-                if isinstance(exc, sqlite3.Error | OSError):
-                    logger.warning("history: %s failed: %s", self.file, exc)
-                else:
+                self.failures += 1
+                if not isinstance(exc, sqlite3.Error | OSError):
                     logger.exception("history: unexpected failure in %s", self.file)
+                elif time.monotonic() - self.logged_at > ERROR_LOG_INTERVAL:
+                    # A full disk fails every batch: one line now and then, not thousands.
+                    self.logged_at = time.monotonic()
+                    logger.warning(
+                        "history: %s failed: %s (%d failed batches so far)",
+                        self.file,
+                        exc,
+                        self.failures,
+                    )
                 _call_soon(loop, store._fail, batch, exc)
             else:
                 _call_soon(loop, store._deliver, batch, results)
@@ -620,7 +632,9 @@ class SqliteBroker:
         self._stopped: asyncio.Future[None] | None = None
         self._positions: dict[str, StreamPosition] = {}  # committed, per channel
         self._closed = False
-        self._failure: str | None = None  # the last batch failed with this, until one succeeds
+        # Why the last batch that wrote (or any batch, if none wrote since) failed;
+        # cleared by a batch that wrote.
+        self._failure: str | None = None
         self.sweep_interval = sweep_interval
         self.idempotency_ttl_ms = round(idempotency_ttl * 1000)
         self.grace = grace
@@ -844,7 +858,8 @@ class SqliteBroker:
         # The cache is updated and the messages delivered before any caller
         # resumes, in queue order: a channel's messages reach the node in
         # offset order, and a caller already sees its own publish in `position`.
-        self._failure = None
+        if any(isinstance(job, _Append) for job in jobs):
+            self._failure = None  # writes work again (a batch of reads proves nothing)
         sink = self._sink
         subscribed = self._subscribed
         positions = self._positions
@@ -872,7 +887,8 @@ class SqliteBroker:
                 future.set_result(result)
 
     def _fail(self, jobs: list[_Job], cause: Exception) -> None:
-        self._failure = f"{type(cause).__name__}: {cause}"[:300]
+        if any(isinstance(job, _Append) for job in jobs) or self._failure is None:
+            self._failure = f"{type(cause).__name__}: {cause}"[:300]
         for job in jobs:
             future = job.future
             if future is not None and not future.done():
