@@ -457,7 +457,13 @@ class _Writer:
             return position, cursor.fetchall(), False
         rows: list[Row] = []
         budget = job.max_bytes
+        # With a limit, one row more than wanted is fetched only to tell which
+        # offset follows the page: it is not returned, so it spends no budget.
+        wanted = job.limit - 1 if job.limit >= 0 else -1
         for row in cursor:
+            if len(rows) == wanted:
+                rows.append(row)
+                break
             budget -= len(row[4])
             if budget < 0:
                 return position, rows, True  # cut: the caller cannot have it all
