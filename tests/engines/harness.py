@@ -97,10 +97,14 @@ class Recorder:
         self.publications: list[Publication] = []
         self.presence: list[Presence] = []
         self.gapped: list[frozenset[str]] = []
+        # Called with each publication as it arrives, as the node's own work would be.
+        self.listeners: list[Callable[[Publication], None]] = []
         self._changed = asyncio.Event()
 
     def on_publication(self, pub: Publication) -> None:
         self.publications.append(pub)
+        for listener in self.listeners:
+            listener(pub)
         self._changed.set()
 
     def on_presence(self, event: Presence) -> None:
@@ -200,16 +204,20 @@ class Harness:
             pytest.skip(f"{self.kind.name} cannot lose a channel's meta")
         await self.kind.lose_meta(self, channel)
 
-    async def state_size(self) -> dict[str, int]:
-        """The engine's in-memory state, after what it had queued was done.
+    async def settle(self) -> None:
+        """Return once the engine has done what it queued without waiting for it.
 
-        A read round trip first: an engine with a worker (SQLite's writer
-        thread) applies subscribes and unsubscribes in queue order, and the
-        read returns after them.
+        A read round trip: an engine with a worker (SQLite's writer thread)
+        applies subscribes and unsubscribes in queue order, without the
+        caller waiting, and answers the read after them.
         """
+        await self.history.positions(["engines-test:settle"])
+
+    async def state_size(self) -> dict[str, int]:
+        """The engine's in-memory state, once it has settled."""
         if not isinstance(self.broker, _Measured):
             pytest.skip(f"{self.kind.name} does not report its state size")
-        await self.history.positions(["engines-test:quiesce"])
+        await self.settle()
         return self.broker.state_size()
 
     async def held_state(self) -> dict[str, int]:

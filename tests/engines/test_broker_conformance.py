@@ -324,7 +324,7 @@ async def test_a_channel_with_history_is_kept_while_subscribed(launch: Launcher)
     assert (page.publications, page.complete) == ([], True)  # a subscriber at 1 is in sync
     before = now_ms()
     await engine.broker.unsubscribe(CH)
-    await engine.state_size()  # the unsubscribe is done
+    await engine.settle()  # the unsubscribe is done
     after = now_ms()
     # The grace runs from when the last subscriber left.
     await engine.sweep(before + 4_999)
@@ -349,7 +349,7 @@ async def test_a_created_channel_without_messages_is_forgotten_after_the_grace(
     await engine.broker.subscribe(CH)
     created = await engine.history.position(CH, create=keep(10, ttl=60))
     await engine.broker.unsubscribe(CH)
-    await engine.state_size()
+    await engine.settle()  # the unsubscribe is done
     after = now_ms()
     await engine.sweep(after + 1_000)
     assert await engine.history.position(CH) == NO_STREAM

@@ -46,7 +46,7 @@ import queue
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias
@@ -198,6 +198,7 @@ class _Writer:
     pinned: set[str] = field(default_factory=set)  # channels a local client subscribes to
     grace_ms: int = 300_000
     jobs: queue.SimpleQueue[_Job | None] = field(default_factory=queue.SimpleQueue)  # None = stop
+    before_commit: Callable[[], None] | None = None  # see `SqliteBroker.before_commit`
 
     def run(self, loop: asyncio.AbstractEventLoop, store: SqliteBroker) -> None:
         """Thread body: run batches until the stop mark, then close the database."""
@@ -302,6 +303,9 @@ class _Writer:
                 " WHERE channel = ?",
                 [(self.tops[ch].offset, at, forget, ch) for ch, (at, forget) in dirty.items()],
             )
+            hook = self.before_commit
+            if hook is not None:
+                hook()
             conn.execute("COMMIT")
         except BaseException:
             self._abort()
@@ -635,6 +639,23 @@ class SqliteBroker:
     def file(self) -> Path:
         """The database file."""
         return self._writer.file
+
+    @property
+    def before_commit(self) -> Callable[[], None] | None:
+        """Test hook: called on the writer thread in every batch, after its
+        statements and right before its COMMIT (None, the default: nothing).
+
+        Tests hold a batch there to check that nothing of it is acknowledged
+        or delivered before it is committed, or raise there to fail a batch
+        (it then fails like a database error: rolled back, every caller
+        hears `Unavailable`). The hook must not use the store. Unused, it
+        costs one attribute check per batch.
+        """
+        return self._writer.before_commit
+
+    @before_commit.setter
+    def before_commit(self, hook: Callable[[], None] | None) -> None:
+        self._writer.before_commit = hook
 
     # ----- lifecycle
 
