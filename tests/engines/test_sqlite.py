@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,55 +53,63 @@ def writer_of(engine: Harness) -> SqliteBroker:
 
 
 class CommitGate:
-    """The writer's `before_commit` hook: holds batches before their COMMIT on demand.
+    """The writer's `before_commit` hook: holds chosen batches before their COMMIT.
 
-    Also fails the next batch at that point when `fail` is set.
+    `hold(chosen)` holds each batch that appends a publication `chosen`
+    accepts: batches of other work (a subscribe, a read), or of messages
+    published earlier, go through, so the batch held is the test's whatever
+    the timing of the writer's earlier batches (even in a wrong writer that
+    acknowledges before it reaches its COMMIT). `fail` fails the next batch
+    that appends something, there.
     """
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._arrivals: asyncio.Queue[None] = asyncio.Queue()
         self._permits = threading.Semaphore(0)
-        self._holding = False
+        self._chosen: Callable[[Publication], bool] | None = None
         self.fail: Exception | None = None
 
-    @classmethod
-    async def install(cls, engine: Harness) -> CommitGate:
-        """Put a gate on `engine`'s writer once it has done what was queued before
-        (a subscribe queues work without waiting for it): the next batch the
-        gate sees is the test's."""
-        gate = cls()
-        await engine.settle()
-        writer_of(engine).before_commit = gate
-        return gate
-
-    def __call__(self) -> None:
+    def __call__(self, appended: list[Publication]) -> None:
         # On the writer thread, with the batch's transaction open.
+        if not appended:
+            return
         error, self.fail = self.fail, None
         if error is not None:
             raise error
-        if not self._holding:
+        chosen = self._chosen
+        if chosen is None or not any(chosen(pub) for pub in appended):
             return
         self._loop.call_soon_threadsafe(self._arrivals.put_nowait, None)
         if not self._permits.acquire(timeout=TIMEOUT):
             raise TimeoutError("the test never released the held commit")
 
-    def hold(self) -> None:
-        """From now on, stop every batch before its COMMIT."""
-        self._holding = True
+    def hold(self, chosen: Callable[[Publication], bool] = lambda pub: True) -> None:
+        """From now on, stop each batch that appends a `chosen` publication before its COMMIT."""
+        self._chosen = chosen
 
     async def held(self) -> None:
         """Wait until a batch is stopped before its COMMIT."""
         await asyncio.wait_for(self._arrivals.get(), TIMEOUT)
 
     def release(self) -> None:
-        """Let the held batch commit; the next one is held again."""
+        """Let the held batch commit; the next chosen one is held again."""
         self._permits.release()
 
     def open(self) -> None:
         """Let the held batch commit and hold no more."""
-        self._holding = False
+        self._chosen = None
         self._permits.release()
+
+
+@pytest.fixture
+async def gate(engine: Harness) -> AsyncIterator[CommitGate]:
+    """A `CommitGate` on the engine's writer, opened at the end so that a failed
+    test does not leave a batch held."""
+    installed = CommitGate()
+    writer_of(engine).before_commit = installed
+    yield installed
+    installed.open()
 
 
 async def put(store: SqliteBroker, pub: Publication, retention: Retention) -> Publication:
@@ -121,11 +129,12 @@ async def yield_to_the_loop() -> None:
 # -- commit before acknowledgement ---------------------------------------------
 
 
-async def test_nothing_is_acknowledged_or_delivered_before_the_commit(engine: Harness) -> None:
+async def test_nothing_is_acknowledged_or_delivered_before_the_commit(
+    engine: Harness, gate: CommitGate
+) -> None:
     await engine.broker.subscribe(CH)
     first = await publish(engine, "committed", T0)
-    gate = await CommitGate.install(engine)
-    gate.hold()
+    gate.hold(lambda pub: pub.data == "held")
     pending = asyncio.create_task(publish(engine, "held", T0 + 1))
     await gate.held()
     await yield_to_the_loop()
@@ -140,9 +149,10 @@ async def test_nothing_is_acknowledged_or_delivered_before_the_commit(engine: Ha
     assert await engine.history.position(CH) == StreamPosition(2, first.epoch)
 
 
-async def test_delivery_follows_offset_order_across_batches(engine: Harness) -> None:
+async def test_delivery_follows_offset_order_across_batches(
+    engine: Harness, gate: CommitGate
+) -> None:
     await engine.broker.subscribe(CH)
-    gate = await CommitGate.install(engine)
     gate.hold()
     finished: list[int] = []
 
@@ -212,9 +222,10 @@ async def test_publishes_complete_in_call_order(engine: Harness) -> None:
     assert finished == list(range(200))
 
 
-async def test_a_cancelled_publish_is_still_committed_and_delivered(engine: Harness) -> None:
+async def test_a_cancelled_publish_is_still_committed_and_delivered(
+    engine: Harness, gate: CommitGate
+) -> None:
     await engine.broker.subscribe(CH)
-    gate = await CommitGate.install(engine)
     gate.hold()
     pending = asyncio.create_task(publish(engine, "cancelled", T0))
     await gate.held()
@@ -231,9 +242,10 @@ async def test_a_cancelled_publish_is_still_committed_and_delivered(engine: Harn
     ]
 
 
-async def test_channels_without_history_do_not_wait_for_the_writer(engine: Harness) -> None:
+async def test_channels_without_history_do_not_wait_for_the_writer(
+    engine: Harness, gate: CommitGate
+) -> None:
     await engine.broker.subscribe("live:x")
-    gate = await CommitGate.install(engine)
     gate.hold()
     pending = asyncio.create_task(publish(engine, "stored", T0))
     await gate.held()
@@ -254,10 +266,9 @@ async def test_channels_without_history_do_not_wait_for_the_writer(engine: Harne
 # -- failures --------------------------------------------------------------------
 
 
-async def test_a_failed_batch_leaves_no_gap(engine: Harness) -> None:
+async def test_a_failed_batch_leaves_no_gap(engine: Harness, gate: CommitGate) -> None:
     await engine.broker.subscribe(CH)
     first = await publish(engine, "a", T0)
-    gate = await CommitGate.install(engine)
     gate.fail = sqlite3.OperationalError("disk I/O error")  # after the row is written
     with pytest.raises(Unavailable):
         await engine.broker.publish(message("boom", T0 + 1), keep())
@@ -275,10 +286,9 @@ async def test_a_failed_batch_leaves_no_gap(engine: Harness) -> None:
 
 
 async def test_a_failed_batch_fails_every_job_and_forgets_what_it_created(
-    engine: Harness,
+    engine: Harness, gate: CommitGate
 ) -> None:
     limited = Retention(10, max_channels=2, namespace="x")
-    gate = await CommitGate.install(engine)
     gate.hold()
     pending = asyncio.create_task(publish(engine, "held", T0))
     await gate.held()
@@ -305,11 +315,10 @@ async def test_a_failed_batch_fails_every_job_and_forgets_what_it_created(
     }
 
 
-async def test_a_refused_publish_does_not_fail_its_batch(engine: Harness) -> None:
+async def test_a_refused_publish_does_not_fail_its_batch(engine: Harness, gate: CommitGate) -> None:
     limited = Retention(10, max_channels=1, namespace="x")
     await publish(engine, "a", T0, channel="x:a", retention=limited)
-    gate = await CommitGate.install(engine)
-    gate.hold()
+    gate.hold(lambda pub: pub.data == "held")
     pending = asyncio.create_task(publish(engine, "held", T0))
     await gate.held()
     refused = asyncio.create_task(publish(engine, "b", T0, channel="x:b", retention=limited))

@@ -198,7 +198,7 @@ class _Writer:
     pinned: set[str] = field(default_factory=set)  # channels a local client subscribes to
     grace_ms: int = 300_000
     jobs: queue.SimpleQueue[_Job | None] = field(default_factory=queue.SimpleQueue)  # None = stop
-    before_commit: Callable[[], None] | None = None  # see `SqliteBroker.before_commit`
+    before_commit: Callable[[list[Publication]], None] | None = None  # see SqliteBroker
 
     def run(self, loop: asyncio.AbstractEventLoop, store: SqliteBroker) -> None:
         """Thread body: run batches until the stop mark, then close the database."""
@@ -305,7 +305,7 @@ class _Writer:
             )
             hook = self.before_commit
             if hook is not None:
-                hook()
+                hook([job.pub for job in jobs if isinstance(job, _Append)])
             conn.execute("COMMIT")
         except BaseException:
             self._abort()
@@ -641,9 +641,10 @@ class SqliteBroker:
         return self._writer.file
 
     @property
-    def before_commit(self) -> Callable[[], None] | None:
+    def before_commit(self) -> Callable[[list[Publication]], None] | None:
         """Test hook: called on the writer thread in every batch, after its
-        statements and right before its COMMIT (None, the default: nothing).
+        statements and right before its COMMIT, with the publications the
+        batch appends (None, the default: nothing is called).
 
         Tests hold a batch there to check that nothing of it is acknowledged
         or delivered before it is committed, or raise there to fail a batch
@@ -654,7 +655,7 @@ class SqliteBroker:
         return self._writer.before_commit
 
     @before_commit.setter
-    def before_commit(self, hook: Callable[[], None] | None) -> None:
+    def before_commit(self, hook: Callable[[list[Publication]], None] | None) -> None:
         self._writer.before_commit = hook
 
     # ----- lifecycle
