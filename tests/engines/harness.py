@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import pytest
 
 from plexus.engines.base import Broker, Engine, HistoryStore, PresenceStore, Retention
-from plexus.models import Duplicate, Presence, Publication
+from plexus.models import Presence, Publication
 from plexus.supervisor import Supervisor
 from tests.helpers import TIMEOUT
 
@@ -290,7 +290,3 @@ async def publish_many(
 
 def offsets(publications: list[Publication]) -> list[int]:
     return [p.offset for p in publications]
-
-
-def is_duplicate_of(result: Publication | Duplicate, first: Publication) -> bool:
-    return result == Duplicate(first.offset, first.epoch)

@@ -314,10 +314,10 @@ async def test_a_channel_with_history_is_forgotten_after_expiry_and_grace(
 async def test_a_channel_with_history_is_kept_while_subscribed(launch: Launcher) -> None:
     engine = await launch(Tuning(grace=5))
     retention = keep(10, ttl=1)
-    await engine.broker.subscribe(CH)
-    # Published 10 s ago: expired, and past its grace, before anyone left.
+    # Published 10 s ago: expired, and past its grace (at t + 6 s), but subscribed.
     t = now_ms() - 10_000
     first = await publish(engine, "a", t, retention=retention)
+    await engine.broker.subscribe(CH)
     await engine.sweep(now_ms())
     assert await engine.history.position(CH) == StreamPosition(1, first.epoch)
     page = await engine.history.read(CH, since=1)
