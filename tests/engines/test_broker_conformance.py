@@ -79,6 +79,7 @@ async def test_racing_publishers_get_consecutive_offsets_delivered_in_order(
     page = await engine.history.read(CH, since=0)
     assert page.complete
     assert page.publications == seen
+    assert engine.sink.gapped == []  # nothing was lost on the way
 
 
 async def test_racing_publishers_in_two_channels_count_separately(engine: Harness) -> None:
