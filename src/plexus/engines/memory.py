@@ -118,7 +118,16 @@ class IdempotencyKeys:
 class _Stream:
     """One channel: its epoch, last offset and kept messages (oldest first)."""
 
-    __slots__ = ("bytes", "epoch", "messages", "retention", "scheduled", "top", "touched")
+    __slots__ = (
+        "bytes",
+        "epoch",
+        "kept_until",
+        "messages",
+        "retention",
+        "scheduled",
+        "top",
+        "touched",
+    )
 
     def __init__(self, retention: Retention, now: int) -> None:
         self.epoch = new_epoch()
@@ -129,6 +138,9 @@ class _Stream:
         self.messages: deque[Publication] = deque()
         self.bytes = 0  # payload bytes of `messages`
         self.touched = now  # last publish, subscribe or unsubscribe
+        # When the newest message expires (0: none expires): the grace runs
+        # from then, even once the expired messages were dropped.
+        self.kept_until = 0
         self.scheduled = False  # in the sweeper's heap
 
     def drop_expired_head(self, now: int) -> None:
@@ -142,13 +154,9 @@ class _Stream:
 
     def forget_at(self, grace_ms: int) -> float:
         """When this stream may be forgotten, if nobody subscribes to it by then."""
-        retention = self.retention
-        last = self.touched
-        if self.messages:
-            if retention.ttl <= 0:
-                return _NEVER
-            last = max(last, self.messages[-1].time + round(retention.ttl * 1000))
-        return last + grace_ms
+        if self.messages and self.retention.ttl <= 0:
+            return _NEVER
+        return max(self.touched, self.kept_until) + grace_ms
 
 
 class MemoryBroker:
@@ -259,6 +267,8 @@ class MemoryBroker:
         messages = stream.messages
         messages.append(pub)
         stream.bytes += len(pub.raw)
+        if stream.retention.ttl > 0:
+            stream.kept_until = pub.time + round(stream.retention.ttl * 1000)
         # The publication time is the caller's clock, so it is also "now" for
         # dropping expired messages.
         stream.drop_expired_head(now)

@@ -47,7 +47,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias
@@ -202,6 +202,7 @@ class _Writer:
     failures: int = 0
     logged_at: float = -1e9
     jobs: queue.SimpleQueue[_Job | None] = field(default_factory=queue.SimpleQueue)  # None = stop
+    before_commit: Callable[[list[Publication]], None] | None = None  # see SqliteBroker
 
     def run(self, loop: asyncio.AbstractEventLoop, store: SqliteBroker) -> None:
         """Thread body: run batches until the stop mark, then close the database."""
@@ -314,6 +315,9 @@ class _Writer:
                 " WHERE channel = ?",
                 [(self.tops[ch].offset, at, forget, ch) for ch, (at, forget) in dirty.items()],
             )
+            hook = self.before_commit
+            if hook is not None:
+                hook([job.pub for job in jobs if isinstance(job, _Append)])
             conn.execute("COMMIT")
         except BaseException:
             self._abort()
@@ -469,7 +473,13 @@ class _Writer:
             return position, cursor.fetchall(), False
         rows: list[Row] = []
         budget = job.max_bytes
+        # With a limit, one row more than wanted is fetched only to tell which
+        # offset follows the page: it is not returned, so it spends no budget.
+        wanted = job.limit - 1 if job.limit >= 0 else -1
         for row in cursor:
+            if len(rows) == wanted:
+                rows.append(row)
+                break
             budget -= len(row[4])
             if budget < 0:
                 return position, rows, True  # cut: the caller cannot have it all
@@ -643,6 +653,24 @@ class SqliteBroker:
     def file(self) -> Path:
         """The database file."""
         return self._writer.file
+
+    @property
+    def before_commit(self) -> Callable[[list[Publication]], None] | None:
+        """Test hook: called on the writer thread in every batch, after its
+        statements and right before its COMMIT, with the publications the
+        batch appends (None, the default: nothing is called).
+
+        Tests hold a batch there to check that nothing of it is acknowledged
+        or delivered before it is committed, or raise there to fail a batch
+        (it then fails like a database error: rolled back, every caller
+        hears `Unavailable`). The hook must not use the store. Unused, it
+        costs one attribute check per batch.
+        """
+        return self._writer.before_commit
+
+    @before_commit.setter
+    def before_commit(self, hook: Callable[[list[Publication]], None] | None) -> None:
+        self._writer.before_commit = hook
 
     # ----- lifecycle
 
