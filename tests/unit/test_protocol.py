@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 from websockets.frames import Frame, Opcode
 
@@ -11,7 +12,14 @@ from plexus.channels import namespace_of, personal_owner, validate_channel
 from plexus.exceptions import PlexusError
 from plexus.models import ClientInfo, HistoryPage, Presence, Publication, StreamPosition
 from plexus.protocol import commands as cmd
-from plexus.protocol.codec import JSON, MSGPACK, build_frame, close_frame
+from plexus.protocol.codec import (
+    JSON,
+    MSGPACK,
+    build_frame,
+    close_frame,
+    json_loads_with_bytes,
+    to_json_compatible,
+)
 from plexus.protocol.codes import CloseCode
 from plexus.protocol.recovery import can_recover, merge_backlog
 from plexus.protocol.session import Limits, SessionState
@@ -60,6 +68,41 @@ def test_json_bytes_round_trip_between_codecs() -> None:
     assert JSON.decode(as_json) == message  # $bytes objects come back as bytes
     as_msgpack = MSGPACK.decode(MSGPACK.encode(message))
     assert as_msgpack == message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"$bytes": "AAE=", "note": "kept?"},
+        {"note": "kept?", "$bytes": "AAE="},
+        {"$bytes": "%%", "note": 1},  # not base64, and no marker either: fine
+        {"$bytes": 5, "other": None},
+        {"$bytes": {"$bytes": "AAE="}, "x": 0},  # the inner one is a marker
+        [{"$bytes": "AAE=", "": ""}],
+    ],
+)
+def test_bytes_marker_with_other_keys_is_an_ordinary_object(value: Any) -> None:
+    # Only an object whose single key is "$bytes" stands for bytes.
+    message = {"type": "publish", "channel": "chat:x", "data": value}
+    expected = value
+    if isinstance(value, dict) and isinstance(value["$bytes"], dict):
+        expected = {"$bytes": b"\x00\x01", "x": 0}
+    as_text = orjson.dumps(message).decode()
+    for payload in (as_text, as_text.encode()):  # text frames and binary frames
+        assert JSON.decode(payload)["data"] == expected
+        assert json_loads_with_bytes(payload)["data"] == expected
+    # Delivered unchanged to both encodings, and back to JSON for the HTTP API.
+    assert JSON.decode(JSON.encode(message))["data"] == expected
+    assert MSGPACK.decode(MSGPACK.encode(JSON.decode(as_text)))["data"] == expected
+    assert to_json_compatible(JSON.decode(as_text)) == message
+
+
+def test_bytes_marker_alone_is_bytes_at_any_depth() -> None:
+    decoded = JSON.decode('{"a":[{"$bytes":"AAE="},{"b":{"$bytes":""}}]}')
+    assert decoded == {"a": [b"\x00\x01", {"b": b""}]}
+    assert JSON.decode(b'{"$bytes":"AP8="}') == b"\x00\xff"
+    # "$bytes" as a value, not a key, is text.
+    assert JSON.decode('{"t":"$bytes"}') == {"t": "$bytes"}
 
 
 @pytest.mark.parametrize(
