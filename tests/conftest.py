@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import gc
 import os
+import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,41 @@ from plexus.app import Server
 from plexus.client import Client
 from plexus.config import Settings
 from tests.helpers import TIMEOUT, RedisServer
+
+# CPython 3.11 before 3.11.8 keeps the AST constructor's recursion counter in
+# interpreter-wide state (python/cpython#106905, fixed in 3.11.8 by #113035).
+# When a garbage collection runs during `ast.parse` and a finalizer parses too,
+# the outer parse fails with "SystemError: AST constructor recursion depth
+# mismatch". Finalizers that parse are common in this suite after a failure:
+# any that logs an exception with its traceback (an abandoned asyncio task, an
+# unclosed transport), because 3.11's traceback module parses each source line
+# to place its `^^^` markers. pytest parses the failing test's module to show
+# its source, expects only SyntaxError there, and the SystemError surfaced as
+# an INTERNALERROR through the hypothesis plugin's report hook, which lost the
+# whole failure list. Parsing with the collector paused leaves no way for
+# Python code to run inside the constructor, so the counter stays balanced.
+# (Not Hypothesis's explain phase nor a RecursionError: the counter is reset at
+# every parse; only a parse nested inside another one breaks it.)
+_ast_parse = ast.parse
+# The collector switch is process-wide, hence a lock; a reentrant one, because
+# the collection that runs as soon as the collector is back on (before the lock
+# is released) may run a finalizer that parses again in the same thread.
+_parse_lock = threading.RLock()
+
+
+def _parse_with_collector_paused(*args: Any, **kwargs: Any) -> Any:
+    with _parse_lock:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return _ast_parse(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+
+if (3, 11) <= sys.version_info < (3, 11, 8):
+    ast.parse = _parse_with_collector_paused
 
 ServerFactory = Callable[..., Awaitable[Server]]
 ClientFactory = Callable[..., Awaitable[Client]]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from websockets.frames import Frame
 
 TIMEOUT = 10.0 * float(os.environ.get("PLEXUS_TEST_TIMEOUT_FACTOR", "1"))
 ROOT = Path(__file__).resolve().parent.parent
@@ -253,3 +254,23 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+def parse_frame(data: bytes) -> Frame:
+    """Parse one server frame with the websockets library's reader (an independent check)."""
+    chunks = [data]
+
+    def read_exact(n: int) -> Any:
+        buf = chunks[0]
+        chunks[0] = buf[n:]
+        return buf[:n]
+        yield  # pragma: no cover - makes this a generator
+
+    gen = Frame.parse(read_exact, mask=False)
+    try:
+        while True:
+            next(gen)
+    except StopIteration as done:
+        assert chunks[0] == b"", "trailing bytes after the frame"
+        frame: Frame = done.value
+        return frame

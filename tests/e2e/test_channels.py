@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import msgpack
 import pytest
 
 from plexus.app import Server
@@ -16,6 +17,7 @@ from plexus.engines.memory import MemoryBroker, MemoryPresenceStore
 from plexus.exceptions import Unavailable
 from plexus.models import Duplicate, HistoryPage, Publication, StreamPosition
 from plexus.node import RpcCall
+from plexus.protocol.codec import MSGPACK_SUBPROTOCOL
 from tests.conftest import ClientFactory, ServerFactory
 from tests.helpers import TIMEOUT
 
@@ -239,6 +241,39 @@ async def test_json_client_sees_bytes_as_base64_object(
         push = await ws.receive_json(timeout=TIMEOUT)
         assert push["data"] == {"$bytes": "/wA="}
         await ws.close()
+
+
+async def test_bytes_marker_with_other_keys_is_delivered_as_an_ordinary_object(
+    server: Server,
+) -> None:
+    # Only an object whose one key is "$bytes" stands for bytes; with another key
+    # it is plain data: neither decoded (its other keys lost) nor refused as bad
+    # base64. Raw sockets, so that no client library decodes anything on the way.
+    data = {"$bytes": "AAE=", "note": "kept?"}
+    not_base64 = {"$bytes": "%%", "note": 2}
+    channel = "chat:not-bytes"
+    async with aiohttp.ClientSession() as session:
+        js = await open_raw(session, server)
+        mp = await session.ws_connect(server.ws_url, protocols=[MSGPACK_SUBPROTOCOL])
+        assert msgpack.unpackb(await mp.receive_bytes(timeout=TIMEOUT))["type"] == "welcome"
+        publisher = await open_raw(session, server)
+        assert (await raw(js, {"type": "subscribe", "id": 1, "channel": channel}))["id"] == 1
+        await mp.send_bytes(msgpack.packb({"type": "subscribe", "id": 1, "channel": channel}))
+        assert msgpack.unpackb(await mp.receive_bytes(timeout=TIMEOUT))["type"] == "reply"
+        for value in (data, not_base64):
+            command = {"type": "publish", "id": 2, "channel": channel, "data": value}
+            assert (await raw(publisher, command))["type"] == "reply"
+            pushed = await js.receive_json(timeout=TIMEOUT)
+            while pushed["type"] == "join":  # the MessagePack subscriber's
+                pushed = await js.receive_json(timeout=TIMEOUT)
+            assert (pushed["type"], pushed["data"]) == ("message", value)
+            packed = msgpack.unpackb(await mp.receive_bytes(timeout=TIMEOUT))
+            # A map of strings, not MessagePack bin.
+            assert (packed["type"], packed["data"]) == ("message", value)
+        page = await raw(publisher, {"type": "history", "id": 3, "channel": channel})
+        assert [m["data"] for m in page["result"]["messages"]] == [data, not_base64]
+        for ws in (js, mp, publisher):
+            await ws.close()
 
 
 async def test_api_publish_reaches_subscribers_without_from(

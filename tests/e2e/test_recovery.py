@@ -9,6 +9,7 @@ whenever that is impossible (epoch changed, gap beyond history, expired).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import socket
@@ -678,6 +679,15 @@ async def test_history_command_and_api(make_server: ServerFactory, backend: str)
 RACE_CHANNEL = "chat:race"
 RACE_ROUNDS = 60
 RACE_PUBLISHERS = 4
+# Publishers may run at most RACE_WINDOW offsets ahead of what the subscriber
+# has read, and RACE_WINDOW more once it sends a subscribe (see `Pace`): a
+# resubscribe then misses at most 2 * RACE_WINDOW + 2 * RACE_PUBLISHERS
+# messages, which the channel's history always holds. Unthrottled, they could
+# publish more than the history holds while a reconnect is slow, and the server
+# rightly answered `recovered: false`: a failure by chance, not a bug.
+RACE_WINDOW = 100
+RACE_HISTORY = 1000
+assert 2 * RACE_WINDOW + 2 * RACE_PUBLISHERS < RACE_HISTORY
 
 
 class RemoteLikeHistory:
@@ -701,6 +711,39 @@ class RemoteLikeHistory:
         return page
 
 
+class Pace:
+    """Keeps the race test's publishers within reach of the subscriber's history.
+
+    `limit` is the highest offset the publishers may still publish: RACE_WINDOW
+    past the last message the subscriber read, or past the last published one
+    when the subscriber sends a subscribe, so that publishes keep flowing while
+    the server handles it (the race under test) even after a slow reconnect.
+    Each publisher has at most one publish in flight past the check.
+    """
+
+    def __init__(self) -> None:
+        self.limit = RACE_WINDOW
+        self.published = 0  # highest offset acknowledged to a publisher
+        self.advanced = asyncio.Event()
+
+    def allow(self, offset: int) -> None:
+        """Let the publishers go on up to `offset`."""
+        if offset > self.limit:
+            self.limit = offset
+            self.advanced.set()
+
+    async def wait_for_room(self) -> None:
+        """Return once the publishers may publish again (or `release` was called)."""
+        while self.published >= self.limit:
+            self.advanced.clear()
+            await self.advanced.wait()
+
+    def release(self) -> None:
+        """Unblock every waiting publisher for good (the test is ending)."""
+        self.limit = 2**63
+        self.advanced.set()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_resubscribe_races_live_messages(
     make_server: ServerFactory, backend: str, monkeypatch: pytest.MonkeyPatch
@@ -718,19 +761,27 @@ async def test_resubscribe_races_live_messages(
         return merge_backlog(last_offset, epoch, backlog, own)
 
     monkeypatch.setattr(node_module, "merge_backlog", counting_merge)
-    server = await make_server(history_backend=backend)
+    spaces = default_namespaces()
+    spaces["chat"] = dataclasses.replace(spaces["chat"], history_size=RACE_HISTORY)
+    server = await make_server(history_backend=backend, namespaces=spaces)
     assert server.node is not None
     server.node.history = RemoteLikeHistory(server.node.history)
     rng = random.Random(7)
     acked: dict[int, int] = {}
     stop = asyncio.Event()
+    pace = Pace()
 
     async def publisher(index: int) -> None:
         async with Client(server.ws_url, timeout=TIMEOUT) as client:
             n = 0
             while not stop.is_set():
+                await pace.wait_for_room()
+                if stop.is_set():
+                    break
                 value = index * 1_000_000 + n
-                acked[await client.publish(RACE_CHANNEL, value)] = value
+                offset = await client.publish(RACE_CHANNEL, value)
+                acked[offset] = value
+                pace.published = max(pace.published, offset)
                 n += 1
 
     async def subscriber(session: aiohttp.ClientSession) -> tuple[list[int], int, int]:
@@ -751,6 +802,7 @@ async def test_resubscribe_races_live_messages(
                 if ws is None:
                     ws = await session.ws_connect(server.ws_url)
                     assert (await next_json(ws))["type"] == "welcome"
+                pace.allow(pace.published + RACE_WINDOW)
                 await ws.send_json(command)
                 # Reply first: no message of the channel may come before it.
                 reply = await next_json(ws)
@@ -774,6 +826,7 @@ async def test_resubscribe_races_live_messages(
                     assert push["epoch"] == epoch
                     last = push["offset"]
                     values.append(push["data"])
+                    pace.allow(last + RACE_WINDOW)
                 if rng.random() < 0.5:
                     # Vanish like a crashed client; reconnect on a new socket.
                     drop(ws)
@@ -793,6 +846,7 @@ async def test_resubscribe_races_live_messages(
                         assert push["offset"] == last + 1
                         last = push["offset"]
                         values.append(push["data"])
+                        pace.allow(last + RACE_WINDOW)
             return values, last, recovered_messages
         finally:
             if ws is not None:
@@ -805,6 +859,7 @@ async def test_resubscribe_races_live_messages(
             values, last, recovered_messages = await subscriber(session)
         finally:
             stop.set()
+            pace.release()
             await asyncio.gather(*publishers)
     first = last - len(values) + 1
     assert values == [acked[offset] for offset in range(first, last + 1)]

@@ -48,9 +48,16 @@ Outcome = tuple[Any, ...]
 
 
 def namespaces() -> dict[str, NamespaceOptions]:
-    """The built-ins plus `secret:*`: private, clients may publish."""
+    """The built-ins, `secret:*` (private, clients may publish) and `vault:*`.
+
+    `vault:*` is private and keeps presence and history: there a refused
+    `presence` or `history` can only be refused for being private.
+    """
     spaces = default_namespaces()
     spaces["secret"] = NamespaceOptions(private=True, allow_publish=True)
+    spaces["vault"] = NamespaceOptions(
+        private=True, allow_publish=True, presence=True, history_size=10, recovery=True
+    )
     return spaces
 
 
@@ -397,6 +404,47 @@ ATTACKS = [
         ("error", "permission_denied"),
     ),
     Attack(
+        "private presence without subscribing",
+        lambda c: command_as(c, ALICE, {"type": "presence", "channel": "vault:room"}),
+        ("error", "permission_denied"),
+    ),
+    Attack(
+        "private history without subscribing, where history is kept",
+        lambda c: command_as(c, ALICE, {"type": "history", "channel": "vault:room"}),
+        ("error", "permission_denied"),
+    ),
+    Attack(
+        "private presence once subscribed",
+        lambda c: command_as(
+            c,
+            ALICE,
+            subscribe("vault:room", token=token(channel="vault:room")),
+            {"type": "presence", "channel": "vault:room"},
+        ),
+        ("reply",),
+    ),
+    Attack(
+        "private history once subscribed",
+        lambda c: command_as(
+            c,
+            ALICE,
+            subscribe("vault:room", token=token(channel="vault:room")),
+            {"type": "history", "channel": "vault:room"},
+        ),
+        ("reply",),
+    ),
+    Attack(
+        "private presence after unsubscribing",
+        lambda c: command_as(
+            c,
+            ALICE,
+            subscribe("vault:room", token=token(channel="vault:room")),
+            {"type": "unsubscribe", "channel": "vault:room"},
+            {"type": "presence", "channel": "vault:room"},
+        ),
+        ("error", "permission_denied"),
+    ),
+    Attack(
         "private channel with the right subscription token",
         lambda c: command_as(
             c, ALICE, subscribe("secret:room", token=token(channel="secret:room"))
@@ -634,6 +682,33 @@ async def test_refresh_keeps_subscriptions_past_expiry(make_server: ServerFactor
         await bystander.check()
         assert alice.close_code is None
     await bystander.client.close()
+
+
+async def test_refresh_rearms_expiry_for_the_new_token(make_server: ServerFactory) -> None:
+    # The refreshed token is short-lived too: its own expiry (plus grace) must
+    # close the connection, and the first token's expiry must not.
+    grace = 0.5
+    server, bystander = await start(make_server, token_grace=grace)
+    first, first_exp = expiring_token("alice", 2)
+    try:
+        async with Client(server.ws_url, token=first, timeout=TIMEOUT) as alice:
+            second, second_exp = expiring_token("alice", 4)
+            # Whole-second `exp`: the second token outlives the first by 2 s or more.
+            assert second_exp >= first_exp + 2
+            assert await alice.request({"type": "auth", "token": second}) == {"user": "alice"}
+            try:
+                code = await alice.wait_closed(second_exp - time.time() + grace + TIMEOUT)
+            except TimeoutError:
+                pytest.fail("still open long after the refreshed token's expiry and grace")
+            closed_at = time.time()
+        assert code == 4002
+        # Not at the first token's deadline (first_exp + grace, 2 s earlier) ...
+        assert closed_at >= second_exp + grace - 0.05
+        # ... but at the second one's.
+        assert closed_at < second_exp + grace + 2.0
+        await bystander.check()
+    finally:
+        await bystander.client.close()
 
 
 async def test_unrefreshed_token_closes_4002_after_grace(make_server: ServerFactory) -> None:

@@ -635,9 +635,12 @@ def test_make_token_rs256(keys: Keys) -> None:
     ],
 )
 def test_make_token_refuses(kwargs: dict[str, str], match: str) -> None:
-    secret = kwargs.pop("secret", SECRET)
+    # Not kwargs.pop: the parameter dict is shared by every run of this test in
+    # one process (mutmut runs the suite several times in one process).
+    options = dict(kwargs)
+    secret = options.pop("secret", SECRET)
     with pytest.raises(ValueError, match=match):
-        make_token(secret, user="alice", **kwargs)  # type: ignore[arg-type]
+        make_token(secret, user="alice", **options)  # type: ignore[arg-type]
 
 
 # ----- parse_duration

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import cast
 
 from plexus.outbox import Flusher, Outbox
 
@@ -71,3 +73,174 @@ async def test_nothing_is_written_to_a_closing_transport() -> None:
     transport.closing = True
     flusher.flush()
     assert transport.writes == []
+
+
+class CountingTransport(FakeTransport):
+    """Counts how often the outbox asks for the buffer size (a call per write would cost)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    def get_write_buffer_size(self) -> int:
+        self.asked += 1
+        return super().get_write_buffer_size()
+
+
+class RecordingLoop:
+    """Stands in for the event loop: records the callbacks scheduled with call_soon."""
+
+    def __init__(self) -> None:
+        self.scheduled: list[Callable[[], object]] = []
+
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        self.scheduled.append(callback)
+
+
+def recording_flusher() -> tuple[Flusher, RecordingLoop]:
+    loop = RecordingLoop()
+    return Flusher(cast(asyncio.AbstractEventLoop, loop)), loop
+
+
+async def test_frames_leave_at_the_end_of_the_loop_iteration() -> None:
+    transport = FakeTransport()
+    outbox = Outbox(transport, 1000, Flusher(asyncio.get_running_loop()), lambda: None)
+    outbox.push(b"a")
+    outbox.push(b"b")
+    assert transport.writes == []
+    await asyncio.sleep(0)  # sleep-ok: lets the loop run the flush it scheduled
+    assert transport.writes == [b"ab"]
+
+
+def test_one_flush_callback_per_iteration_for_all_outboxes() -> None:
+    flusher, loop = recording_flusher()
+    transports = [FakeTransport() for _ in range(3)]
+    outboxes = [Outbox(t, 1000, flusher, lambda: None) for t in transports]
+    for outbox in outboxes:
+        outbox.push(b"x")
+        outbox.push(b"y")
+    assert loop.scheduled == [flusher.flush]
+    flusher.flush()
+    assert [t.writes for t in transports] == [[b"xy"]] * 3
+    assert flusher.bytes_written == 6
+    # The next iteration schedules its own flush, and the count adds up.
+    outboxes[0].push(b"z")
+    assert loop.scheduled == [flusher.flush, flusher.flush]
+    flusher.flush()
+    assert flusher.bytes_written == 7
+    assert transports[0].writes == [b"xy", b"z"]
+
+
+def test_flusher_skips_an_outbox_emptied_meanwhile() -> None:
+    flusher, _ = recording_flusher()
+    first, second = FakeTransport(), FakeTransport()
+    early = Outbox(first, 1000, flusher, lambda: None)
+    late = Outbox(second, 1000, flusher, lambda: None)
+    early.push(b"close")
+    late.push(b"data")
+    early.write_now(b"!")  # flushes `early` itself, before the flusher runs
+    flusher.flush()
+    assert first.writes == [b"close", b"!"]
+    assert second.writes == [b"data"]
+    assert flusher.bytes_written == 4
+
+
+def test_queue_starts_empty_and_refills_after_each_flush() -> None:
+    flusher, _ = recording_flusher()
+    transport = FakeTransport()
+    outbox = Outbox(transport, 100, flusher, lambda: None)
+    assert (outbox.peak, outbox.overflowed, outbox.buffered) == (0, False, 0)
+    assert outbox.push(b"x" * 100)  # exactly the limit fits an empty outbox
+    assert outbox.peak == 100
+    flusher.flush()
+    transport.unsent = 0
+    for round_ in range(2):
+        outbox.push(b"a")
+        outbox.push(b"b")
+        flusher.flush()
+        assert transport.writes[-1] == b"ab", round_
+    assert outbox.buffered == transport.unsent
+
+
+def test_unsent_bytes_add_up_across_writes() -> None:
+    flusher, _ = recording_flusher()
+    transport = CountingTransport()
+    outbox = Outbox(transport, 100, flusher, lambda: None)
+    for size in (30, 30, 30):  # each flushed; the kernel takes nothing
+        assert outbox.push(b"x" * size)
+        flusher.flush()
+    assert transport.asked == 0  # far from the limit: the transport is not asked
+    assert not outbox.push(b"y" * 20)  # 90 unsent + 20 > 100
+    assert outbox.overflowed
+
+
+def test_queued_bytes_add_up_before_a_flush() -> None:
+    flusher, _ = recording_flusher()
+    outbox = Outbox(FakeTransport(), 100, flusher, lambda: None)
+    for _ in range(3):
+        assert outbox.push(b"x" * 30)
+    assert outbox.peak == 90
+    assert not outbox.push(b"x" * 30)
+
+
+def test_limit_is_checked_against_a_fresh_size_once_reached() -> None:
+    flusher, _ = recording_flusher()
+    transport = CountingTransport()
+    outbox = Outbox(transport, 100, flusher, lambda: None)
+    outbox.push(b"x" * 90)
+    flusher.flush()
+    assert outbox.push(b"y" * 10)  # exactly the limit by the bound: not asked
+    flusher.flush()
+    assert transport.asked == 0
+    transport.unsent = 60  # the kernel took some
+    assert outbox.push(b"z" * 40)  # the bound says 140: ask, and 60 + 40 fits exactly
+    assert transport.asked == 1
+    assert not outbox.overflowed
+
+
+def test_overflow_drops_the_queue() -> None:
+    flusher, _ = recording_flusher()
+    transport = FakeTransport()
+    outbox = Outbox(transport, 10, flusher, lambda: None)
+    outbox.push(b"x" * 8)
+    assert not outbox.push(b"y" * 8)
+    assert outbox.buffered == 0  # nothing queued, nothing in the transport
+    flusher.flush()
+    assert transport.writes == []
+
+
+def test_flush_writes_the_queue_once_and_counts_it() -> None:
+    flusher, _ = recording_flusher()
+    transport = FakeTransport()
+    outbox = Outbox(transport, 100, flusher, lambda: None)
+    assert outbox.flush() == 0  # nothing queued
+    outbox.push(b"ab")
+    outbox.push(b"cd")
+    assert outbox.flush() == 4
+    assert outbox.flush() == 0
+    assert transport.writes == [b"abcd"]
+    flusher.flush()  # already written: nothing again
+    assert transport.writes == [b"abcd"]
+    # Nothing stays queued after a flush: once drained, the whole limit is free.
+    transport.unsent = 0
+    assert outbox.push(b"g" * 100)
+    outbox.flush()
+    transport.unsent = 4
+    # What it wrote counts as unsent until the transport says otherwise.
+    outbox.push(b"e" * 90)
+    assert outbox.flush() == 90
+    assert not outbox.push(b"f" * 7)  # 4 + 90 + 7 > 100
+
+
+def test_flush_and_write_now_write_nothing_to_a_closing_transport() -> None:
+    flusher, _ = recording_flusher()
+    transport = FakeTransport()
+    outbox = Outbox(transport, 100, flusher, lambda: None)
+    outbox.push(b"late")
+    transport.closing = True
+    assert outbox.flush() == 0
+    outbox.write_now(b"close")
+    assert transport.writes == []
+    transport.closing = False
+    outbox.write_now(b"pong")
+    assert transport.writes == [b"pong"]  # the queue was dropped with the closing transport

@@ -4,37 +4,36 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
+import orjson
 import pytest
-from websockets.frames import Frame, Opcode
+from websockets.frames import Opcode
 
 from plexus.channels import namespace_of, personal_owner, validate_channel
 from plexus.exceptions import PlexusError
 from plexus.models import ClientInfo, HistoryPage, Presence, Publication, StreamPosition
 from plexus.protocol import commands as cmd
-from plexus.protocol.codec import JSON, MSGPACK, build_frame, close_frame
+from plexus.protocol.codec import (
+    JSON,
+    JSON_SUBPROTOCOL,
+    MSGPACK,
+    MSGPACK_SUBPROTOCOL,
+    OP_BINARY,
+    OP_TEXT,
+    JsonCodec,
+    MsgpackCodec,
+    UndecodableBytes,
+    build_frame,
+    close_frame,
+    codec_for,
+    json_loads_with_bytes,
+    to_json_compatible,
+)
 from plexus.protocol.codes import CloseCode
+from plexus.protocol.limits import EventWindow, TokenBucket
 from plexus.protocol.recovery import can_recover, merge_backlog
 from plexus.protocol.session import Limits, SessionState
-
-
-def parse_frame(data: bytes) -> Frame:
-    """Parse one server frame with the websockets library's reader (an independent check)."""
-    chunks = [data]
-
-    def read_exact(n: int) -> Any:
-        buf = chunks[0]
-        chunks[0] = buf[n:]
-        return buf[:n]
-        yield  # pragma: no cover - makes this a generator
-
-    gen = Frame.parse(read_exact, mask=False)
-    try:
-        while True:
-            next(gen)
-    except StopIteration as done:
-        assert chunks[0] == b"", "trailing bytes after the frame"
-        frame: Frame = done.value
-        return frame
+from tests.helpers import parse_frame
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 200_000])
@@ -53,6 +52,32 @@ def test_close_frame_carries_code_and_reason() -> None:
     assert frame.data[2:] == b"slow consumer"
 
 
+def test_close_frame_without_reason_and_with_one_too_long() -> None:
+    assert parse_frame(close_frame(1000)).data == b"\x03\xe8"
+    for length in (123, 124, 200):
+        long = parse_frame(close_frame(4000, "x" * length))
+        assert long.data[2:] == b"x" * 123  # 125 bytes: the most a control frame carries
+    # Cut at a character boundary: the reason stays valid UTF-8.
+    accented = parse_frame(close_frame(4000, "é" * 100))
+    assert accented.data[2:].decode("utf-8") == "é" * 61
+
+
+def test_codecs_name_their_encoding_and_frame_type() -> None:
+    # Fresh instances too: the shared ones were built once, at import.
+    for json_codec in (JSON, JsonCodec()):
+        assert (json_codec.name, json_codec.binary, json_codec.opcode) == ("json", False, OP_TEXT)
+    for mp_codec in (MSGPACK, MsgpackCodec()):
+        assert (mp_codec.name, mp_codec.binary, mp_codec.opcode) == ("msgpack", True, OP_BINARY)
+    assert codec_for(MSGPACK_SUBPROTOCOL) is MSGPACK
+    for other in (None, JSON_SUBPROTOCOL, "plexus.v2.cbor"):
+        assert codec_for(other) is JSON
+    message = {"type": "pong", "id": 1, "data": b"\x00"}
+    for codec, opcode in ((JSON, Opcode.TEXT), (MSGPACK, Opcode.BINARY)):
+        frame = parse_frame(codec.frame(message))
+        assert frame.opcode is opcode
+        assert codec.decode(frame.data) == message
+
+
 def test_json_bytes_round_trip_between_codecs() -> None:
     message = {"type": "message", "data": {"blob": b"\x00\xff", "text": "你好 🎉"}}
     as_json = JSON.encode(message)
@@ -60,6 +85,41 @@ def test_json_bytes_round_trip_between_codecs() -> None:
     assert JSON.decode(as_json) == message  # $bytes objects come back as bytes
     as_msgpack = MSGPACK.decode(MSGPACK.encode(message))
     assert as_msgpack == message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"$bytes": "AAE=", "note": "kept?"},
+        {"note": "kept?", "$bytes": "AAE="},
+        {"$bytes": "%%", "note": 1},  # not base64, and no marker either: fine
+        {"$bytes": 5, "other": None},
+        {"$bytes": {"$bytes": "AAE="}, "x": 0},  # the inner one is a marker
+        [{"$bytes": "AAE=", "": ""}],
+    ],
+)
+def test_bytes_marker_with_other_keys_is_an_ordinary_object(value: Any) -> None:
+    # Only an object whose single key is "$bytes" stands for bytes.
+    message = {"type": "publish", "channel": "chat:x", "data": value}
+    expected = value
+    if isinstance(value, dict) and isinstance(value["$bytes"], dict):
+        expected = {"$bytes": b"\x00\x01", "x": 0}
+    as_text = orjson.dumps(message).decode()
+    for payload in (as_text, as_text.encode()):  # text frames and binary frames
+        assert JSON.decode(payload)["data"] == expected
+        assert json_loads_with_bytes(payload)["data"] == expected
+    # Delivered unchanged to both encodings, and back to JSON for the HTTP API.
+    assert JSON.decode(JSON.encode(message))["data"] == expected
+    assert MSGPACK.decode(MSGPACK.encode(JSON.decode(as_text)))["data"] == expected
+    assert to_json_compatible(JSON.decode(as_text)) == message
+
+
+def test_bytes_marker_alone_is_bytes_at_any_depth() -> None:
+    decoded = JSON.decode('{"a":[{"$bytes":"AAE="},{"b":{"$bytes":""}}]}')
+    assert decoded == {"a": [b"\x00\x01", {"b": b""}]}
+    assert JSON.decode(b'{"$bytes":"AP8="}') == b"\x00\xff"
+    # "$bytes" as a value, not a key, is text.
+    assert JSON.decode('{"t":"$bytes"}') == {"t": "$bytes"}
 
 
 @pytest.mark.parametrize(
@@ -72,11 +132,40 @@ def test_json_decode_errors_are_bad_request(payload: str) -> None:
     assert info.value.code == "bad_request"
 
 
-def test_msgpack_rejects_text_and_garbage() -> None:
-    with pytest.raises(PlexusError):
+def test_json_decode_error_says_why() -> None:
+    with pytest.raises(PlexusError, match=r"^not valid JSON: \w"):
+        JSON.decode("{")
+
+
+@pytest.mark.parametrize(
+    ("data", "text"),
+    [
+        ('{"$bytes":5}', '"$bytes" must hold a base64 string'),
+        ('{"$bytes":"@@"}', '"$bytes" holds invalid base64'),
+        ("[" * 900 + '{"$bytes":"AAE="}' + "]" * 900, "nested too deeply"),
+    ],
+)
+def test_undecodable_bytes_keep_the_command_for_its_id(data: str, text: str) -> None:
+    payload = '{"type":"publish","id":7,"channel":"chat:x","data":' + data + "}"
+    with pytest.raises(UndecodableBytes) as info:
+        JSON.decode(payload)
+    assert (info.value.code, info.value.message) == ("bad_request", text)
+    assert info.value.decoded["id"] == 7
+
+
+def test_msgpack_rejects_text_garbage_and_keys_json_cannot_carry() -> None:
+    with pytest.raises(PlexusError) as info:
         MSGPACK.decode("{}")
-    with pytest.raises(PlexusError):
+    assert info.value.message == "a plexus.v1.msgpack connection sends binary frames"
+    # A reserved byte: msgpack's error has no text, so the message names the error.
+    with pytest.raises(PlexusError) as info:
         MSGPACK.decode(b"\xc1")
+    assert info.value.message == "not valid MessagePack: FormatError"
+    # Map keys other than strings (and bytes) are refused at once, saying so.
+    with pytest.raises(PlexusError, match=r"^not valid MessagePack: .*map key"):
+        MSGPACK.decode(msgpack.packb({"type": "publish", 1: "x"}))
+    # Strings stay strings, bytes stay bytes.
+    assert MSGPACK.decode(msgpack.packb({"s": "é", "b": b"\xff"})) == {"s": "é", "b": b"\xff"}
 
 
 @pytest.mark.parametrize(
@@ -187,6 +276,58 @@ def test_rate_limited_does_not_count_as_bad() -> None:
     assert all(o.close is None for o in outcomes)
 
 
+def test_session_errors_carry_the_command_id_and_a_message() -> None:
+    state = SessionState(JSON, Limits(publish_rate=1, publish_burst=1), now=0.0)
+    missing = state.receive('{"type":"publish","id":5,"channel":"c"}', now=0.0)
+    assert missing.error == cmd.error(5, "bad_request", '"publish" needs "data"')
+    bad_bytes = '{"type":"publish","id":9,"channel":"c","data":{"$bytes":"%%"}}'
+    assert state.receive(bad_bytes, now=0.0).error == cmd.error(
+        9, "bad_request", '"$bytes" holds invalid base64'
+    )
+    not_json = state.receive('{"id": 3', now=0.0).error
+    assert not_json is not None
+    assert "id" not in not_json
+    assert not_json["message"].startswith("not valid JSON: ")
+    publish = '{"type":"publish","id":"p","channel":"c","data":1}'
+    assert state.receive(publish, now=0.0).command == cmd.Publish("p", "c", 1)
+    limited = state.receive(publish, now=0.0)
+    assert limited.error == cmd.error("p", "rate_limited", "publish rate exceeded")
+
+
+def test_session_applies_its_info_limit() -> None:
+    state = SessionState(JSON, Limits(max_info_bytes=10), now=0.0)
+    subscribe = '{"type":"subscribe","id":1,"channel":"c","info":"%s"}'
+    assert state.receive(subscribe % ("x" * 8), now=0.0).command is not None
+    refused = state.receive(subscribe % ("x" * 9), now=0.0).error
+    assert refused == cmd.error(1, "too_large", '"info" is over 10 bytes')
+
+
+def test_token_bucket_refills_at_its_rate() -> None:
+    bucket = TokenBucket(rate=10, burst=1, now=0.0)
+    assert [bucket.allow(0.0), bucket.allow(0.0)] == [True, False]
+    assert [bucket.allow(0.1), bucket.allow(0.1)] == [True, False]  # one token per 0.1 s
+    assert bucket.allow(0.15) is False  # half a token
+    assert bucket.allow(0.2) is True
+    assert bucket.allow(100.0) is True  # a long pause refills up to the burst only
+    assert bucket.allow(100.0) is False
+
+
+def test_token_bucket_with_rate_zero_never_limits() -> None:
+    bucket = TokenBucket(rate=0, burst=1, now=0.0)
+    assert all(bucket.allow(0.0) for _ in range(100))
+
+
+def test_event_window_forgets_events_a_full_window_old() -> None:
+    window = EventWindow(limit=2, window=10.0)
+    assert window.hit(0.0) is False
+    assert window.hit(10.0) is False  # the first one is exactly 10 s old: gone
+    assert window.hit(19.0) is True
+    for _ in range(1000):
+        window.hit(19.0)
+    assert window._times is not None
+    assert len(window._times) == 2  # memory bounded by the limit
+
+
 def _pub(offset: int, epoch: str = "e") -> Publication:
     return Publication("c", offset, offset, epoch, 0)
 
@@ -196,6 +337,7 @@ def test_recovery_decision() -> None:
     assert can_recover(cmd.Since(3, "e"), page)
     assert not can_recover(cmd.Since(3, "other"), page)
     assert not can_recover(cmd.Since(9, "e"), page)
+    assert can_recover(cmd.Since(5, "e"), page)  # nothing missed: recovered, nothing to send
     incomplete = HistoryPage([_pub(5)], StreamPosition(5, "e"), complete=False)
     assert not can_recover(cmd.Since(3, "e"), incomplete)
 

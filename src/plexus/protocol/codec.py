@@ -49,8 +49,12 @@ def build_frame(payload: bytes, opcode: int) -> bytes:
 
 def close_frame(code: int, reason: str = "") -> bytes:
     """Return a close frame carrying `code` and a UTF-8 `reason` (cut to fit 125 bytes)."""
-    body = struct.pack("!H", code) + reason.encode("utf-8")[:123]
-    return build_frame(body, OP_CLOSE)
+    encoded = reason.encode("utf-8")
+    if len(encoded) > 123:
+        # Cut at a character boundary: a reason that is not valid UTF-8 makes
+        # the client fail the connection (RFC 6455 section 8.1) and lose the code.
+        encoded = encoded[:123].decode("utf-8", "ignore").encode("utf-8")
+    return build_frame(struct.pack("!H", code) + encoded, OP_CLOSE)
 
 
 PING_FRAME: Final = build_frame(b"", OP_PING)
@@ -161,7 +165,8 @@ class MsgpackCodec(Codec):
         try:
             return msgpack.unpackb(payload, raw=False, strict_map_key=True)
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-            raise BadRequest(f"not valid MessagePack: {exc}") from None
+            # Some of msgpack's errors carry no text (a reserved byte): name the error then.
+            raise BadRequest(f"not valid MessagePack: {str(exc) or type(exc).__name__}") from None
 
 
 JSON: Final = JsonCodec()
