@@ -32,7 +32,14 @@ def nested(depth: int) -> Any:
             cmd.Subscribe(None, "chat:a", token="t"),
         ),
         ({"type": "unsubscribe", "id": "u", "channel": "chat:a"}, cmd.Unsubscribe("u", "chat:a")),
-        ({"type": "publish", "id": 3, "channel": "c", "data": [1]}, cmd.Publish(3, "c", [1])),
+        (
+            {"type": "publish", "id": 3, "channel": "c", "data": [1]},
+            cmd.Publish(3, "c", [1], b"[1]"),
+        ),
+        (
+            {"type": "publish", "channel": "c", "data": {"b": b"\x00"}, "idempotency_key": "k-1"},
+            cmd.Publish(None, "c", {"b": b"\x00"}, b'{"b":{"$bytes":"AA=="}}', "k-1"),
+        ),
         ({"type": "history", "id": 4, "channel": "c"}, cmd.History(4, "c", None, 100)),
         (
             {"type": "history", "id": 4, "channel": "c", "since": {"offset": 0, "epoch": ""}},
@@ -169,15 +176,24 @@ def test_payload_depth_counts_the_envelope_it_is_sent_in() -> None:
         cmd.check_payload(nested(251), "info")
 
 
-def test_json_size_counts_bytes_as_their_base64_and_refuses_the_rest() -> None:
-    assert cmd.json_size({"a": 1}) == len('{"a":1}')
-    assert cmd.json_size(b"\x00\x01") == len('{"$bytes":"AAE="}')
+def test_check_payload_encodes_once_and_refuses_what_json_cannot_carry() -> None:
+    # The validation's encoding is the one every engine stores and ships.
+    assert cmd.check_payload({"a": 1}) == b'{"a":1}'
+    assert cmd.check_payload(b"\x00\x01") == b'{"$bytes":"AAE="}'
     with pytest.raises(PlexusError) as info:
-        cmd.json_size({1: "not a string key"})
-    assert (info.value.code, info.value.message) == (
-        "bad_request",
-        "value cannot be represented as JSON",
-    )
+        cmd.check_payload({1: "not a string key"}, "info")
+    assert info.value.code == "bad_request"
+    assert info.value.message.startswith('"info" cannot be sent as JSON')
+
+
+@pytest.mark.parametrize("key", ["", "x" * 65, 5, ["k"], {"k": 1}, True])
+def test_idempotency_key_must_be_a_short_string(key: object) -> None:
+    message = {"type": "publish", "channel": "c", "data": 1, "idempotency_key": key}
+    with pytest.raises(PlexusError) as info:
+        cmd.parse_command(message)
+    assert info.value.code == "bad_request"
+    assert "idempotency_key" in info.value.message
+    assert cmd.parse_command({**message, "idempotency_key": "x" * 64}).idempotency_key == "x" * 64  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

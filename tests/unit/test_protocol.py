@@ -219,7 +219,7 @@ def test_valid_commands_parse() -> None:
         "a1", "chat:x", since=cmd.Since(3, "e"), info={"nick": "n"}, has_info=True
     )
     assert cmd.parse_command({"type": "publish", "channel": "c", "data": None}) == cmd.Publish(
-        None, "c", None
+        None, "c", None, b"null"
     )
     history = cmd.parse_command({"type": "history", "id": 1, "channel": "c", "limit": 10**9})
     assert isinstance(history, cmd.History)
@@ -289,7 +289,7 @@ def test_session_errors_carry_the_command_id_and_a_message() -> None:
     assert "id" not in not_json
     assert not_json["message"].startswith("not valid JSON: ")
     publish = '{"type":"publish","id":"p","channel":"c","data":1}'
-    assert state.receive(publish, now=0.0).command == cmd.Publish("p", "c", 1)
+    assert state.receive(publish, now=0.0).command == cmd.Publish("p", "c", 1, b"1")
     limited = state.receive(publish, now=0.0)
     assert limited.error == cmd.error("p", "rate_limited", "publish rate exceeded")
 
