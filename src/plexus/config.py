@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from plexus.exceptions import ConfigError
+from plexus.transports.origin import parse_authority, parse_origin
 
 ENV_PREFIX = "PLEXUS_"
 # The WebSocket engines: aiohttp's WebSocketResponse, or Plexus's own asyncio
@@ -115,6 +116,9 @@ class Settings:
     token_grace: float = 30.0  # seconds a live connection has to send `auth` after expiry
     api_keys: list[str] = field(default_factory=list)
     allowed_origins: list[str] = field(default_factory=list)
+    # Host names (besides loopback ones) that browsers may use to reach this
+    # server: the own-origin rule and the keyless API trust no other Host.
+    allowed_hosts: list[str] = field(default_factory=list)
 
     echo_endpoint: bool = False  # /echo for the Autobahn conformance suite only
     namespaces: dict[str, NamespaceOptions] = field(default_factory=default_namespaces)
@@ -177,6 +181,14 @@ class Settings:
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
                 raise ConfigError(f"{name}: no such file: {value}")
+        for entry in self.allowed_origins:
+            if entry != "*" and parse_origin(entry) is None:
+                raise ConfigError(
+                    f"allowed_origins: {entry!r} is not scheme://host[:port] (http or https)"
+                )
+        for entry in self.allowed_hosts:
+            if entry != "*" and parse_authority(entry) is None:
+                raise ConfigError(f"allowed_hosts: {entry!r} is not a host name")
         for name, options in self.namespaces.items():
             options.validate(name)
 

@@ -94,12 +94,19 @@ class Ctx:
     session: aiohttp.ClientSession
 
     async def open(
-        self, tok: str | None = None, *, origin: str | None = None
+        self, tok: str | None = None, *, origin: str | None = None, host: str | None = None
     ) -> tuple[Outcome, aiohttp.ClientWebSocketResponse | None]:
-        """Open a WebSocket; report ("http", status), ("close", code) or ("welcome", user)."""
+        """Open a WebSocket; report ("http", status), ("close", code) or ("welcome", user).
+
+        `host`: the Host header to send instead of the URL's (what a DNS
+        rebinding page's browser sends).
+        """
         params = {"token": tok} if tok is not None else None
+        headers = {"Host": host} if host is not None else None
         try:
-            ws = await self.session.ws_connect(self.server.ws_url, params=params, origin=origin)
+            ws = await self.session.ws_connect(
+                self.server.ws_url, params=params, origin=origin, headers=headers
+            )
         except aiohttp.WSServerHandshakeError as exc:
             return ("http", exc.status), None
         first = await ws.receive(timeout=TIMEOUT)
@@ -116,8 +123,10 @@ class Ctx:
         assert ws is not None
         return ws
 
-    async def first_frame(self, tok: str | None = None, *, origin: str | None = None) -> Outcome:
-        outcome, ws = await self.open(tok, origin=origin)
+    async def first_frame(
+        self, tok: str | None = None, *, origin: str | None = None, host: str | None = None
+    ) -> Outcome:
+        outcome, ws = await self.open(tok, origin=origin, host=host)
         if ws is not None:
             await ws.close()
         return outcome
@@ -468,6 +477,33 @@ ATTACKS = [
         lambda c: c.first_frame(origin="http://localhost:3000"),
         ("http", 403),
         lambda _: {"allowed_origins": ["https://app.example"]},
+    ),
+    Attack(
+        "origin whose IDNA label does not decode",
+        lambda c: c.first_frame(origin="http://xn--zz"),
+        ("http", 403),
+    ),
+    Attack(
+        "DNS rebinding: own origin under a foreign Host",
+        lambda c: c.first_frame(
+            origin=f"http://rebind.attacker.example:{c.server.port}",
+            host=f"rebind.attacker.example:{c.server.port}",
+        ),
+        ("http", 403),
+    ),
+    Attack(
+        "own origin under a Host listed in allowed_hosts is fine",
+        lambda c: c.first_frame(
+            origin=f"http://chat.example.com:{c.server.port}",
+            host=f"chat.example.com:{c.server.port}",
+        ),
+        ("welcome", None),
+        lambda _: {"allowed_hosts": ["chat.example.com"]},
+    ),
+    Attack(
+        "IPv4-mapped loopback origin is fine",
+        lambda c: c.first_frame(origin="http://[::ffff:127.0.0.1]:3000"),
+        ("welcome", None),
     ),
     Attack(
         "listed origin is fine",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -205,3 +206,35 @@ async def test_a_socket_that_sends_no_request_is_closed(
     writer.write(b"GET /ws HTTP/1.1\r\n")  # and never the rest
     assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
     writer.close()
+
+
+MALFORMED_ORIGINS = [
+    ("Origin: http://xn--zz", 403),  # an IDNA label that does not decode
+    ("Origin: http://[::1", 403),
+    ("Origin: http://localhost:99999", 403),
+    ("Origin: http://local host", 403),
+    ("Origin: null", 403),
+    ("Origin: http://xn--zz\r\nHost: xn--zz", 403),
+    ("Origin: http://127.0.0.1:1\r\nHost: [::1", 101),  # a loopback origin needs no Host
+]
+
+
+@pytest.mark.parametrize(("extra", "status"), MALFORMED_ORIGINS)
+async def test_a_malformed_origin_is_a_clean_403(
+    make_server: ServerFactory,
+    engine: str,
+    extra: str,
+    status: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = await make_server(ws_engine=engine)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    request = upgrade_request(extra=extra + "\r\n")
+    if "\r\nHost:" in extra:  # the one given replaces the default
+        request = request.replace(b"Host: 127.0.0.1\r\n", b"", 1)
+    writer.write(request)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    writer.close()
+    # Refused quietly: never a traceback, never an error.
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]

@@ -7,7 +7,6 @@ code and a fitting HTTP status.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,6 +22,7 @@ from plexus.protocol.codes import HTTP_STATUS, ErrorCode
 from plexus.protocol.commands import check_payload, parse_limit, parse_since
 from plexus.protocol.pushes import publication_message
 from plexus.transports.openapi import OPENAPI_PATH, openapi_handler
+from plexus.transports.origin import is_loopback_address
 
 log = logging.getLogger("plexus.api")
 
@@ -34,16 +34,6 @@ def error_response(code: ErrorCode, message: str) -> web.Response:
     return web.json_response(
         {"error": {"code": code.value, "message": message}}, status=HTTP_STATUS[code]
     )
-
-
-def is_loopback(address: str | None) -> bool:
-    """True for 127.0.0.0/8 and ::1."""
-    if not address:
-        return False
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 def json_body(payload: dict[str, Any]) -> web.Response:
@@ -106,7 +96,7 @@ class HttpApi:
             matches = [hmac.compare_digest(given.encode(), key.encode()) for key in keys]
             if not any(matches):
                 raise Unauthorized("wrong API key")
-        elif not is_loopback(request.remote):
+        elif not is_loopback_address(request.remote):
             raise PermissionDenied("no API key configured: the API accepts loopback callers only")
 
     async def _json(self, request: web.Request) -> dict[str, Any]:

@@ -310,7 +310,7 @@ class LeanProtocol(Link, asyncio.Protocol):
         remote = peer[0] if isinstance(peer, tuple) else ""
         endpoint = listener.endpoint
         refusal = endpoint.admit(
-            origins[0] if origins else None, listener.scheme, hosts[0] if hosts else "", remote
+            origins[0] if origins else None, listener.scheme, hosts[0] if hosts else None, remote
         )
         if refusal is not None:
             self._answer(http_error(refusal))

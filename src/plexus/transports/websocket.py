@@ -207,10 +207,14 @@ class WebSocketEndpoint:
 
     # ----- the steps of a connection, for every engine
 
-    def admit(self, origin: str | None, scheme: str, host: str, remote: str) -> Refusal | None:
+    def admit(
+        self, origin: str | None, scheme: str, host: str | None, remote: str
+    ) -> Refusal | None:
         """Check an upgrade request's origin and the connection limits."""
         settings = self.settings
-        if not origin_allowed(origin, scheme, host, settings.allowed_origins):
+        if not origin_allowed(
+            origin, scheme, host, settings.allowed_origins, settings.allowed_hosts
+        ):
             return Refusal(403, "permission_denied", "origin not allowed")
         if settings.max_connections and len(self.connections) >= settings.max_connections:
             return Refusal(503, "unavailable", "connection limit of this node reached")
@@ -351,7 +355,10 @@ async def _serve(
     endpoint: WebSocketEndpoint, request: web.Request, *, echo: bool
 ) -> web.StreamResponse:
     remote = request.remote or ""
-    refusal = endpoint.admit(request.headers.get(hdrs.ORIGIN), request.scheme, request.host, remote)
+    headers = request.headers
+    refusal = endpoint.admit(
+        headers.get(hdrs.ORIGIN), request.scheme, headers.get(hdrs.HOST), remote
+    )
     if refusal is not None:
         return web.Response(
             body=refusal.body(),
