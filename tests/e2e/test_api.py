@@ -536,9 +536,34 @@ async def test_oversized_body(api: Api, path: str) -> None:
             yield b"x" * 512
         yield b'"}'
 
-    async with api.session.post(api.server.url + path, data=chunks(), headers=AUTH) as response:
+    headers = {**AUTH, "Content-Type": "application/json"}
+    async with api.session.post(api.server.url + path, data=chunks(), headers=headers) as response:
         answer = await response.json()
         assert (response.status, answer["error"]["code"]) == (413, "too_large")
+
+
+@pytest.mark.parametrize("path", POST_PATHS)
+async def test_a_body_not_sent_as_json_is_415(api: Api, path: str) -> None:
+    body = b'{"channel": "chat:x", "channels": ["chat:x"], "data": 1, "user": "u"}'
+    for content_type in (
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/jsonx",
+    ):
+        async with api.session.post(
+            api.server.url + path, data=body, headers={**AUTH, "Content-Type": content_type}
+        ) as response:
+            status, answer = response.status, await response.json()
+        response_validator(path, "post", status).validate(answer)
+        assert (status, answer["error"]["code"]) == (415, "bad_request")
+    assert (await api.ok("/api/history", {"channel": "chat:x"}))["offset"] == 0
+
+
+async def test_an_empty_post_needs_no_content_type(api: Api) -> None:
+    async with api.session.post(api.server.url + "/api/channels", headers=AUTH) as response:
+        assert response.status == 200
+        assert "channels" in await response.json()
 
 
 @pytest.mark.parametrize(("path", "method"), ALL_GUARDED)

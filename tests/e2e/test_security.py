@@ -135,6 +135,34 @@ class Ctx:
         status, answer = await api_post(self.server.url, path, body, headers=headers or {})
         return ("http", status, answer["error"]["code"] if status >= 400 else answer)
 
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> Outcome:
+        """POST raw bytes with exactly `headers` (a browser's form, a rebinding page's Host).
+
+        Reports ("http", status, error code) or ("http", 200, "ok").
+        """
+        async with self.session.post(
+            self.server.url + path,
+            data=body,
+            headers=headers,
+            skip_auto_headers=["Content-Type"],
+            timeout=aiohttp.ClientTimeout(total=TIMEOUT),
+        ) as response:
+            answer = await response.json(content_type=None)
+            return (
+                "http",
+                response.status,
+                answer["error"]["code"] if answer.get("error") else "ok",
+            )
+
+
+def to_bystander(data: Any = "forged") -> bytes:
+    return json.dumps({"channel": BYSTANDER_CHANNEL, "data": data}).encode()
+
+
+def keyless(_: Path) -> dict[str, Any]:
+    """The default: no API key, loopback callers only."""
+    return {"api_keys": []}
+
 
 async def ask(ws: aiohttp.ClientWebSocketResponse, command: dict[str, Any]) -> Outcome:
     """Send one command with an id; report ("reply",) or ("error", code) for that id."""
@@ -217,8 +245,9 @@ async def oversized_chunked_body(ctx: Ctx) -> Outcome:
             yield b"x" * 512
         yield b'"}'
 
+    headers = {**AUTH, "Content-Type": "application/json"}
     async with ctx.session.post(
-        ctx.server.url + "/api/publish", data=chunks(), headers=AUTH
+        ctx.server.url + "/api/publish", data=chunks(), headers=headers
     ) as response:
         return ("http", response.status, (await response.json())["error"]["code"])
 
@@ -549,6 +578,92 @@ ATTACKS = [
         oversized_chunked_body,
         ("http", 413, "too_large"),
         lambda _: {"max_body_size": 1024},
+    ),
+    # --- CSRF and DNS rebinding against the keyless API (a browser on the server's machine)
+    Attack(
+        "CSRF: a text/plain publish (no-cors fetch) to the keyless API",
+        lambda c: c.post("/api/publish", to_bystander(), {"Content-Type": "text/plain"}),
+        ("http", 415, "bad_request"),
+        keyless,
+    ),
+    Attack(
+        "CSRF: a form-encoded publish to the keyless API",
+        lambda c: c.post(
+            "/api/publish",
+            b"channel=chat:bystander&data=1",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        ),
+        ("http", 415, "bad_request"),
+        keyless,
+    ),
+    Attack(
+        "CSRF: a publish without Content-Type to the keyless API",
+        lambda c: c.post("/api/publish", to_bystander(), {}),
+        ("http", 415, "bad_request"),
+        keyless,
+    ),
+    Attack(
+        "CSRF: a JSON publish from a foreign Origin to the keyless API",
+        lambda c: c.post(
+            "/api/publish",
+            to_bystander(),
+            {"Content-Type": "application/json", "Origin": "https://evil.example"},
+        ),
+        ("http", 403, "permission_denied"),
+        keyless,
+    ),
+    Attack(
+        "a foreign Origin is refused even with the API key",
+        lambda c: c.post(
+            "/api/publish",
+            to_bystander(),
+            {"Content-Type": "application/json", "Origin": "https://evil.example", **AUTH},
+        ),
+        ("http", 403, "permission_denied"),
+    ),
+    Attack(
+        "DNS rebinding: a keyless history read under a foreign Host",
+        lambda c: c.post(
+            "/api/history",
+            json.dumps({"channel": BYSTANDER_CHANNEL}).encode(),
+            {
+                "Content-Type": "application/json",
+                "Host": f"rebind.attacker.example:{c.server.port}",
+                "Origin": f"http://rebind.attacker.example:{c.server.port}",
+            },
+        ),
+        ("http", 403, "permission_denied"),
+        keyless,
+    ),
+    Attack(
+        "DNS rebinding: a keyless publish under a foreign Host, without Origin",
+        lambda c: c.post(
+            "/api/publish",
+            to_bystander(),
+            {"Content-Type": "application/json", "Host": "rebind.attacker.example"},
+        ),
+        ("http", 403, "permission_denied"),
+        keyless,
+    ),
+    Attack(
+        "keyless API under a Host listed in allowed_hosts is fine",
+        lambda c: c.post(
+            "/api/history",
+            json.dumps({"channel": "chat:x"}).encode(),
+            {"Content-Type": "application/json; charset=utf-8", "Host": "plexus.internal"},
+        ),
+        ("http", 200, "ok"),
+        lambda _: {"api_keys": [], "allowed_hosts": ["plexus.internal"]},
+    ),
+    Attack(
+        "keyless API from the server's own loopback page is fine",
+        lambda c: c.post(
+            "/api/history",
+            json.dumps({"channel": "chat:x"}).encode(),
+            {"Content-Type": "application/json", "Origin": c.server.url},
+        ),
+        ("http", 200, "ok"),
+        keyless,
     ),
     # --- floods and limits
     Attack(

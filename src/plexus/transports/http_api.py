@@ -22,17 +22,24 @@ from plexus.protocol.codes import HTTP_STATUS, ErrorCode
 from plexus.protocol.commands import check_payload, parse_limit, parse_since
 from plexus.protocol.pushes import publication_message
 from plexus.transports.openapi import OPENAPI_PATH, openapi_handler
-from plexus.transports.origin import is_loopback_address
+from plexus.transports.origin import host_allowed, is_loopback_address, origin_allowed
 
 log = logging.getLogger("plexus.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(code: ErrorCode, message: str) -> web.Response:
-    """A JSON error body with the status that belongs to `code`."""
+_JSON = "application/json"
+
+
+class UnsupportedMediaType(BadRequest):
+    """A POST body that is not sent as `application/json`: 415, code `bad_request`."""
+
+
+def error_response(code: ErrorCode, message: str, *, status: int | None = None) -> web.Response:
+    """A JSON error body with `status`, by default the one that belongs to `code`."""
     return web.json_response(
-        {"error": {"code": code.value, "message": message}}, status=HTTP_STATUS[code]
+        {"error": {"code": code.value, "message": message}}, status=status or HTTP_STATUS[code]
     )
 
 
@@ -85,6 +92,38 @@ class HttpApi:
 
     # ----- plumbing
 
+    def _check_browser(self, request: web.Request) -> None:
+        """Refuse what a browser sends on behalf of another site.
+
+        A page elsewhere can make the victim's browser post here (CSRF: no
+        preflight for a `no-cors` fetch or a form), and, by pointing its own
+        name at this address, read the answers (DNS rebinding). The first
+        carries its Origin, the second the attacker's name as Host; neither
+        can set `Content-Type: application/json` without a CORS preflight,
+        which this server never answers.
+        """
+        settings = self.settings
+        headers = request.headers
+        host = headers.get(hdrs.HOST)
+        if not origin_allowed(
+            headers.get(hdrs.ORIGIN),
+            request.scheme,
+            host,
+            settings.allowed_origins,
+            settings.allowed_hosts,
+        ):
+            raise PermissionDenied("origin not allowed")
+        if not settings.api_keys and not host_allowed(host, settings.allowed_hosts):
+            # Keyless, the API trusts the caller's address: a rebinding page's
+            # requests come from the victim's own machine.
+            raise PermissionDenied(
+                "Host is not a name of this server: list it in allowed_hosts, or set api_keys"
+            )
+        if request.method == "POST" and request.body_exists and request.content_type != _JSON:
+            raise UnsupportedMediaType(
+                f"send the body as {_JSON} (Content-Type was {request.content_type})"
+            )
+
     def _check_caller(self, request: web.Request) -> None:
         keys = self.settings.api_keys
         header = request.headers.get(hdrs.AUTHORIZATION, "")
@@ -116,8 +155,11 @@ class HttpApi:
     def _guard(self, handler: Callable[[web.Request], Awaitable[web.Response]]) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
             try:
+                self._check_browser(request)
                 self._check_caller(request)
                 return await handler(request)
+            except UnsupportedMediaType as exc:
+                return error_response(exc.code, exc.message, status=415)
             except PlexusError as exc:
                 return error_response(exc.code, exc.message)
             except Exception:
