@@ -137,6 +137,56 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> N
         await asyncio.sleep(0.01)  # sleep-ok: polls state that has no event, bounded
 
 
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length: (status, lower-case headers, body)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name:
+            headers[name.strip().lower()] = value.strip()
+    body = await asyncio.wait_for(
+        reader.readexactly(int(headers.get("content-length", "0"))), TIMEOUT
+    )
+    return status, headers, body
+
+
+def post_request(
+    path: str, body: bytes, headers: Mapping[str, str] | None = None, *, host: str = "127.0.0.1"
+) -> bytes:
+    """A raw `POST` of a JSON body (head and body), for tests that send it in pieces."""
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *(f"{name}: {value}" for name, value in (headers or {}).items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def send_in_parts(
+    port: int, parts: list[bytes], pause: float = 0.05
+) -> tuple[int, dict[str, str], bytes]:
+    """Send a request in separate TCP segments, pausing between them; return the response.
+
+    The pause makes the server see each part in its own read (asyncio sets
+    TCP_NODELAY, so each part leaves at once).
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for index, part in enumerate(parts):
+            if index:
+                await asyncio.sleep(pause)  # sleep-ok: split the request across reads
+            writer.write(part)
+            await writer.drain()
+        return await read_response(reader)
+    finally:
+        writer.close()
+
+
 async def api_post(
     base_url: str, path: str, body: Any, *, headers: Mapping[str, str] | None = None
 ) -> tuple[int, Any]:

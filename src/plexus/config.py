@@ -100,6 +100,7 @@ class Settings:
     publish_burst: int = 50
     rate_limit_disconnect: int = 200  # rate_limited answers within bad_command_window -> 4029
     max_body_size: int = 1024 * 1024  # HTTP API request body
+    http_request_timeout: float = 30.0  # seconds to send a request head, and an API body
 
     data_dir: str = "./plexus-data"
     history_backend: str = "sqlite"  # sqlite | memory | redis
@@ -125,7 +126,13 @@ class Settings:
 
     def validate(self) -> None:
         """Raise ConfigError for the first invalid setting."""
-        positive = ("ping_interval", "pong_timeout", "shutdown_timeout", "bad_command_window")
+        positive = (
+            "ping_interval",
+            "pong_timeout",
+            "shutdown_timeout",
+            "bad_command_window",
+            "http_request_timeout",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")

@@ -36,7 +36,7 @@ from plexus.client import Client, PlexusClientError
 from plexus.config import NamespaceOptions, default_namespaces, load_settings
 from plexus.protocol.codec import MSGPACK_SUBPROTOCOL
 from tests.conftest import ServerFactory
-from tests.helpers import ROOT, TIMEOUT, api_post
+from tests.helpers import ROOT, TIMEOUT, api_post, post_request, send_in_parts
 
 SECRET = "plexus-security-suite-secret-0123456789"  # >= 32 bytes, as HS256 needs
 OTHER_SECRET = "an-attacker-guessed-this-secret-9876543210"
@@ -153,6 +153,16 @@ class Ctx:
                 response.status,
                 answer["error"]["code"] if answer.get("error") else "ok",
             )
+
+
+async def trickled_publish(ctx: Ctx) -> Outcome:
+    """A 3 KB publish whose body arrives in three TCP segments (what a busy network does)."""
+    body = json.dumps({"channel": "chat:trickle", "data": "t" * 3000}).encode()
+    request = post_request("/api/publish", body, AUTH)
+    cut = len(request) - len(body)
+    parts = [request[: cut + 10], request[cut + 10 : cut + 2000], request[cut + 2000 :]]
+    status, _, answer = await send_in_parts(ctx.server.port, parts)
+    return ("http", status, json.loads(answer).get("offset"))
 
 
 def to_bystander(data: Any = "forged") -> bytes:
@@ -572,6 +582,11 @@ ATTACKS = [
         lambda c: c.api("/api/publish", {"channel": "chat:x", "data": "x" * 2000}, AUTH),
         ("http", 413, "too_large"),
         lambda _: {"max_body_size": 1024},
+    ),
+    Attack(
+        "an API body in three TCP segments is read whole, not cut",
+        trickled_publish,
+        ("http", 200, 1),
     ),
     Attack(
         "oversized chunked API body",

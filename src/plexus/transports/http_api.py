@@ -6,6 +6,7 @@ code and a fitting HTTP status.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -32,8 +33,22 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _JSON = "application/json"
 
 
-class UnsupportedMediaType(BadRequest):
-    """A POST body that is not sent as `application/json`: 415, code `bad_request`."""
+class _StatusError(BadRequest):
+    """A `bad_request` answered with its own HTTP status instead of 400."""
+
+    status = 400
+
+
+class UnsupportedMediaType(_StatusError):
+    """A POST body that is not sent as `application/json`."""
+
+    status = 415
+
+
+class RequestTimeout(_StatusError):
+    """A body that did not arrive whole within `http_request_timeout`."""
+
+    status = 408
 
 
 def error_response(code: ErrorCode, message: str, *, status: int | None = None) -> web.Response:
@@ -138,13 +153,37 @@ class HttpApi:
         elif not is_loopback_address(request.remote):
             raise PermissionDenied("no API key configured: the API accepts loopback callers only")
 
-    async def _json(self, request: web.Request) -> dict[str, Any]:
-        limit = self.settings.max_body_size
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, however many reads it takes, capped at `max_body_size`.
+
+        One `read(n)` returns what has arrived so far: a body sent in several
+        TCP segments would be cut. A body that stops coming is given up after
+        `http_request_timeout`, so that it cannot hold the socket forever.
+        """
+        settings = self.settings
+        limit = settings.max_body_size
         if request.content_length is not None and request.content_length > limit:
             raise TooLarge(f"request body over {limit} bytes")
-        body = await request.content.read(limit + 1)
-        if len(body) > limit:
-            raise TooLarge(f"request body over {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(settings.http_request_timeout):
+                while chunk := await request.content.readany():
+                    size += len(chunk)
+                    if size > limit:
+                        raise TooLarge(f"request body over {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"request body not received within {settings.http_request_timeout:g} s"
+            ) from None
+        except (ConnectionError, web.RequestPayloadError) as exc:
+            # The client went away, or broke the chunked encoding: nobody to tell.
+            raise BadRequest(f"request body incomplete: {exc}") from None
+        return b"".join(chunks)
+
+    async def _json(self, request: web.Request) -> dict[str, Any]:
+        body = await self._read_body(request)
         if not body:
             raise BadRequest("request body must be a JSON object")
         value = json_loads_with_bytes(body)
@@ -158,8 +197,11 @@ class HttpApi:
                 self._check_browser(request)
                 self._check_caller(request)
                 return await handler(request)
-            except UnsupportedMediaType as exc:
-                return error_response(exc.code, exc.message, status=415)
+            except _StatusError as exc:
+                response = error_response(exc.code, exc.message, status=exc.status)
+                if isinstance(exc, RequestTimeout):
+                    response.force_close()  # the rest of the body may never come
+                return response
             except PlexusError as exc:
                 return error_response(exc.code, exc.message)
             except Exception:

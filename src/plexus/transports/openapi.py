@@ -40,6 +40,7 @@ _BODY_ERRORS: Final = {
     "400": {"$ref": "#/components/responses/BadRequest"},
     "401": {"$ref": "#/components/responses/Unauthorized"},
     "403": {"$ref": "#/components/responses/Forbidden"},
+    "408": {"$ref": "#/components/responses/RequestTimeout"},
     "413": {"$ref": "#/components/responses/TooLarge"},
     "415": {"$ref": "#/components/responses/UnsupportedMediaType"},
     "500": {"$ref": "#/components/responses/Internal"},
@@ -412,6 +413,10 @@ _DOCUMENT: Final[dict[str, Any]] = {
                 " name or one of `allowed_hosts`"
             ),
             "TooLarge": _error_response("`too_large`: the body is over `max_body_size`"),
+            "RequestTimeout": _error_response(
+                "`bad_request`: the body did not arrive whole within `http_request_timeout`;"
+                " the connection is closed"
+            ),
             "UnsupportedMediaType": _error_response(
                 "`bad_request`: a body not sent as `Content-Type: application/json`"
             ),
