@@ -101,6 +101,7 @@ class Settings:
     rate_limit_disconnect: int = 200  # rate_limited answers within bad_command_window -> 4029
     max_body_size: int = 1024 * 1024  # HTTP API request body
     http_request_timeout: float = 30.0  # seconds to send a request head, and an API body
+    http_keepalive_timeout: float = 75.0  # seconds an idle HTTP connection stays open
 
     data_dir: str = "./plexus-data"
     history_backend: str = "sqlite"  # sqlite | memory | redis
@@ -132,6 +133,7 @@ class Settings:
             "shutdown_timeout",
             "bad_command_window",
             "http_request_timeout",
+            "http_keepalive_timeout",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -36,7 +36,7 @@ from plexus.client import Client, PlexusClientError
 from plexus.config import NamespaceOptions, default_namespaces, load_settings
 from plexus.protocol.codec import MSGPACK_SUBPROTOCOL
 from tests.conftest import ServerFactory
-from tests.helpers import ROOT, TIMEOUT, api_post, post_request, send_in_parts
+from tests.helpers import ROOT, TIMEOUT, api_post, post_request, send_in_parts, wait_for
 
 SECRET = "plexus-security-suite-secret-0123456789"  # >= 32 bytes, as HS256 needs
 OTHER_SECRET = "an-attacker-guessed-this-secret-9876543210"
@@ -233,6 +233,16 @@ async def connections_per_ip(ctx: Ctx) -> Outcome:
     await first.close()
     await second.close()
     return outcome
+
+
+async def idle_sockets_per_ip(ctx: Ctx) -> Outcome:
+    """Two sockets that never send a request hold two of the three slots, the bystander one."""
+    idle = [await asyncio.open_connection("127.0.0.1", ctx.server.port) for _ in range(2)]
+    try:
+        return await ctx.first_frame()
+    finally:
+        for _, writer in idle:
+            writer.close()
 
 
 async def connections_per_node(ctx: Ctx) -> Outcome:
@@ -700,6 +710,12 @@ ATTACKS = [
         lambda _: {"max_connections_per_ip": 3},
     ),
     Attack(
+        "idle sockets that never upgrade count against max_connections_per_ip",
+        idle_sockets_per_ip,
+        ("http", 429),
+        lambda _: {"max_connections_per_ip": 3},
+    ),
+    Attack(
         "more connections than max_connections",
         connections_per_node,
         ("http", 503),
@@ -728,10 +744,22 @@ class Bystander:
         bystander.last_offset = sub.result["offset"]
         return bystander
 
+    async def free_slot(self) -> None:
+        """Under `max_connections_per_ip`, wait until the server saw the sockets closed so far.
+
+        Every socket counts, from accept to close, and a client's close reaches
+        the server a moment after the client moved on.
+        """
+        limit = self.server.settings.max_connections_per_ip
+        endpoint = self.server.endpoint
+        if limit and endpoint is not None:
+            await wait_for(lambda: endpoint.sockets_from("127.0.0.1") < limit)
+
     async def check(self, count: int = 3) -> None:
         """Publish `count` messages through the API; each arrives next, with the next offset."""
         sub = self.client.subscriptions[BYSTANDER_CHANNEL]
         for _ in range(count):
+            await self.free_slot()
             self.sent += 1
             status, _ = await api_post(
                 self.server.url,
@@ -757,6 +785,9 @@ async def start(make_server: ServerFactory, **overrides: Any) -> tuple[Server, B
     server = await make_server(**{**base_settings(), **overrides})
     bystander = await Bystander.join(server)
     await bystander.check(1)
+    assert server.endpoint is not None
+    endpoint = server.endpoint
+    await wait_for(lambda: endpoint.sockets_from("127.0.0.1") == 1)  # the bystander's alone
     return server, bystander
 
 

@@ -23,9 +23,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
 from plexus.config import WS_ENGINES
-from plexus.transports import lean
 from tests.conftest import ServerFactory
-from tests.helpers import TIMEOUT
+from tests.helpers import TIMEOUT, read_response, wait_for
 
 pytestmark = pytest.mark.parametrize("engine", WS_ENGINES)
 
@@ -196,12 +195,9 @@ async def test_refusals_carry_a_json_error(make_server: ServerFactory, engine: s
 
 
 async def test_a_socket_that_sends_no_request_is_closed(
-    make_server: ServerFactory, engine: str, monkeypatch: pytest.MonkeyPatch
+    make_server: ServerFactory, engine: str
 ) -> None:
-    if engine != "lean":
-        pytest.skip("aiohttp's keep-alive timeout (75 s) guards its sockets")
-    monkeypatch.setattr(lean, "HEAD_TIMEOUT", 0.2)
-    server = await make_server(ws_engine=engine)
+    server = await make_server(ws_engine=engine, http_request_timeout=0.2)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"GET /ws HTTP/1.1\r\n")  # and never the rest
     assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
@@ -238,3 +234,56 @@ async def test_a_malformed_origin_is_a_clean_403(
     writer.close()
     # Refused quietly: never a traceback, never an error.
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+async def test_idle_and_half_sent_http_sockets_are_closed(
+    make_server: ServerFactory, engine: str
+) -> None:
+    server = await make_server(
+        ws_engine=engine, http_keepalive_timeout=0.3, http_request_timeout=0.3
+    )
+    # Idle after a response (keep-alive), and with a second request half sent.
+    for tail in (b"", b"GET /health HTTP/1.1\r\nHost: 1"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(HEALTH)
+        assert (await read_response(reader))[0] == 200
+        writer.write(tail)
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        writer.close()
+    # A head over the lean engine's buffer, never finished: aiohttp has it then.
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /health HTTP/1.1\r\n" + b"X-Pad: %s\r\n" % (b"p" * 4000) * 5)
+    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    writer.close()
+
+
+async def test_sockets_not_upgraded_count_against_max_connections_per_ip(
+    make_server: ServerFactory, engine: str
+) -> None:
+    server = await make_server(ws_engine=engine, max_connections_per_ip=2)
+    assert server.endpoint is not None
+    endpoint = server.endpoint
+    idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+    await wait_for(lambda: endpoint.sockets_from("127.0.0.1") == 2)
+    for request in (upgrade_request(), HEALTH):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request)
+        status, _, body = await read_response(reader)
+        assert (status, orjson.loads(body)["error"]["code"]) == (429, "rate_limited")
+        writer.close()
+    # Far over the limit (more than twice it), a socket is dropped at once, unread.
+    await wait_for(lambda: endpoint.sockets_from("127.0.0.1") == 2)
+    extra = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
+    assert await asyncio.wait_for(extra[-1][0].read(), TIMEOUT) == b""
+    for _, writer in idle + extra:
+        writer.close()
+    await wait_for(lambda: endpoint.sockets_from("127.0.0.1") == 0)
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(server.ws_url)
+        assert (await ws.receive_json(timeout=TIMEOUT))["type"] == "welcome"
+        async with session.get(server.url + "/health") as response:  # the second socket
+            assert response.status == 200
+        await ws.close()

@@ -1,4 +1,5 @@
-"""The lean WebSocket engine: an asyncio protocol around websockets' sans-I/O core.
+"""The listening socket (both engines), and the lean WebSocket engine: an asyncio
+protocol around websockets' sans-I/O core.
 
 An idle connection served by aiohttp holds a request, its handler coroutine, a
 `WebSocketResponse` and its reader: most of 16 KB. Here it holds the transport,
@@ -6,11 +7,14 @@ one `LeanProtocol` and websockets' `ServerProtocol` (the frame parser), and
 nothing runs for it until bytes arrive.
 
 `LeanListener` is the protocol factory of the listening socket. Each new socket
-gets a `LeanProtocol`, which buffers the request head: a `GET /ws` (or `/echo`)
-upgrade stays with it; any other request is handed to aiohttp untouched, with
-the bytes read so far, so the web app, `/health` and `/api/*` are served exactly
-as with the aiohttp engine (and so is an upgrade this engine does not take, such
-as one whose head is over HEAD_LIMIT).
+gets a `LeanProtocol`, which counts it against its address's
+`max_connections_per_ip` and buffers the request head (within
+`http_request_timeout`): with the lean engine a `GET /ws` (or `/echo`) upgrade
+stays with it; any other request is handed to aiohttp untouched, with the bytes
+read so far, so the web app, `/health` and `/api/*` are served exactly as with
+the aiohttp engine (and so is an upgrade this engine does not take, such as one
+whose head is over HEAD_LIMIT). With the aiohttp engine every request is handed
+over; the socket stays counted until it closes.
 
 websockets only parses. Everything sent after the handshake — replies, pushes,
 pongs, close frames — goes through the connection's `Outbox`, as with the
@@ -51,11 +55,8 @@ _frames_log = logging.getLogger("plexus.ws.frames")
 _frames_log.setLevel(logging.WARNING)
 
 # The request head is buffered up to this size; a longer one goes to aiohttp,
-# which applies its own header limits.
+# which applies its own header limits (and its keep-alive timeout).
 HEAD_LIMIT: Final = 16 * 1024
-# A socket that has not sent a whole request head by then is closed (aiohttp's
-# keep-alive timeout, which guards its sockets the same way).
-HEAD_TIMEOUT: Final = 75.0
 # Messages read but not yet handled; beyond this the socket is not read until
 # half of them are, so a client that floods commands is back-pressured.
 MAX_PENDING: Final = 32
@@ -124,13 +125,48 @@ def http_error(refusal: Refusal) -> bytes:
     return head.encode("ascii") + body
 
 
+_TOO_MANY: Final = Refusal(429, "rate_limited", "too many connections from this address")
+
+
+class _Handed(asyncio.Protocol):
+    """A socket handed to aiohttp: its protocol, and the end of the socket's count."""
+
+    __slots__ = ("_endpoint", "_inner", "_remote")
+
+    def __init__(self, inner: asyncio.Protocol, endpoint: WebSocketEndpoint, remote: str) -> None:
+        self._inner = inner
+        self._endpoint = endpoint
+        self._remote = remote
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._inner.connection_lost(exc)
+        finally:
+            self._endpoint.socket_closed(self._remote)
+
+
 class LeanListener:
-    """The listening socket's protocol factory: WebSocket upgrades here, the rest to aiohttp.
+    """The listening socket's protocol factory: counts sockets, buffers heads, takes upgrades.
 
     Args:
         endpoint: the engine-neutral WebSocket endpoint.
         http: aiohttp's protocol factory (`AppRunner.server`).
         tls: whether the socket serves TLS (the scheme the Origin check compares).
+
+    With `ws_engine` aiohttp it takes no upgrade itself: every request goes to
+    aiohttp once its head is in.
     """
 
     def __init__(
@@ -145,10 +181,14 @@ class LeanListener:
         self.http = http
         self.scheme = "https" if tls else "http"
         # path -> whether it is the echo endpoint
-        self.paths: dict[bytes, bool] = {b"/ws": False}
-        if settings.echo_endpoint:
-            self.paths[b"/echo"] = True
+        self.paths: dict[bytes, bool] = {}
+        if settings.ws_engine == "lean":
+            self.paths[b"/ws"] = False
+            if settings.echo_endpoint:
+                self.paths[b"/echo"] = True
         self.max_message_size = settings.max_message_size
+        self.head_timeout = settings.http_request_timeout
+        self.max_per_ip = settings.max_connections_per_ip
         # Every socket not (yet) handed to aiohttp, for the shutdown.
         self.protocols: set[LeanProtocol] = set()
         self._endings: set[asyncio.Task[None]] = set()
@@ -179,6 +219,7 @@ class LeanProtocol(Link, asyncio.Protocol):
         "_head",
         "_input",
         "_need",
+        "_over_limit",
         "_parts",
         "_pending",
         "_task",
@@ -202,6 +243,7 @@ class LeanProtocol(Link, asyncio.Protocol):
         # Input after the last whole frame, kept until `_need` bytes are there.
         self._input: bytearray | None = None
         self._need = 0
+        self._over_limit = False  # over max_connections_per_ip: answer 429 to the request
         self.max_size = listener.max_message_size
 
     # ----- asyncio.Protocol
@@ -209,9 +251,22 @@ class LeanProtocol(Link, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's are not registered as asyncio.Transport).
         self.transport = cast(asyncio.Transport, transport)
-        self.listener.protocols.add(self)
+        listener = self.listener
+        listener.protocols.add(self)
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) else ""
+        held = listener.endpoint.socket_opened(self.remote)
+        limit = listener.max_per_ip
+        if limit and held > limit:
+            if held > 2 * limit:
+                # Far over: not worth a buffer and a timer to refuse it politely.
+                self.transport.abort()
+                return
+            self._over_limit = True
         # The close timer of a WebSocket doubles as the head timeout before it.
-        self._abort = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self.transport.close)
+        self._abort = asyncio.get_running_loop().call_later(
+            listener.head_timeout, self.transport.close
+        )
 
     def data_received(self, data: bytes) -> None:
         if self.ws is not None:
@@ -227,6 +282,10 @@ class LeanProtocol(Link, asyncio.Protocol):
             if len(head) > HEAD_LIMIT:
                 self._hand_off()
             return
+        if self._over_limit:
+            self._head = None
+            self._answer(http_error(_TOO_MANY))
+            return
         echo = self._route(bytes(head[:end]))
         if echo is None:
             self._hand_off()
@@ -237,7 +296,9 @@ class LeanProtocol(Link, asyncio.Protocol):
         return None  # close: a WebSocket peer that half-closes is gone
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.listener.protocols.discard(self)
+        listener = self.listener
+        listener.protocols.discard(self)
+        listener.endpoint.socket_closed(self.remote)
         self.stop_abort_timer()
         if self.ws is not None:
             self.listener.track(asyncio.get_running_loop().create_task(self._end()))
@@ -264,13 +325,18 @@ class LeanProtocol(Link, asyncio.Protocol):
         if data is None:
             assert self._head is not None
             data = bytes(self._head)
+        if self._over_limit:  # a head over HEAD_LIMIT: still refused
+            self._head = None
+            self._answer(http_error(_TOO_MANY))
+            return
         self._head = None
         self.stop_abort_timer()
-        self.listener.protocols.discard(self)
-        handler = self.listener.http()
+        listener = self.listener
+        listener.protocols.discard(self)
+        handler = listener.http()
         transport = self.transport
         handler.connection_made(transport)
-        transport.set_protocol(handler)
+        transport.set_protocol(_Handed(handler, listener.endpoint, self.remote))
         handler.data_received(data)
 
     def _answer(self, response: bytes) -> None:
@@ -306,8 +372,7 @@ class LeanProtocol(Link, asyncio.Protocol):
         headers = request.headers
         origins = headers.get_all("Origin")
         hosts = headers.get_all("Host")
-        peer = transport.get_extra_info("peername")
-        remote = peer[0] if isinstance(peer, tuple) else ""
+        remote = self.remote
         endpoint = listener.endpoint
         refusal = endpoint.admit(
             origins[0] if origins else None, listener.scheme, hosts[0] if hosts else None, remote
@@ -327,7 +392,7 @@ class LeanProtocol(Link, asyncio.Protocol):
             return
         # websockets was given the head alone: no frame is half parsed.
         ws.drop_handshake()
-        self.remote, self.echo, self.ws = remote, echo, ws
+        self.echo, self.ws = echo, ws
         conn = endpoint.open(self, transport, ws.subprotocol, credentials)
         if not echo and conn.credentials is not None and conn.credentials.channels:
             self._task = asyncio.get_running_loop().create_task(self._run(granted=True))

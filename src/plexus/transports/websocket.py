@@ -167,7 +167,9 @@ class WebSocketEndpoint:
         self.flusher = Flusher(asyncio.get_running_loop())
         self.connections: set[Connection] = set()
         self._drained = asyncio.Event()
-        self._per_ip: dict[str, int] = {}
+        # Open sockets per client address, HTTP and WebSocket alike (the
+        # listener counts them from accept to close).
+        self._sockets: dict[str, int] = {}
         self._heartbeat: asyncio.Task[None] | None = None
 
     # ----- lifecycle
@@ -207,10 +209,33 @@ class WebSocketEndpoint:
 
     # ----- the steps of a connection, for every engine
 
+    def socket_opened(self, remote: str) -> int:
+        """Count a socket accepted from `remote`; return how many it holds, this one included."""
+        held = self._sockets.get(remote, 0) + 1
+        self._sockets[remote] = held
+        return held
+
+    def socket_closed(self, remote: str) -> None:
+        """Forget one socket of `remote` (it was closed)."""
+        left = self._sockets.get(remote, 1) - 1
+        if left:
+            self._sockets[remote] = left
+        else:
+            self._sockets.pop(remote, None)
+
+    def sockets_from(self, remote: str) -> int:
+        """How many open sockets `remote` holds: WebSocket connections and HTTP ones."""
+        return self._sockets.get(remote, 0)
+
     def admit(
         self, origin: str | None, scheme: str, host: str | None, remote: str
     ) -> Refusal | None:
-        """Check an upgrade request's origin and the connection limits."""
+        """Check an upgrade request's origin and the node's connection limit.
+
+        `max_connections_per_ip` is checked when the socket is accepted (see
+        `transports/lean.py`): an upgrade only turns a counted socket into a
+        WebSocket.
+        """
         settings = self.settings
         if not origin_allowed(
             origin, scheme, host, settings.allowed_origins, settings.allowed_hosts
@@ -218,9 +243,6 @@ class WebSocketEndpoint:
             return Refusal(403, "permission_denied", "origin not allowed")
         if settings.max_connections and len(self.connections) >= settings.max_connections:
             return Refusal(503, "unavailable", "connection limit of this node reached")
-        per_ip = self._per_ip.get(remote, 0)
-        if settings.max_connections_per_ip and per_ip >= settings.max_connections_per_ip:
-            return Refusal(429, "rate_limited", "too many connections from this address")
         return None
 
     def verify_token(
@@ -269,7 +291,6 @@ class WebSocketEndpoint:
         link.conn = conn
         self.connections.add(conn)
         self._drained.clear()
-        self._per_ip[link.remote] = self._per_ip.get(link.remote, 0) + 1
         if not link.echo:
             self.node.add_peer(conn)
             conn.send(conn.welcome())
@@ -284,11 +305,6 @@ class WebSocketEndpoint:
         self.connections.discard(conn)
         if not self.connections:
             self._drained.set()
-        left = self._per_ip.get(remote, 1) - 1
-        if left:
-            self._per_ip[remote] = left
-        else:
-            self._per_ip.pop(remote, None)
         try:
             if not link.echo:
                 await conn.cleanup()
