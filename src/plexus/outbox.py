@@ -84,6 +84,7 @@ class Outbox:
         "_flusher",
         "_more",
         "_on_overflow",
+        "_pong",
         "_queued",
         "_transport",
         "_unsent",
@@ -107,6 +108,8 @@ class Outbox:
         self._first: bytes | None = None
         self._more: list[bytes] | None = None
         self._queued = 0
+        # The last pong queued by `push_pong` (compared by identity).
+        self._pong: bytes | None = None
         # An upper bound of the transport's unsent bytes: what it held when
         # last asked plus what was written since. Only when the bound says the
         # limit is reached is the transport asked again, so a fast client costs
@@ -145,6 +148,29 @@ class Outbox:
         self._queued += size
         return True
 
+    def push_pong(self, frame: bytes) -> bool:
+        """Queue a pong frame, counted like any frame; or replace the pong queued last.
+
+        RFC 6455 5.5.3 lets an endpoint answer only the latest of the pings it
+        has not answered yet: a client that floods pings then costs one pong
+        per read of its socket, not one per ping.
+        """
+        pong = self._pong
+        if pong is not None:
+            more = self._more
+            if (more[-1] if more is not None else self._first) is pong:
+                if more is not None:
+                    more[-1] = frame
+                else:
+                    self._first = frame
+                self._queued += len(frame) - len(pong)
+                self._pong = frame
+                return True
+        if not self.push(frame):
+            return False
+        self._pong = frame
+        return True
+
     def flush(self) -> int:
         """Write every queued frame in one write; return the bytes written."""
         data = self._first
@@ -163,7 +189,7 @@ class Outbox:
         return len(data)
 
     def write_now(self, frame: bytes) -> None:
-        """Flush the queue, then write `frame` at once (close frames, pongs)."""
+        """Flush the queue, then write `frame` at once, uncounted (close frames)."""
         self.flush()
         if not self._transport.is_closing():
             self._transport.write(frame)

@@ -34,9 +34,20 @@ from plexus.app import Server
 from plexus.auth import make_token
 from plexus.client import Client, PlexusClientError
 from plexus.config import NamespaceOptions, default_namespaces, load_settings
+from plexus.connection import Connection
 from plexus.protocol.codec import MSGPACK_SUBPROTOCOL
 from tests.conftest import ServerFactory
-from tests.helpers import ROOT, TIMEOUT, api_post, post_request, send_in_parts, wait_for
+from tests.helpers import (
+    ROOT,
+    TIMEOUT,
+    api_post,
+    open_raw_ws,
+    post_request,
+    read_frame,
+    send_in_parts,
+    wait_for,
+    zero_masked,
+)
 
 SECRET = "plexus-security-suite-secret-0123456789"  # >= 32 bytes, as HS256 needs
 OTHER_SECRET = "an-attacker-guessed-this-secret-9876543210"
@@ -243,6 +254,51 @@ async def idle_sockets_per_ip(ctx: Ctx) -> Outcome:
     finally:
         for _, writer in idle:
             writer.close()
+
+
+def server_side(server: Server, before: set[Connection]) -> Connection:
+    """The server's end of the one connection opened since `before` was taken."""
+    assert server.endpoint is not None
+    (conn,) = server.endpoint.connections - before
+    return conn
+
+
+async def ping_flood(ctx: Ctx) -> Outcome:
+    """20 MB of WebSocket pings from a client that reads nothing until the flood is over.
+
+    Reports whether the server's unsent output stayed within `max_queue_bytes`
+    all along, whether it answered fewer pongs than pings (coalesced), and
+    whether the last pong answers the last ping.
+    """
+    server = ctx.server
+    assert server.endpoint is not None
+    before = set(server.endpoint.connections)
+    reader, writer = await open_raw_ws(server.port, buffers=65536)
+    conn = server_side(server, before)
+    limit = server.settings.max_queue_bytes
+    pings, per_write, peak = 160_000, 8_000, 0
+    for start in range(0, pings, per_write):
+        writer.write(
+            b"".join(
+                zero_masked(b"%08d" % i + b"p" * 100, 0x9) for i in range(start, start + per_write)
+            )
+        )
+        await asyncio.wait_for(writer.drain(), TIMEOUT)
+        peak = max(peak, conn.outbox.buffered)
+    # A command behind the pings: once it is answered, every ping was read.
+    commands = server.node.counters.commands if server.node else 0
+    writer.write(zero_masked(b'{"type":"ping","id":"end"}'))
+    await wait_for(lambda: server.node is not None and server.node.counters.commands > commands)
+    peak = max(peak, conn.outbox.buffered)
+    pongs, last = 0, b""
+    while True:  # now read it all
+        opcode, payload = await read_frame(reader)
+        if opcode == 0xA:
+            pongs, last = pongs + 1, payload
+        elif opcode == 0x8 or json.loads(payload) == {"type": "pong", "id": "end"}:
+            break
+    writer.close()
+    return ("ping flood", peak <= limit, pongs < pings, last == b"%08d" % (pings - 1) + b"p" * 100)
 
 
 async def connections_per_node(ctx: Ctx) -> Outcome:
@@ -696,6 +752,12 @@ ATTACKS = [
         flood,
         ("close", 4029, 31),
         lambda _: {"publish_rate": 1.0, "publish_burst": 1, "rate_limit_disconnect": 30},
+    ),
+    Attack(
+        "ping flood from a client that does not read",
+        ping_flood,
+        ("ping flood", True, True, True),
+        lambda _: {"max_queue_bytes": 256 * 1024},
     ),
     Attack(
         "more subscriptions than max_subscriptions",

@@ -11,53 +11,31 @@ import asyncio
 import base64
 import logging
 import os
+import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import Frame, Opcode
 
 from plexus.config import WS_ENGINES
 from tests.conftest import ServerFactory
-from tests.helpers import TIMEOUT, read_response, wait_for
+from tests.helpers import (
+    TIMEOUT,
+    masked,
+    open_raw_ws,
+    read_frame,
+    read_message,
+    read_response,
+    upgrade_request,
+    wait_for,
+    zero_masked,
+)
 
 pytestmark = pytest.mark.parametrize("engine", WS_ENGINES)
-
-
-def masked(payload: bytes, opcode: int = 0x1, *, fin: bool = True) -> bytes:
-    """One client-to-server frame (masked, as RFC 6455 requires)."""
-    return Frame(Opcode(opcode), payload, fin).serialize(mask=True)
-
-
-def upgrade_request(path: str = "/ws", extra: str = "") -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    return (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-        f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
-    ).encode()
-
-
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """One server-to-client frame (unmasked): (opcode, payload)."""
-    first, second = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
-    length = second & 0x7F
-    if length == 126:
-        (length,) = struct.unpack("!H", await reader.readexactly(2))
-    elif length == 127:
-        (length,) = struct.unpack("!Q", await reader.readexactly(8))
-    return first & 0x0F, await asyncio.wait_for(reader.readexactly(length), TIMEOUT)
-
-
-async def read_message(reader: asyncio.StreamReader) -> Any:
-    opcode, payload = await read_frame(reader)
-    assert opcode == 0x1, (opcode, payload)
-    return orjson.loads(payload)
 
 
 Raw = Callable[[bytes], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
@@ -287,3 +265,43 @@ async def test_sockets_not_upgraded_count_against_max_connections_per_ip(
         async with session.get(server.url + "/health") as response:  # the second socket
             assert response.status == 200
         await ws.close()
+
+
+async def test_a_client_that_does_not_read_is_not_read_either(
+    make_server: ServerFactory, engine: str
+) -> None:
+    """Commands from a client that reads nothing stop being read once its output backs up.
+
+    It is back-pressured instead of answered into an ever-growing buffer (or
+    closed as a slow consumer), and gets every answer, in order, once it reads.
+    """
+    server = await make_server(ws_engine=engine)
+    assert server.endpoint is not None
+    limit = server.settings.max_queue_bytes
+    reader, writer = await open_raw_ws(server.port, buffers=65536)
+    (conn,) = server.endpoint.connections
+    link = conn.closer.__self__  # type: ignore[attr-defined]  # the socket side
+    # A small send buffer at the server's end too (a slow network), so that a
+    # short flood backs up.
+    sock = link.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        while True:  # until the server stops reading and drain() never returns
+            writer.write(
+                b"".join(zero_masked(b'{"type":"ping","id":%d}' % (sent + i)) for i in range(2000))
+            )
+            sent += 2000
+            await writer.drain()
+
+    flooding = asyncio.create_task(flood())
+    await wait_for(lambda: not link.transport.is_reading(), timeout=TIMEOUT * 3)
+    assert conn.close_code is None
+    assert conn.outbox.buffered <= limit
+    flooding.cancel()
+    # Reading again resumes the server: every command is answered, in order.
+    for i in range(sent):
+        assert await read_message(reader) == {"type": "pong", "id": i}
+    writer.close()

@@ -71,3 +71,34 @@ async def test_nothing_is_written_to_a_closing_transport() -> None:
     transport.closing = True
     flusher.flush()
     assert transport.writes == []
+
+
+async def test_a_queued_pong_is_replaced_by_the_next_one() -> None:
+    transport = FakeTransport()
+    flusher = Flusher(asyncio.get_running_loop())
+    outbox = Outbox(transport, 100, flusher, lambda: None)
+    assert outbox.push_pong(b"P1")
+    assert outbox.push_pong(b"P22")  # answers the later ping only
+    assert outbox.buffered == 3
+    assert outbox.push(b"data")
+    assert outbox.push_pong(b"P3")  # behind other frames: queued, not moved
+    assert outbox.push_pong(b"P4")
+    flusher.flush()
+    assert transport.writes == [b"P22dataP4"]
+    assert outbox.push_pong(b"P5")  # the last one left: a new one
+    flusher.flush()
+    assert transport.writes[-1] == b"P5"
+
+
+async def test_pongs_count_against_the_limit() -> None:
+    transport = FakeTransport()
+    overflows: list[int] = []
+    flusher = Flusher(asyncio.get_running_loop())
+    outbox = Outbox(transport, 10, flusher, lambda: overflows.append(1))
+    accepted = []
+    for _ in range(5):  # the peer reads nothing: each pong stays in the transport
+        accepted.append(outbox.push_pong(b"pong"))
+        flusher.flush()
+    assert accepted == [True, True, False, False, False]
+    assert overflows == [1]
+    assert transport.unsent == 8

@@ -41,7 +41,7 @@ from websockets.typing import Subprotocol
 from yarl import URL
 
 from plexus.protocol.codec import SUBPROTOCOLS
-from plexus.transports.websocket import Link, Refusal, WebSocketEndpoint
+from plexus.transports.websocket import Link, Refusal, WebSocketEndpoint, write_high_water
 
 try:  # websockets' C unmasking, as websockets.frames picks it
     from websockets.speedups import apply_mask
@@ -188,6 +188,7 @@ class LeanListener:
                 self.paths[b"/echo"] = True
         self.max_message_size = settings.max_message_size
         self.head_timeout = settings.http_request_timeout
+        self.write_high_water = write_high_water(settings.max_queue_bytes)
         self.max_per_ip = settings.max_connections_per_ip
         # Every socket not (yet) handed to aiohttp, for the shutdown.
         self.protocols: set[LeanProtocol] = set()
@@ -224,6 +225,7 @@ class LeanProtocol(Link, asyncio.Protocol):
         "_pending",
         "_task",
         "_utf8",
+        "_write_paused",
         "listener",
         "max_size",
         "ws",
@@ -244,6 +246,7 @@ class LeanProtocol(Link, asyncio.Protocol):
         self._input: bytearray | None = None
         self._need = 0
         self._over_limit = False  # over max_connections_per_ip: answer 429 to the request
+        self._write_paused = False  # the socket holds more unsent output than it should
         self.max_size = listener.max_message_size
 
     # ----- asyncio.Protocol
@@ -294,6 +297,19 @@ class LeanProtocol(Link, asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         return None  # close: a WebSocket peer that half-closes is gone
+
+    def pause_writing(self) -> None:
+        # The peer does not read what it is sent: stop reading what it sends
+        # (commands, pings) until it does, so that it cannot make us answer more.
+        self._write_paused = True
+        if _reading(self.transport):
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        pending = self._pending
+        if _paused(self.transport) and (pending is None or len(pending) < MAX_PENDING):
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         listener = self.listener
@@ -392,6 +408,7 @@ class LeanProtocol(Link, asyncio.Protocol):
             return
         # websockets was given the head alone: no frame is half parsed.
         ws.drop_handshake()
+        transport.set_write_buffer_limits(high=listener.write_high_water)
         self.echo, self.ws = echo, ws
         conn = endpoint.open(self, transport, ws.subprotocol, credentials)
         if not echo and conn.credentials is not None and conn.credentials.channels:
@@ -578,7 +595,7 @@ class LeanProtocol(Link, asyncio.Protocol):
                 await waiting
             while pending := self._pending:
                 item = pending.popleft()
-                if len(pending) == RESUME_AT and _paused(transport):
+                if len(pending) == RESUME_AT and _paused(transport) and not self._write_paused:
                     transport.resume_reading()
                 if isinstance(item, str | bytes):
                     waiting = conn.handle(item)
@@ -590,7 +607,7 @@ class LeanProtocol(Link, asyncio.Protocol):
             self.crashed()
         finally:
             self._task = self._pending = None
-            if _paused(transport):
+            if _paused(transport) and not self._write_paused:
                 transport.resume_reading()
 
     # ----- the end

@@ -26,6 +26,8 @@ from typing import Final
 
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.base_protocol import BaseProtocol
 
 from plexus.auth import Authenticator, Credentials
 from plexus.connection import Connection
@@ -51,6 +53,16 @@ PROTOCOL_ERROR: Final = 1002
 # How long a closing connection may take to answer our close frame before the
 # socket is dropped (a peer that stopped reading never will).
 CLOSE_TIMEOUT: Final = 5.0
+
+
+def write_high_water(max_queue_bytes: int) -> int:
+    """Unsent bytes above which a connection's socket is not read until they drain.
+
+    Half the output limit rather than asyncio's 64 KiB: a client that reads
+    slowly but keeps up still has its pongs and commands read, while one that
+    does not read at all stops being read well before it holds the limit.
+    """
+    return max(max_queue_bytes // 2, 4096)
 
 
 def valid_close_code(code: int) -> bool:
@@ -111,11 +123,16 @@ class Link:
             self.send_close(code, reason)
 
     def ping(self, payload: bytes) -> None:
-        """A ping frame arrived: answer it, behind the frames already queued."""
+        """A ping frame arrived: answer it behind the frames already queued.
+
+        The pong counts against `max_queue_bytes` like any frame (a client
+        that sends pings and never reads is a slow consumer), and replaces a
+        pong still waiting in the queue.
+        """
         conn = self.conn
         conn.last_seen = time.monotonic()
         if conn.close_code is None:
-            conn.outbox.write_now(build_frame(payload, OP_PONG))
+            conn.outbox.push_pong(build_frame(payload, OP_PONG))
 
     def pong(self) -> None:
         """A pong frame arrived: the peer is alive."""
@@ -393,7 +410,7 @@ async def _serve(
         max_msg_size=endpoint.settings.max_message_size + 1,
         timeout=CLOSE_TIMEOUT,
     )
-    await ws.prepare(request)
+    writer = await ws.prepare(request)
     transport = request.transport
     if transport is None:  # the peer vanished during the handshake
         return ws
@@ -403,12 +420,13 @@ async def _serve(
 
     link = Link(endpoint)
     link.remote, link.echo, link.transport = remote, echo, transport
+    transport.set_write_buffer_limits(high=write_high_water(endpoint.settings.max_queue_bytes))
     conn = endpoint.open(link, _WsTransport(transport, ws), ws.ws_protocol, credentials)
     ws.outbox = conn.outbox
     try:
         if not echo:
             await conn.subscribe_granted()
-        await _read(ws, link)
+        await _read(ws, link, request.protocol, writer)
     except Exception:
         link.crashed()
     finally:
@@ -418,10 +436,22 @@ async def _serve(
     return ws
 
 
-async def _read(ws: _Response, link: Link) -> None:
-    """Read until the connection ends."""
+async def _read(
+    ws: _Response, link: Link, protocol: BaseProtocol, writer: AbstractStreamWriter
+) -> None:
+    """Read until the connection ends.
+
+    While the socket holds more unsent output than its high-water mark, no
+    message is taken: aiohttp's queue fills and it stops reading the socket,
+    so a client that does not read cannot make the server answer more.
+    """
     conn = link.conn
     while True:
+        if protocol.writing_paused:
+            try:
+                await writer.drain()
+            except ConnectionError:
+                return  # dropped while it did not read (the close timer, a reset)
         msg = await ws.receive()
         kind = msg.type
         if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
