@@ -192,6 +192,21 @@ async def send_in_parts(
         writer.close()
 
 
+async def metrics(base_url: str) -> dict[str, float]:
+    """The server's `/metrics` samples: `{"name{labels}": value}`."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(base_url + "/metrics", timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as resp,
+    ):
+        assert resp.status == 200
+        text = await resp.text()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
 async def api_post(
     base_url: str, path: str, body: Any, *, headers: Mapping[str, str] | None = None
 ) -> tuple[int, Any]:
