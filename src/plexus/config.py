@@ -98,6 +98,11 @@ class Settings:
     bad_command_window: float = 10.0
     publish_rate: float = 20.0  # per second per connection, 0 = unlimited
     publish_burst: int = 50
+    # subscribe, unsubscribe, history and presence, per second per connection
+    # (0 = unlimited); the burst covers a client (re)subscribing to all its
+    # channels (max_subscriptions) and paging back through history at once.
+    subscribe_rate: float = 20.0
+    subscribe_burst: int = 300
     rate_limit_disconnect: int = 200  # rate_limited answers within bad_command_window -> 4029
     max_body_size: int = 1024 * 1024  # HTTP API request body
     http_request_timeout: float = 30.0  # seconds to send a request head, and an API body
@@ -150,13 +155,14 @@ class Settings:
             "max_subscriptions",
             "bad_command_limit",
             "publish_burst",
+            "subscribe_burst",
             "rate_limit_disconnect",
             "max_body_size",
         )
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("publish_rate", "max_connections", "max_connections_per_ip"):
+        for name in ("publish_rate", "subscribe_rate", "max_connections", "max_connections_per_ip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:

@@ -237,6 +237,29 @@ async def flood(ctx: Ctx) -> Outcome:
     return ("close", msg.data, len(codes))
 
 
+async def join_leave_flood(ctx: Ctx) -> Outcome:
+    """40 subscribe/unsubscribe pairs with 1 KiB of info into the bystander's channel, at once.
+
+    Each pair would push a join and a leave to every subscriber there.
+    """
+    ws = await ctx.connect()
+    info = {"pad": "i" * 1000}
+    for i in range(40):
+        await ws.send_json(subscribe(BYSTANDER_CHANNEL, id=2 * i, info=info))
+        await ws.send_json({"type": "unsubscribe", "id": 2 * i + 1, "channel": BYSTANDER_CHANNEL})
+    codes: dict[int, str | None] = {}
+    while True:
+        msg = await ws.receive(timeout=TIMEOUT)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            break
+        answer = msg.json()
+        if "id" in answer:
+            codes[answer["id"]] = answer.get("code")
+    assert [codes.pop(i) for i in range(4)] == [None] * 4  # the burst
+    assert set(codes.values()) == {"rate_limited"}
+    return ("close", msg.data, len(codes))
+
+
 async def connections_per_ip(ctx: Ctx) -> Outcome:
     """The bystander holds one of the three allowed connections from 127.0.0.1."""
     first, second = await ctx.connect(), await ctx.connect()
@@ -758,6 +781,12 @@ ATTACKS = [
         ping_flood,
         ("ping flood", True, True, True),
         lambda _: {"max_queue_bytes": 256 * 1024},
+    ),
+    Attack(
+        "join/leave flood",
+        join_leave_flood,
+        ("close", 4029, 31),
+        lambda _: {"subscribe_rate": 1.0, "subscribe_burst": 4, "rate_limit_disconnect": 30},
     ),
     Attack(
         "more subscriptions than max_subscriptions",

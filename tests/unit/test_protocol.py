@@ -187,6 +187,40 @@ def test_rate_limited_does_not_count_as_bad() -> None:
     assert all(o.close is None for o in outcomes)
 
 
+READS = [
+    '{"type":"subscribe","channel":"chat:a","info":{"nick":"x"}}',
+    '{"type":"unsubscribe","channel":"chat:a"}',
+    '{"type":"history","channel":"chat:a"}',
+    '{"type":"presence","channel":"chat:a"}',
+]
+
+
+def test_subscribe_unsubscribe_and_reads_share_their_own_bucket() -> None:
+    state = SessionState(JSON, Limits(subscribe_rate=2, subscribe_burst=8), now=0.0)
+    outcomes = [state.receive(READS[i % 4], now=0.0) for i in range(12)]
+    assert [o.command is not None for o in outcomes] == [True] * 8 + [False] * 4
+    assert {o.error["code"] for o in outcomes[8:] if o.error} == {"rate_limited"}
+    # Publishes and pings draw on nothing of it.
+    publish = '{"type":"publish","channel":"chat:a","data":1}'
+    assert state.receive(publish, now=0.0).command is not None
+    assert state.receive('{"type":"ping"}', now=0.0).command is not None
+    assert state.receive(READS[0], now=0.5).command is not None  # refilled at 2/s
+    assert state.receive(READS[0], now=0.5).command is None
+
+
+def test_a_join_leave_flood_closes_4029_like_a_publish_flood() -> None:
+    limits = Limits(subscribe_rate=1, subscribe_burst=2, rate_limit_disconnect=30)
+    state = SessionState(JSON, limits, now=0.0)
+    outcomes = [state.receive(READS[i % 2], now=i * 0.001) for i in range(33)]
+    assert all(o.close is None for o in outcomes[:32])  # 2 allowed, 30 answered rate_limited
+    assert outcomes[32].close is CloseCode.RATE_LIMITED
+
+
+def test_a_zero_subscribe_rate_turns_the_limit_off() -> None:
+    state = SessionState(JSON, Limits(subscribe_rate=0, subscribe_burst=1), now=0.0)
+    assert all(state.receive(READS[i % 4], now=0.0).command for i in range(1000))
+
+
 def _pub(offset: int, epoch: str = "e") -> Publication:
     return Publication("c", offset, offset, epoch, 0)
 
