@@ -305,3 +305,33 @@ async def test_a_client_that_does_not_read_is_not_read_either(
     for i in range(sent):
         assert await read_message(reader) == {"type": "pong", "id": i}
     writer.close()
+
+
+async def test_a_message_in_endless_empty_fragments(raw: Raw, engine: str) -> None:
+    """More fragments than `max_fragments` (1024 at the default limit): lean closes with 1009.
+
+    aiohttp's parser keeps nothing per fragment (a million empty ones cost it
+    about 50 ms of CPU), so it has no cap and answers the message.
+    """
+    reader, writer = await raw(b"")
+    cap = 1024  # max(64, max_message_size // 64) at the default 64 KiB
+    writer.write(masked(b'{"type":"ping",', fin=False))
+    writer.write(zero_masked(b"", 0x0, fin=False) * (cap + 10) + zero_masked(b'"id":1}', 0x0))
+    if engine == "lean":
+        opcode, payload = await read_frame(reader)
+        assert (opcode, struct.unpack("!H", payload[:2])[0]) == (0x8, 1009)
+    else:
+        assert await read_message(reader) == {"type": "pong", "id": 1}
+
+
+async def test_a_message_in_many_fragments_within_the_cap_is_whole(raw: Raw) -> None:
+    reader, writer = await raw(b"")
+    text = b'{"type":"ping","id":1,"pad":"' + b"f" * 990 + b'"}'
+    frames = [text[i : i + 1] for i in range(len(text))]  # 1020 one-byte fragments
+    assert len(frames) <= 1024
+    writer.write(
+        masked(frames[0], fin=False)
+        + b"".join(zero_masked(f, 0x0, fin=False) for f in frames[1:-1])
+        + zero_masked(frames[-1], 0x0)
+    )
+    assert await read_message(reader) == {"type": "pong", "id": 1}

@@ -15,6 +15,7 @@ from plexus.protocol.codec import JSON, MSGPACK, build_frame, close_frame
 from plexus.protocol.codes import CloseCode
 from plexus.protocol.recovery import can_recover, merge_backlog
 from plexus.protocol.session import Limits, SessionState
+from plexus.transports import lean
 
 
 def parse_frame(data: bytes) -> Frame:
@@ -248,3 +249,10 @@ def test_merge_backlog_drops_duplicates_and_own_presence() -> None:
     ]
     merged = merge_backlog(4, "e", backlog, "c-me")
     assert merged == [_pub(5), Presence("join", "c", other), _pub(6)]
+
+
+def test_fragment_cap_follows_the_message_size_limit() -> None:
+    assert lean.max_fragments(64 * 1024) == 1024
+    assert lean.max_fragments(1000) == 64  # the floor
+    # Autobahn 9.3/9.4 send 4 MiB in 64-byte fragments to a 16 MiB limit.
+    assert lean.max_fragments(16 * 1024 * 1024) >= 4 * 1024 * 1024 // 64

@@ -64,13 +64,37 @@ RESUME_AT: Final = MAX_PENDING // 2
 
 NO_STATUS: Final = 1005  # websockets' code for a close frame without one
 INVALID_DATA: Final = 1007
+MESSAGE_TOO_BIG: Final = 1009
 
 _SUBPROTOCOLS: Final = [Subprotocol(name) for name in SUBPROTOCOLS]
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 
 
-class _InvalidUtf8(Exception):
+class _Failure(Exception):
+    """Input that fails the connection with `code` (the message is the close reason)."""
+
+    code = INVALID_DATA
+
+
+class _InvalidUtf8(_Failure):
     """A text message that is not UTF-8: the connection fails with 1007."""
+
+
+class _TooManyFragments(_Failure):
+    """A message in more frames than `max_fragments(max_message_size)`: 1009."""
+
+    code = MESSAGE_TOO_BIG
+
+
+def max_fragments(max_message_size: int) -> int:
+    """Frames one message may come in: one per 64 bytes of the size limit, at least 64.
+
+    websockets counts payload bytes only, and an empty continuation frame
+    adds none: a message of endless empty fragments cost CPU and a list entry
+    per frame, forever. A message of the largest size in fragments of 64
+    bytes or more always fits.
+    """
+    return max(64, max_message_size // 64)
 
 
 class _ServerProtocol(ServerProtocol):
@@ -187,6 +211,7 @@ class LeanListener:
             if settings.echo_endpoint:
                 self.paths[b"/echo"] = True
         self.max_message_size = settings.max_message_size
+        self.max_fragments = max_fragments(settings.max_message_size)
         self.head_timeout = settings.http_request_timeout
         self.write_high_water = write_high_water(settings.max_queue_bytes)
         self.max_per_ip = settings.max_connections_per_ip
@@ -443,10 +468,10 @@ class LeanProtocol(Link, asyncio.Protocol):
             data, self._input = bytes(pending), None
         try:
             self._split(ws, data)
-        except _InvalidUtf8 as exc:
+        except _Failure as exc:
             if ws.state is State.OPEN:
-                ws.fail(INVALID_DATA)  # so that websockets ignores the rest
-            self._then(partial(self._fail_and_end, INVALID_DATA, str(exc)))
+                ws.fail(exc.code)  # so that websockets ignores the rest
+            self._then(partial(self._fail_and_end, exc.code, str(exc)))
         except Exception:
             self.crashed()
 
@@ -527,6 +552,8 @@ class LeanProtocol(Link, asyncio.Protocol):
             # websockets refused a continuation without a message to continue.
             parts = self._parts
             assert parts is not None
+            if len(parts) >= self.listener.max_fragments:
+                raise _TooManyFragments("message in too many fragments")
             if utf8 is not None:
                 _check_utf8(utf8, data, fin)  # fail fast, before the message is whole
             parts.append(data)
