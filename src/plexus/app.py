@@ -26,6 +26,7 @@ from plexus.backends import make_broker, make_history, make_presence
 from plexus.brokers.base import Broker
 from plexus.config import Settings
 from plexus.history.base import HistoryStore
+from plexus.logs import quiet_malformed_requests
 from plexus.metrics import CONTENT_TYPE
 from plexus.node import Node, RpcHandler
 from plexus.presence.base import PresenceStore
@@ -178,6 +179,7 @@ class Server:
     async def start(self) -> None:
         """Start the stores, the broker and the listener."""
         settings = self.settings
+        quiet_malformed_requests()
         self.node = Node(
             settings,
             broker=self._broker or make_broker(settings),

@@ -335,3 +335,32 @@ async def test_a_message_in_many_fragments_within_the_cap_is_whole(raw: Raw) -> 
         + zero_masked(frames[-1], 0x0)
     )
     assert await read_message(reader) == {"type": "pong", "id": 1}
+
+
+MALFORMED_REQUESTS = [
+    b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    b"G@T / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS on the HTTP port
+    b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: zz\r\nSec-WebSocket-Version: 13\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("request_bytes", MALFORMED_REQUESTS)
+async def test_a_malformed_http_request_is_one_log_line(
+    make_server: ServerFactory,
+    engine: str,
+    request_bytes: bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="aiohttp")
+    server = await make_server(ws_engine=engine)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request_bytes)
+    assert (await read_response(reader))[0] == 400
+    writer.close()
+    records = [r for r in caplog.records if r.name.startswith("aiohttp")]
+    assert len(records) <= 1, records
+    assert not [r for r in records if r.exc_info or r.levelno >= logging.WARNING]
