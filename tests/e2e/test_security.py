@@ -451,6 +451,16 @@ ATTACKS = [
         lambda _: {"jwt_audience": "plexus"},
     ),
     Attack(
+        'token with "aud": "" on a server without an audience',
+        lambda c: c.first_frame(token(audience="")),
+        ("close", 4001),
+    ),
+    Attack(
+        'token with "aud": [] on a server without an audience',
+        lambda c: c.first_frame(jwt.encode({"sub": "alice", "aud": []}, SECRET, algorithm="HS256")),
+        ("close", 4001),
+    ),
+    Attack(
         "token on a server without keys",
         lambda c: c.first_frame(ALICE),
         ("close", 4001),
