@@ -656,6 +656,20 @@ async def test_without_keys_only_loopback_callers(make_server: ServerFactory) ->
         assert (await api.call(OPENAPI_PATH, method="get", headers={}, base=remote))[0] == 200
 
 
+async def test_an_ipv4_caller_of_a_dual_stack_server_is_loopback(
+    make_server: ServerFactory,
+) -> None:
+    # Bound to "::", the server sees IPv4 peers as ::ffff:a.b.c.d.
+    server = await make_server(host="::")
+    async with aiohttp.ClientSession() as session:
+        api = Api(server, session)
+        for base in (f"http://127.0.0.1:{server.port}", f"http://[::1]:{server.port}"):
+            status, answer = await api.call(
+                "/api/publish", {"channel": "chat:x", "data": 1}, headers={}, base=base
+            )
+            assert status == 200, answer
+
+
 async def test_unknown_paths_and_methods_get_json_errors(api_server: Server) -> None:
     server = api_server
     async with aiohttp.ClientSession() as session:
