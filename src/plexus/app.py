@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_response
 
 from plexus import __version__
 from plexus.auth import Authenticator
@@ -37,6 +37,9 @@ from plexus.transports.websocket import WebSocketEndpoint
 log = logging.getLogger("plexus")
 
 WEB_DIR = Path(__file__).parent / "web"
+# The `Server` header of every HTTP response: no Python or aiohttp version to
+# look vulnerabilities up by.
+SERVER_HEADER = "plexus"
 _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -180,6 +183,10 @@ class Server:
         """Start the stores, the broker and the listener."""
         settings = self.settings
         quiet_malformed_requests()
+        # aiohttp puts its default into every response it prepares, its own
+        # 400s for requests it cannot parse included: no route, middleware or
+        # signal sees those, so the default itself is replaced (process-wide).
+        setattr(web_response, "SERVER_SOFTWARE", SERVER_HEADER)  # noqa: B010
         self.node = Node(
             settings,
             broker=self._broker or make_broker(settings),

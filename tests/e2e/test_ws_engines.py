@@ -364,3 +364,26 @@ async def test_a_malformed_http_request_is_one_log_line(
     records = [r for r in caplog.records if r.name.startswith("aiohttp")]
     assert len(records) <= 1, records
     assert not [r for r in records if r.exc_info or r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        HEALTH,
+        b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        MALFORMED_REQUESTS[0],
+        upgrade_request(extra="Origin: https://evil.example\r\n"),
+        upgrade_request(),
+    ],
+    ids=["200", "404", "400 unparsable", "403 upgrade", "101"],
+)
+async def test_no_response_names_python_or_aiohttp_versions(
+    make_server: ServerFactory, engine: str, request_bytes: bytes
+) -> None:
+    server = await make_server(ws_engine=engine)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request_bytes)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    writer.close()
+    servers = [line for line in head.split(b"\r\n") if line.lower().startswith(b"server:")]
+    assert servers in ([], [b"Server: plexus"]), head
