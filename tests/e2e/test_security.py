@@ -1071,3 +1071,51 @@ def test_hardened_example_config_is_valid(tmp_path: Path) -> None:
     assert all(not settings.namespace(n).anonymous for n in ("", "chat", "orders", "other"))
     assert settings.namespace("orders").private
     assert not settings.echo_endpoint
+
+
+async def test_a_lone_bytes_map_is_bytes_for_every_client(
+    make_server: ServerFactory, session: aiohttp.ClientSession
+) -> None:
+    """A MessagePack client's `{"$bytes": base64}` is bytes, as JSON clients would read it.
+
+    A map with other keys beside `$bytes` stays an ordinary object for both.
+    """
+    server, bystander = await start(make_server)
+    js = await session.ws_connect(server.ws_url)
+    mp = await session.ws_connect(server.ws_url, protocols=[MSGPACK_SUBPROTOCOL])
+
+    async def mp_next(kind: str | None = None) -> dict[str, Any]:
+        while True:
+            message: dict[str, Any] = msgpack.unpackb(await mp.receive_bytes(timeout=TIMEOUT))
+            if kind is None or message["type"] == kind:
+                return message
+
+    async def js_next(kind: str) -> dict[str, Any]:
+        while True:
+            message: dict[str, Any] = await js.receive_json(timeout=TIMEOUT)
+            if message["type"] == kind:
+                return message
+
+    assert (await js.receive_json(timeout=TIMEOUT))["type"] == "welcome"
+    assert (await mp_next())["type"] == "welcome"
+    await js.send_json(subscribe("chat:bytes", id=1))
+    assert (await js.receive_json(timeout=TIMEOUT))["type"] == "reply"
+    await mp.send_bytes(msgpack.packb(subscribe("chat:bytes", id=1)))
+    assert (await mp_next())["type"] == "reply"
+    for data, as_msgpack, as_json in [
+        ({"$bytes": "aGk="}, b"hi", {"$bytes": "aGk="}),
+        ({"$bytes": "aGk=", "x": 1}, {"$bytes": "aGk=", "x": 1}, {"$bytes": "aGk=", "x": 1}),
+    ]:
+        command = {"type": "publish", "channel": "chat:bytes", "data": data}
+        await mp.send_bytes(msgpack.packb(command))
+        assert (await mp_next("message"))["data"] == as_msgpack
+        assert (await js_next("message"))["data"] == as_json
+    # A malformed one is refused with its id, as from a JSON client.
+    bad = {"type": "publish", "id": 9, "channel": "chat:bytes", "data": {"$bytes": 5}}
+    await mp.send_bytes(msgpack.packb(bad))
+    answer = await mp_next("error")
+    assert (answer["id"], answer["code"]) == (9, "bad_request")
+    await js.close()
+    await mp.close()
+    await bystander.check()
+    await bystander.client.close()

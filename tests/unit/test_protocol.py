@@ -11,7 +11,7 @@ from plexus.channels import namespace_of, personal_owner, validate_channel
 from plexus.exceptions import PlexusError
 from plexus.models import ClientInfo, HistoryPage, Presence, Publication, StreamPosition
 from plexus.protocol import commands as cmd
-from plexus.protocol.codec import JSON, MSGPACK, build_frame, close_frame
+from plexus.protocol.codec import JSON, MSGPACK, UndecodableBytes, build_frame, close_frame
 from plexus.protocol.codes import CloseCode
 from plexus.protocol.recovery import can_recover, merge_backlog
 from plexus.protocol.session import Limits, SessionState
@@ -71,6 +71,21 @@ def test_json_decode_errors_are_bad_request(payload: str) -> None:
     with pytest.raises(PlexusError) as info:
         JSON.decode(payload)
     assert info.value.code == "bad_request"
+
+
+def test_a_lone_bytes_map_means_bytes_in_every_encoding() -> None:
+    for codec in (JSON, MSGPACK):
+        sent = codec.encode({"data": {"$bytes": "aGk="}, "other": {"$bytes": "aGk=", "x": 1}})
+        assert codec.decode(sent) == {"data": b"hi", "other": {"$bytes": "aGk=", "x": 1}}
+
+
+@pytest.mark.parametrize("data", [{"$bytes": 5}, {"$bytes": "@@"}])
+def test_a_malformed_bytes_map_is_bad_request_in_every_encoding(data: dict[str, Any]) -> None:
+    for codec in (JSON, MSGPACK):
+        with pytest.raises(UndecodableBytes) as info:
+            codec.decode(codec.encode({"type": "publish", "id": 3, "data": data}))
+        assert info.value.code == "bad_request"
+        assert info.value.decoded["id"] == 3  # the error answer still carries the id
 
 
 def test_msgpack_rejects_text_and_garbage() -> None:
