@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -218,6 +219,30 @@ class Settings:
         if found is None:
             found = self.namespaces.get("", NamespaceOptions())
         return found
+
+
+# SqliteHistoryStore takes a path with one of these suffixes as the database
+# file itself, any other as the directory that holds it.
+_DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
+def check_data_dir(settings: Settings) -> None:
+    """Raise ConfigError unless SQLite history can write where `data_dir` says.
+
+    Creates the directory if it is missing (as the store would). Checked by
+    trying, since permissions alone do not tell (root writes anywhere, a path
+    may run through a regular file). Other history backends use no directory.
+    """
+    if settings.history_backend != "sqlite":
+        return
+    path = Path(settings.data_dir)
+    directory = path.parent if path.suffix in _DB_SUFFIXES else path
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"data_dir: cannot write to {directory}: {exc.strerror or exc}") from None
 
 
 _SETTING_TYPES: dict[str, Any] = {}

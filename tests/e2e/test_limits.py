@@ -228,6 +228,32 @@ def test_bad_config_exits_2_with_one_line(
     assert needle in lines[0]
 
 
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_unwritable_data_dir_exits_2_with_one_line(tmp_path: Any, how: str) -> None:
+    import os
+
+    # Under a regular file: no one can create it, root included (chmod would
+    # not stop root).
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    data_dir = str(blocker / "sub")
+    args = ["--data-dir", data_dir] if how == "flag" else []
+    env = {**os.environ, "PLEXUS_DATA_DIR": data_dir} if how == "env" else dict(os.environ)
+    env.pop("PLEXUS_HISTORY_BACKEND", None)  # the default, sqlite, needs the directory
+    result = subprocess.run(
+        [sys.executable, "-m", "plexus", "serve", "--port", "0", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "data_dir" in lines[0]
+    assert data_dir in lines[0]
+
+
 def test_bad_toml_setting_names_it(tmp_path: Any) -> None:
     config = tmp_path / "plexus.toml"
     config.write_text("ping_interval = 5\npong_timeout = 9\n[namespaces.chat]\nhistory_size = -1\n")
