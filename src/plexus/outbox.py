@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
+
+# Pongs queued in a row (within one flush) before each new one replaces the last.
+PONG_RUN: Final = 16
 
 
 class Transport(Protocol):
@@ -85,6 +88,7 @@ class Outbox:
         "_more",
         "_on_overflow",
         "_pong",
+        "_pongs",
         "_queued",
         "_transport",
         "_unsent",
@@ -108,8 +112,10 @@ class Outbox:
         self._first: bytes | None = None
         self._more: list[bytes] | None = None
         self._queued = 0
-        # The last pong queued by `push_pong` (compared by identity).
+        # The last pong queued by `push_pong` (compared by identity), and how
+        # many pongs in a row end the queue.
         self._pong: bytes | None = None
+        self._pongs = 0
         # An upper bound of the transport's unsent bytes: what it held when
         # last asked plus what was written since. Only when the bound says the
         # limit is reached is the transport asked again, so a fast client costs
@@ -149,26 +155,32 @@ class Outbox:
         return True
 
     def push_pong(self, frame: bytes) -> bool:
-        """Queue a pong frame, counted like any frame; or replace the pong queued last.
+        """Queue a pong frame, counted like any frame; past PONG_RUN in a row, replace the last.
 
         RFC 6455 5.5.3 lets an endpoint answer only the latest of the pings it
-        has not answered yet: a client that floods pings then costs one pong
-        per read of its socket, not one per ping.
+        has not answered yet: a client that floods pings then costs at most
+        PONG_RUN pongs per read of its socket, not one per ping. A few pings
+        sent at once are all answered, as most peers (and Autobahn's 2.10)
+        expect.
         """
         pong = self._pong
+        run = 0
         if pong is not None:
             more = self._more
             if (more[-1] if more is not None else self._first) is pong:
-                if more is not None:
-                    more[-1] = frame
-                else:
-                    self._first = frame
-                self._queued += len(frame) - len(pong)
-                self._pong = frame
-                return True
+                run = self._pongs
+                if run >= PONG_RUN:
+                    if more is not None:
+                        more[-1] = frame
+                    else:
+                        self._first = frame
+                    self._queued += len(frame) - len(pong)
+                    self._pong = frame
+                    return True
         if not self.push(frame):
             return False
         self._pong = frame
+        self._pongs = run + 1
         return True
 
     def flush(self) -> int:

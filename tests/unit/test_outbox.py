@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from plexus.outbox import Flusher, Outbox
+from plexus.outbox import PONG_RUN, Flusher, Outbox
 
 
 class FakeTransport:
@@ -73,21 +73,23 @@ async def test_nothing_is_written_to_a_closing_transport() -> None:
     assert transport.writes == []
 
 
-async def test_a_queued_pong_is_replaced_by_the_next_one() -> None:
+async def test_past_a_run_of_pongs_the_last_one_is_replaced() -> None:
     transport = FakeTransport()
     flusher = Flusher(asyncio.get_running_loop())
-    outbox = Outbox(transport, 100, flusher, lambda: None)
-    assert outbox.push_pong(b"P1")
-    assert outbox.push_pong(b"P22")  # answers the later ping only
-    assert outbox.buffered == 3
+    outbox = Outbox(transport, 10_000, flusher, lambda: None)
+    for i in range(PONG_RUN + 5):
+        assert outbox.push_pong(b"P%02d" % i)
+    # The first PONG_RUN - 1 answered each, the last place answers the latest ping.
+    last = b"P%02d" % (PONG_RUN + 4)
+    expected = b"".join(b"P%02d" % i for i in range(PONG_RUN - 1)) + last
+    assert outbox.buffered == len(expected)
     assert outbox.push(b"data")
-    assert outbox.push_pong(b"P3")  # behind other frames: queued, not moved
-    assert outbox.push_pong(b"P4")
+    assert outbox.push_pong(b"Q1")  # a new run behind other frames
     flusher.flush()
-    assert transport.writes == [b"P22dataP4"]
-    assert outbox.push_pong(b"P5")  # the last one left: a new one
+    assert transport.writes == [expected + b"data" + b"Q1"]
+    assert outbox.push_pong(b"Q2")  # the last one left: a new run
     flusher.flush()
-    assert transport.writes[-1] == b"P5"
+    assert transport.writes[-1] == b"Q2"
 
 
 async def test_pongs_count_against_the_limit() -> None:

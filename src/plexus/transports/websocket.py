@@ -126,8 +126,8 @@ class Link:
         """A ping frame arrived: answer it behind the frames already queued.
 
         The pong counts against `max_queue_bytes` like any frame (a client
-        that sends pings and never reads is a slow consumer), and replaces a
-        pong still waiting in the queue.
+        that sends pings and never reads is a slow consumer); past a run of
+        them in the queue, it replaces the last (`Outbox.push_pong`).
         """
         conn = self.conn
         conn.last_seen = time.monotonic()
