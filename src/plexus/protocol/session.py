@@ -72,7 +72,9 @@ class SessionState:
         self.limits = limits
         self._bad = EventWindow(limits.bad_command_limit, limits.bad_command_window)
         self._bucket = TokenBucket(limits.publish_rate, limits.publish_burst, now)
-        self._reads = TokenBucket(limits.subscribe_rate, limits.subscribe_burst, now)
+        # Made at the first such command (full, as it would be by then): an
+        # idle connection holds one object less.
+        self._reads: TokenBucket | None = None
         # "More than N rate_limited answers" closes: the (N+1)-th one.
         self._rate_limited = EventWindow(
             limits.rate_limit_disconnect + 1, limits.bad_command_window
@@ -91,9 +93,16 @@ class SessionState:
         if isinstance(command, Publish):
             if not self._bucket.allow(now):
                 return self.failed(command.id, ErrorCode.RATE_LIMITED, "publish rate exceeded", now)
-        elif isinstance(command, _READS) and not self._reads.allow(now):
-            message = "subscribe/unsubscribe/history/presence rate exceeded"
-            return self.failed(command.id, ErrorCode.RATE_LIMITED, message, now)
+        elif isinstance(command, _READS):
+            reads = self._reads
+            if reads is None:
+                limits = self.limits
+                reads = self._reads = TokenBucket(
+                    limits.subscribe_rate, limits.subscribe_burst, now
+                )
+            if not reads.allow(now):
+                message = "subscribe/unsubscribe/history/presence rate exceeded"
+                return self.failed(command.id, ErrorCode.RATE_LIMITED, message, now)
         return Outcome(command=command)
 
     def failed(self, cid: Any, code: ErrorCode, message: str, now: float) -> Outcome:
