@@ -41,6 +41,8 @@ import orjson
 from bench.wsclient import Counters, WSConn, client_frame, connect
 
 Reply = dict[str, Any]
+# The HTTP API refuses bodies not sent as JSON (a CSRF defence).
+JSON = {"Content-Type": "application/json"}
 ProgressFn = Callable[[dict[int, Reply]], None]
 
 
@@ -273,7 +275,7 @@ class Worker:
                         "channel": channel,
                         "data": {"ts": time.time_ns(), "seq": seq, "pad": pad},
                     }
-                    async with session.post(url, data=orjson.dumps(body)) as resp:
+                    async with session.post(url, data=orjson.dumps(body), headers=JSON) as resp:
                         state.answered += 1
                         if resp.status != 200:
                             state.errors += 1

@@ -7,11 +7,13 @@ PLEXUS_TEST_TIMEOUT_FACTOR on a slow machine to scale them all.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -21,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from websockets.frames import Frame
+import orjson
+from websockets.frames import Frame, Opcode
 
 TIMEOUT = 10.0 * float(os.environ.get("PLEXUS_TEST_TIMEOUT_FACTOR", "1"))
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,6 +153,71 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> N
         await asyncio.sleep(0.01)  # sleep-ok: polls state that has no event, bounded
 
 
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length: (status, lower-case headers, body)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name:
+            headers[name.strip().lower()] = value.strip()
+    body = await asyncio.wait_for(
+        reader.readexactly(int(headers.get("content-length", "0"))), TIMEOUT
+    )
+    return status, headers, body
+
+
+def post_request(
+    path: str, body: bytes, headers: Mapping[str, str] | None = None, *, host: str = "127.0.0.1"
+) -> bytes:
+    """A raw `POST` of a JSON body (head and body), for tests that send it in pieces."""
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *(f"{name}: {value}" for name, value in (headers or {}).items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def send_in_parts(
+    port: int, parts: list[bytes], pause: float = 0.05
+) -> tuple[int, dict[str, str], bytes]:
+    """Send a request in separate TCP segments, pausing between them; return the response.
+
+    The pause makes the server see each part in its own read (asyncio sets
+    TCP_NODELAY, so each part leaves at once).
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for index, part in enumerate(parts):
+            if index:
+                await asyncio.sleep(pause)  # sleep-ok: split the request across reads
+            writer.write(part)
+            await writer.drain()
+        return await read_response(reader)
+    finally:
+        writer.close()
+
+
+async def metrics(base_url: str) -> dict[str, float]:
+    """The server's `/metrics` samples: `{"name{labels}": value}`."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(base_url + "/metrics", timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as resp,
+    ):
+        assert resp.status == 200
+        text = await resp.text()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
 async def api_post(
     base_url: str, path: str, body: Any, *, headers: Mapping[str, str] | None = None
 ) -> tuple[int, Any]:
@@ -274,3 +342,69 @@ def parse_frame(data: bytes) -> Frame:
         assert chunks[0] == b"", "trailing bytes after the frame"
         frame: Frame = done.value
         return frame
+
+
+# ----- raw WebSocket frames, for tests that must send what a library would not
+
+
+def masked(payload: bytes, opcode: int = 0x1, *, fin: bool = True) -> bytes:
+    """One client-to-server frame (masked, as RFC 6455 requires)."""
+    return Frame(Opcode(opcode), payload, fin).serialize(mask=True)
+
+
+def zero_masked(payload: bytes, opcode: int = 0x1, *, fin: bool = True) -> bytes:
+    """A masked frame of at most 125 bytes built fast, with the all-zero mask key.
+
+    A valid mask (RFC 6455 5.3 only asks the client to pick it), and the
+    payload needs no XOR: for floods of many thousands of frames.
+    """
+    assert len(payload) <= 125
+    return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + bytes(4) + payload
+
+
+def upgrade_request(path: str = "/ws", extra: str = "") -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+    ).encode()
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One server-to-client frame (unmasked): (opcode, payload)."""
+    first, second = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
+    length = second & 0x7F
+    if length == 126:
+        (length,) = struct.unpack("!H", await reader.readexactly(2))
+    elif length == 127:
+        (length,) = struct.unpack("!Q", await reader.readexactly(8))
+    return first & 0x0F, await asyncio.wait_for(reader.readexactly(length), TIMEOUT)
+
+
+async def read_message(reader: asyncio.StreamReader) -> Any:
+    opcode, payload = await read_frame(reader)
+    assert opcode == 0x1, (opcode, payload)
+    return orjson.loads(payload)
+
+
+async def open_raw_ws(
+    port: int, *, buffers: int | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw socket past the WebSocket handshake and the `welcome`.
+
+    `buffers`: small kernel send and receive buffers (no autotuning), so that
+    a flood backs up after a few kilobytes instead of megabytes.
+    """
+    sock = socket.socket()
+    if buffers is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(upgrade_request())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert (await read_message(reader))["type"] == "welcome"
+    return reader, writer

@@ -15,6 +15,9 @@ requests are built and the answers checked by plain functions (`_call`,
 
 Payloads may hold `bytes`: they travel as `{"$bytes": base64}` and come back
 as `bytes`. Any refusal raises `ApiError` with the server's error code.
+Redirects are never followed: the API key would go to whatever URL the
+answer names. A redirect raises `ApiError` (`unavailable`, with its status):
+give the client the final URL.
 Tokens for your users are made with `plexus.auth.make_token` (re-exported).
 """
 
@@ -63,6 +66,35 @@ def _call(path: str, body: dict[str, Any] | None = None) -> _Call:
     if body is None:
         return _Call("GET", path, None)
     return _Call("POST", path, JSON.encode(body))
+
+
+def _refuse_redirect(status: int, location: str | None) -> None:
+    """Raise for a 3xx answer: following it would send the API key to `location`."""
+    if 300 <= status < 400:
+        raise ApiError(
+            "unavailable",
+            f"HTTP {status}: redirected to {location or '?'}; plexus.api follows no"
+            " redirect (the API key would go along): use the server's own URL",
+            status,
+        )
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib follows redirects with every header, Authorization included: never."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> None:
+        return None  # urllib then raises HTTPError with the 3xx answer
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def _result(status: int, raw: bytes) -> dict[str, Any]:
@@ -126,10 +158,11 @@ class PlexusApi(_Base):
             self.base + call.path, data=call.body, method=call.method, headers=self.headers
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with _OPENER.open(request, timeout=self.timeout) as response:
                 return _result(response.status, response.read())
         except urllib.error.HTTPError as exc:
             with exc:
+                _refuse_redirect(exc.code, exc.headers.get("Location"))
                 return _result(exc.code, exc.read())
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
@@ -224,7 +257,9 @@ class AsyncPlexusApi(_Base):
                 data=call.body,
                 headers=self.headers,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
+                allow_redirects=False,
             ) as response:
+                _refuse_redirect(response.status, response.headers.get("Location"))
                 return _result(response.status, await response.read())
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ApiError("unavailable", f"cannot reach {self.base}: {exc}") from exc

@@ -18,13 +18,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_response
 
 from plexus import __version__
 from plexus.auth import Authenticator
 from plexus.config import Settings
 from plexus.engines import make_engine
 from plexus.engines.base import Engine
+from plexus.logs import quiet_malformed_requests
 from plexus.metrics import CONTENT_TYPE
 from plexus.node import Node, RpcHandler
 from plexus.transports.http_api import HttpApi
@@ -34,6 +35,9 @@ from plexus.transports.websocket import WebSocketEndpoint
 log = logging.getLogger("plexus")
 
 WEB_DIR = Path(__file__).parent / "web"
+# The `Server` header of every HTTP response: no Python or aiohttp version to
+# look vulnerabilities up by.
+SERVER_HEADER = "plexus"
 _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -88,8 +92,7 @@ class Server:
         self.node: Node | None = None
         self.endpoint: WebSocketEndpoint | None = None
         self._runner: web.AppRunner | None = None
-        self._site: web.SockSite | None = None
-        # ws_engine "lean": the listening socket is ours, aiohttp gets the rest.
+        # The listening socket is ours; aiohttp gets the requests it serves.
         self._listener: asyncio.Server | None = None
         self._lean: LeanListener | None = None
         self._rpc: dict[str, RpcHandler] = {}
@@ -188,13 +191,23 @@ class Server:
     async def start(self) -> None:
         """Start the stores, the broker and the listener."""
         settings = self.settings
+        quiet_malformed_requests()
+        # aiohttp puts its default into every response it prepares, its own
+        # 400s for requests it cannot parse included: no route, middleware or
+        # signal sees those, so the default itself is replaced (process-wide).
+        setattr(web_response, "SERVER_SOFTWARE", SERVER_HEADER)  # noqa: B010
         self.node = Node(settings, self._engine or make_engine(settings))
         self.node.rpc_handlers.update(self._rpc)
         await self.node.start()
         self.endpoint = WebSocketEndpoint(self.node, Authenticator.from_settings(settings))
         self.endpoint.start()
         self._runner = web.AppRunner(
-            self.build_app(), handle_signals=False, access_log=None, shutdown_timeout=1.0
+            self.build_app(),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=1.0,
+            # aiohttp's default (3630 s) let idle and half-sent requests hold sockets for an hour.
+            keepalive_timeout=settings.http_keepalive_timeout,
         )
         await self._runner.setup()
         family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -212,16 +225,15 @@ class Server:
         sock.listen(1024)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
-        if settings.ws_engine == "lean":
-            http = self._runner.server
-            assert http is not None  # set by setup()
-            self._lean = LeanListener(self.endpoint, http, tls=settings.tls)
-            self._listener = await asyncio.get_running_loop().create_server(
-                self._lean, sock=sock, ssl=self._ssl_context(), backlog=1024
-            )
-        else:
-            self._site = web.SockSite(self._runner, sock, ssl_context=self._ssl_context())
-            await self._site.start()
+        # Both engines: the listener counts every socket against
+        # max_connections_per_ip and bounds the time to send a request head;
+        # with the aiohttp engine it hands every request to aiohttp.
+        http = self._runner.server
+        assert http is not None  # set by setup()
+        self._lean = LeanListener(self.endpoint, http, tls=settings.tls)
+        self._listener = await asyncio.get_running_loop().create_server(
+            self._lean, sock=sock, ssl=self._ssl_context(), backlog=1024
+        )
         self.started_at = time.time()
         log.info(
             "listening on %s (WebSocket %s, engine %s)", self.url, self.ws_url, settings.ws_engine
@@ -236,9 +248,6 @@ class Server:
         if endpoint is None or node is None:
             raise RuntimeError("inconsistent server state")
         # Stop accepting first.
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None

@@ -295,6 +295,10 @@ class Authenticator:
             raise _Refused(f"no {exc.claim} claim") from None
         except jwt.PyJWTError:
             raise _Refused("malformed") from None
+        if self._audience is None and "aud" in claims:
+            # PyJWT lets an empty `aud` ("" or []) through when no audience is
+            # expected; RFC 7519 4.1.3 refuses any token that carries one.
+            raise _Refused("wrong audience")
         for name in ("exp", "nbf", "iat"):
             value = claims.get(name)
             if value is not None and not _is_time(value):

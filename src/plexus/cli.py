@@ -149,7 +149,7 @@ def _fail(message: str) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from plexus.app import serve
     from plexus.auth import Authenticator
-    from plexus.config import load_settings
+    from plexus.config import check_data_dir, load_settings
     from plexus.logs import setup_logging
 
     overrides = {
@@ -166,8 +166,10 @@ def _serve(args: argparse.Namespace) -> int:
     }
     try:
         settings = load_settings(args.config or os.environ.get("PLEXUS_CONFIG"), None, overrides)
-        # Key files and secrets are checked here too, so a bad one is one line.
+        # Key files, secrets and the data directory are checked here too, so
+        # that a bad one is one line.
         Authenticator.from_settings(settings)
+        check_data_dir(settings)
     except ConfigError as exc:
         return _fail(f"invalid setting: {exc}")
     setup_logging(settings.log_level, settings.log_format)

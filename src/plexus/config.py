@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from plexus.exceptions import ConfigError
+from plexus.transports.origin import parse_authority, parse_origin
 
 ENV_PREFIX = "PLEXUS_"
 # `engine` sets the three backends at once; each name is one coherent engine.
@@ -113,8 +115,15 @@ class Settings:
     bad_command_window: float = 10.0
     publish_rate: float = 20.0  # per second per connection, 0 = unlimited
     publish_burst: int = 50
+    # subscribe, unsubscribe, history and presence, per second per connection
+    # (0 = unlimited); the burst covers a client (re)subscribing to all its
+    # channels (max_subscriptions) and paging back through history at once.
+    subscribe_rate: float = 20.0
+    subscribe_burst: int = 300
     rate_limit_disconnect: int = 200  # rate_limited answers within bad_command_window -> 4029
     max_body_size: int = 1024 * 1024  # HTTP API request body
+    http_request_timeout: float = 30.0  # seconds to send a request head, and an API body
+    http_keepalive_timeout: float = 75.0  # seconds an idle HTTP connection stays open
 
     data_dir: str = "./plexus-data"
     engine: str = ""  # memory | sqlite | redis: sets the three below at once
@@ -141,13 +150,23 @@ class Settings:
     token_grace: float = 30.0  # seconds a live connection has to send `auth` after expiry
     api_keys: list[str] = field(default_factory=list)
     allowed_origins: list[str] = field(default_factory=list)
+    # Host names (besides loopback ones) that browsers may use to reach this
+    # server: the own-origin rule and the keyless API trust no other Host.
+    allowed_hosts: list[str] = field(default_factory=list)
 
     echo_endpoint: bool = False  # /echo for the Autobahn conformance suite only
     namespaces: dict[str, NamespaceOptions] = field(default_factory=default_namespaces)
 
     def validate(self) -> None:
         """Raise ConfigError for the first invalid setting."""
-        positive = ("ping_interval", "pong_timeout", "shutdown_timeout", "bad_command_window")
+        positive = (
+            "ping_interval",
+            "pong_timeout",
+            "shutdown_timeout",
+            "bad_command_window",
+            "http_request_timeout",
+            "http_keepalive_timeout",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
@@ -163,13 +182,14 @@ class Settings:
             "max_subscriptions",
             "bad_command_limit",
             "publish_burst",
+            "subscribe_burst",
             "rate_limit_disconnect",
             "max_body_size",
         )
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("publish_rate", "max_connections", "max_connections_per_ip"):
+        for name in ("publish_rate", "subscribe_rate", "max_connections", "max_connections_per_ip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
@@ -231,6 +251,14 @@ class Settings:
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
                 raise ConfigError(f"{name}: no such file: {value}")
+        for entry in self.allowed_origins:
+            if entry != "*" and parse_origin(entry) is None:
+                raise ConfigError(
+                    f"allowed_origins: {entry!r} is not scheme://host[:port] (http or https)"
+                )
+        for entry in self.allowed_hosts:
+            if entry != "*" and parse_authority(entry) is None:
+                raise ConfigError(f"allowed_hosts: {entry!r} is not a host name")
         for name, options in self.namespaces.items():
             options.validate(name)
 
@@ -260,6 +288,30 @@ class Settings:
         if found is None:
             found = self.namespaces.get("", NamespaceOptions())
         return found
+
+
+# SqliteHistoryStore takes a path with one of these suffixes as the database
+# file itself, any other as the directory that holds it.
+_DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
+def check_data_dir(settings: Settings) -> None:
+    """Raise ConfigError unless SQLite history can write where `data_dir` says.
+
+    Creates the directory if it is missing (as the store would). Checked by
+    trying, since permissions alone do not tell (root writes anywhere, a path
+    may run through a regular file). Other history backends use no directory.
+    """
+    if settings.history_backend != "sqlite":
+        return
+    path = Path(settings.data_dir)
+    directory = path.parent if path.suffix in _DB_SUFFIXES else path
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"data_dir: cannot write to {directory}: {exc.strerror or exc}") from None
 
 
 _SETTING_TYPES: dict[str, Any] = {}

@@ -138,6 +138,7 @@ class Connection:
                 )
 
     def _on_overflow(self) -> None:
+        self.node.counters.slow_consumers += 1
         log.info("slow consumer %s: over %d buffered bytes", self.client_id, self.outbox.limit)
         self.close(CloseCode.SLOW_CONSUMER, "slow consumer: output buffer full")
 

@@ -146,6 +146,8 @@ class Node:
             bad_command_window=settings.bad_command_window,
             publish_rate=settings.publish_rate,
             publish_burst=settings.publish_burst,
+            subscribe_rate=settings.subscribe_rate,
+            subscribe_burst=settings.subscribe_burst,
             rate_limit_disconnect=settings.rate_limit_disconnect,
         )
         self.metrics = Metrics(self._gauges)

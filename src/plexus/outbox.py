@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
+
+# Pongs queued in a row (within one flush) before each new one replaces the last.
+PONG_RUN: Final = 16
 
 
 class Transport(Protocol):
@@ -84,6 +87,8 @@ class Outbox:
         "_flusher",
         "_more",
         "_on_overflow",
+        "_pong",
+        "_pongs",
         "_queued",
         "_transport",
         "_unsent",
@@ -107,6 +112,10 @@ class Outbox:
         self._first: bytes | None = None
         self._more: list[bytes] | None = None
         self._queued = 0
+        # The last pong queued by `push_pong` (compared by identity), and how
+        # many pongs in a row end the queue.
+        self._pong: bytes | None = None
+        self._pongs = 0
         # An upper bound of the transport's unsent bytes: what it held when
         # last asked plus what was written since. Only when the bound says the
         # limit is reached is the transport asked again, so a fast client costs
@@ -145,6 +154,35 @@ class Outbox:
         self._queued += size
         return True
 
+    def push_pong(self, frame: bytes) -> bool:
+        """Queue a pong frame, counted like any frame; past PONG_RUN in a row, replace the last.
+
+        RFC 6455 5.5.3 lets an endpoint answer only the latest of the pings it
+        has not answered yet: a client that floods pings then costs at most
+        PONG_RUN pongs per read of its socket, not one per ping. A few pings
+        sent at once are all answered, as most peers (and Autobahn's 2.10)
+        expect.
+        """
+        pong = self._pong
+        run = 0
+        if pong is not None:
+            more = self._more
+            if (more[-1] if more is not None else self._first) is pong:
+                run = self._pongs
+                if run >= PONG_RUN:
+                    if more is not None:
+                        more[-1] = frame
+                    else:
+                        self._first = frame
+                    self._queued += len(frame) - len(pong)
+                    self._pong = frame
+                    return True
+        if not self.push(frame):
+            return False
+        self._pong = frame
+        self._pongs = run + 1
+        return True
+
     def flush(self) -> int:
         """Write every queued frame in one write; return the bytes written."""
         data = self._first
@@ -163,7 +201,7 @@ class Outbox:
         return len(data)
 
     def write_now(self, frame: bytes) -> None:
-        """Flush the queue, then write `frame` at once (close frames, pongs)."""
+        """Flush the queue, then write `frame` at once, uncounted (close frames)."""
         self.flush()
         if not self._transport.is_closing():
             self._transport.write(frame)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,7 +28,7 @@ from plexus.config import NamespaceOptions, default_namespaces
 from plexus.transports.http_api import HttpApi
 from plexus.transports.openapi import OPENAPI_PATH, openapi_document
 from tests.conftest import ServerFactory
-from tests.helpers import TIMEOUT
+from tests.helpers import TIMEOUT, post_request, read_response, send_in_parts
 
 API_KEY = "api-key-for-the-tests-0123456789"
 SECRET = "api-suite-jwt-secret-0123456789abcdef"  # >= 32 bytes, as HS256 needs
@@ -536,9 +537,72 @@ async def test_oversized_body(api: Api, path: str) -> None:
             yield b"x" * 512
         yield b'"}'
 
-    async with api.session.post(api.server.url + path, data=chunks(), headers=AUTH) as response:
+    headers = {**AUTH, "Content-Type": "application/json"}
+    async with api.session.post(api.server.url + path, data=chunks(), headers=headers) as response:
         answer = await response.json()
         assert (response.status, answer["error"]["code"]) == (413, "too_large")
+
+
+@pytest.mark.parametrize("path", POST_PATHS)
+async def test_a_body_not_sent_as_json_is_415(api: Api, path: str) -> None:
+    body = b'{"channel": "chat:x", "channels": ["chat:x"], "data": 1, "user": "u"}'
+    for content_type in (
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/jsonx",
+    ):
+        async with api.session.post(
+            api.server.url + path, data=body, headers={**AUTH, "Content-Type": content_type}
+        ) as response:
+            status, answer = response.status, await response.json()
+        response_validator(path, "post", status).validate(answer)
+        assert (status, answer["error"]["code"]) == (415, "bad_request")
+    assert (await api.ok("/api/history", {"channel": "chat:x"}))["offset"] == 0
+
+
+async def test_an_empty_post_needs_no_content_type(api: Api) -> None:
+    async with api.session.post(api.server.url + "/api/channels", headers=AUTH) as response:
+        assert response.status == 200
+        assert "channels" in await response.json()
+
+
+async def test_a_900_kb_body_in_pieces_is_read_whole(make_server: ServerFactory) -> None:
+    server = await make_server(api_keys=[API_KEY])
+    data = "b" * 900_000
+    body = json.dumps({"channel": "chat:big", "data": data}).encode()
+    request = post_request("/api/publish", body, AUTH)
+    parts = [request[i : i + 300_000] for i in range(0, len(request), 300_000)]
+    status, _, answer = await send_in_parts(server.port, parts)
+    assert (status, json.loads(answer)["offset"]) == (200, 1)
+    async with aiohttp.ClientSession() as session:
+        history = await Api(server, session).ok("/api/history", {"channel": "chat:big"})
+    assert history["messages"][0]["data"] == data
+
+
+async def test_a_body_that_stops_coming_is_408(
+    make_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await make_server(api_keys=[API_KEY], http_request_timeout=0.3)
+    request = post_request("/api/publish", b'{"channel": "chat:x", "data": 1}', AUTH)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request[:-10])  # and never the rest
+    status, headers, body = await read_response(reader)
+    answer = json.loads(body)
+    response_validator("/api/publish", "post", status).validate(answer)
+    assert (status, answer["error"]["code"]) == (408, "bad_request")
+    # Closed once aiohttp's lingering read (10 s at most) gives up on the rest.
+    assert headers["connection"] == "close"
+    writer.close()
+    # A client that goes away in the middle of its body is not a server error.
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request[:-10])
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    async with aiohttp.ClientSession() as session:
+        assert (await Api(server, session).ok("/api/history", {"channel": "chat:x"}))["offset"] == 0
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
 @pytest.mark.parametrize(("path", "method"), ALL_GUARDED)
@@ -590,6 +654,20 @@ async def test_without_keys_only_loopback_callers(make_server: ServerFactory) ->
             assert status == 403
         # The document stays public.
         assert (await api.call(OPENAPI_PATH, method="get", headers={}, base=remote))[0] == 200
+
+
+async def test_an_ipv4_caller_of_a_dual_stack_server_is_loopback(
+    make_server: ServerFactory,
+) -> None:
+    # Bound to "::", the server sees IPv4 peers as ::ffff:a.b.c.d.
+    server = await make_server(host="::")
+    async with aiohttp.ClientSession() as session:
+        api = Api(server, session)
+        for base in (f"http://127.0.0.1:{server.port}", f"http://[::1]:{server.port}"):
+            status, answer = await api.call(
+                "/api/publish", {"channel": "chat:x", "data": 1}, headers={}, base=base
+            )
+            assert status == 200, answer
 
 
 async def test_unknown_paths_and_methods_get_json_errors(api_server: Server) -> None:

@@ -72,6 +72,7 @@ NOT_COUNTED_AS_BAD: Final = frozenset({"rate_limited", "unavailable", "internal"
 PUSHES: Final = frozenset({"message", "join", "leave", "unsubscribed"})
 CONFIG: Final = """
 publish_rate = 0
+subscribe_rate = 0
 [namespaces.secret]
 private = true
 allow_publish = true

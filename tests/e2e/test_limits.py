@@ -18,7 +18,7 @@ from plexus.app import Server
 from plexus.client import Client
 from plexus.connection import Connection
 from tests.conftest import ClientFactory, ServerFactory
-from tests.helpers import TIMEOUT, ServerProcess, wait_for
+from tests.helpers import TIMEOUT, ServerProcess, metrics, wait_for
 
 
 async def test_oversized_message_closes_1009_others_unaffected(
@@ -87,6 +87,7 @@ async def test_slow_consumer_closed_4008_others_get_everything(
 ) -> None:
     limit = 256 * 1024
     server = await make_server(max_queue_bytes=limit)
+    assert (await metrics(server.url))["plexus_slow_consumer_disconnects_total"] == 0
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     fast = [Client(server.ws_url, session=session, timeout=TIMEOUT) for _ in range(100)]
     for client in fast:
@@ -129,6 +130,7 @@ async def test_slow_consumer_closed_4008_others_get_everything(
             await publisher.publish("chat:firehose", {"i": i, "p": payload})
     received, closed = await asyncio.wait_for(slow_reader, TIMEOUT * 6)
     assert slow_conn.close_code == 4008
+    assert (await metrics(server.url))["plexus_slow_consumer_disconnects_total"] == 1
     assert slow_conn.outbox.peak <= limit
     assert closed.rcvd is not None
     assert closed.rcvd.code == 4008
@@ -226,6 +228,32 @@ def test_bad_config_exits_2_with_one_line(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert needle in lines[0]
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_unwritable_data_dir_exits_2_with_one_line(tmp_path: Any, how: str) -> None:
+    import os
+
+    # Under a regular file: no one can create it, root included (chmod would
+    # not stop root).
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    data_dir = str(blocker / "sub")
+    args = ["--data-dir", data_dir] if how == "flag" else []
+    env = {**os.environ, "PLEXUS_DATA_DIR": data_dir} if how == "env" else dict(os.environ)
+    env.pop("PLEXUS_HISTORY_BACKEND", None)  # the default, sqlite, needs the directory
+    result = subprocess.run(
+        [sys.executable, "-m", "plexus", "serve", "--port", "0", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "data_dir" in lines[0]
+    assert data_dir in lines[0]
 
 
 def test_bad_toml_setting_names_it(tmp_path: Any) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -132,3 +135,91 @@ async def test_async_refusals_and_unreachable(server: ServerProcess) -> None:
         with pytest.raises(ApiError) as caught:
             await api.channels()
         assert caught.value.code == "unavailable"
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """Answers every request 200 `{}` and records its Authorization header."""
+
+    seen: list[str | None]
+
+    def _answer(self) -> None:
+        self.seen.append(self.headers.get("Authorization"))
+        body = b"{}"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve(handler: type[BaseHTTPRequestHandler]) -> Iterator[ThreadingHTTPServer]:
+    """A real HTTP server on an ephemeral loopback port, in a thread."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[str, list[str | None]]]:
+    """Another site: its URL, and the Authorization headers it was sent."""
+    seen: list[str | None] = []
+    handler = type("Rec", (Recorder,), {"seen": seen})
+    with serve(handler) as httpd:
+        yield f"http://127.0.0.1:{httpd.server_port}", seen
+
+
+@pytest.fixture
+def redirector(recorder: tuple[str, list[str | None]]) -> Iterator[str]:
+    """A server that answers every API call with a redirect to the recorder."""
+    target = recorder[0]
+
+    class Redirect(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            code = 302 if self.command == "POST" else 307
+            self.send_response(code)
+            self.send_header("Location", target + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    with serve(Redirect) as httpd:
+        yield f"http://127.0.0.1:{httpd.server_port}"
+
+
+def test_sync_sdk_follows_no_redirect_with_the_key(
+    redirector: str, recorder: tuple[str, list[str | None]]
+) -> None:
+    api = PlexusApi(redirector, api_key=KEY, timeout=TIMEOUT)
+    for call, status in ((lambda: api.publish("chat:x", 1), 302), (api.info, 307)):
+        with pytest.raises(ApiError) as caught:
+            call()
+        assert (caught.value.code, caught.value.status) == ("unavailable", status)
+        assert "redirect" in caught.value.message
+    assert recorder[1] == []  # the other site never heard from us
+
+
+async def test_async_sdk_follows_no_redirect_with_the_key(
+    redirector: str, recorder: tuple[str, list[str | None]]
+) -> None:
+    async with AsyncPlexusApi(redirector, api_key=KEY, timeout=TIMEOUT) as api:
+        for call, status in ((lambda: api.publish("chat:x", 1), 302), (api.info, 307)):
+            with pytest.raises(ApiError) as caught:
+                await call()
+            assert (caught.value.code, caught.value.status) == ("unavailable", status)
+    assert recorder[1] == []

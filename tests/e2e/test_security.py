@@ -34,9 +34,20 @@ from plexus.app import Server
 from plexus.auth import make_token
 from plexus.client import Client, PlexusClientError
 from plexus.config import NamespaceOptions, default_namespaces, load_settings
+from plexus.connection import Connection
 from plexus.protocol.codec import MSGPACK_SUBPROTOCOL
-from tests.conftest import ServerFactory
-from tests.helpers import ROOT, TIMEOUT, api_post
+from tests.conftest import WS_ENGINE, ServerFactory
+from tests.helpers import (
+    ROOT,
+    TIMEOUT,
+    api_post,
+    open_raw_ws,
+    post_request,
+    read_frame,
+    send_in_parts,
+    wait_for,
+    zero_masked,
+)
 
 SECRET = "plexus-security-suite-secret-0123456789"  # >= 32 bytes, as HS256 needs
 OTHER_SECRET = "an-attacker-guessed-this-secret-9876543210"
@@ -101,12 +112,19 @@ class Ctx:
     session: aiohttp.ClientSession
 
     async def open(
-        self, tok: str | None = None, *, origin: str | None = None
+        self, tok: str | None = None, *, origin: str | None = None, host: str | None = None
     ) -> tuple[Outcome, aiohttp.ClientWebSocketResponse | None]:
-        """Open a WebSocket; report ("http", status), ("close", code) or ("welcome", user)."""
+        """Open a WebSocket; report ("http", status), ("close", code) or ("welcome", user).
+
+        `host`: the Host header to send instead of the URL's (what a DNS
+        rebinding page's browser sends).
+        """
         params = {"token": tok} if tok is not None else None
+        headers = {"Host": host} if host is not None else None
         try:
-            ws = await self.session.ws_connect(self.server.ws_url, params=params, origin=origin)
+            ws = await self.session.ws_connect(
+                self.server.ws_url, params=params, origin=origin, headers=headers
+            )
         except aiohttp.WSServerHandshakeError as exc:
             return ("http", exc.status), None
         first = await ws.receive(timeout=TIMEOUT)
@@ -123,8 +141,10 @@ class Ctx:
         assert ws is not None
         return ws
 
-    async def first_frame(self, tok: str | None = None, *, origin: str | None = None) -> Outcome:
-        outcome, ws = await self.open(tok, origin=origin)
+    async def first_frame(
+        self, tok: str | None = None, *, origin: str | None = None, host: str | None = None
+    ) -> Outcome:
+        outcome, ws = await self.open(tok, origin=origin, host=host)
         if ws is not None:
             await ws.close()
         return outcome
@@ -132,6 +152,44 @@ class Ctx:
     async def api(self, path: str, body: Any, headers: dict[str, str] | None = None) -> Outcome:
         status, answer = await api_post(self.server.url, path, body, headers=headers or {})
         return ("http", status, answer["error"]["code"] if status >= 400 else answer)
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> Outcome:
+        """POST raw bytes with exactly `headers` (a browser's form, a rebinding page's Host).
+
+        Reports ("http", status, error code) or ("http", 200, "ok").
+        """
+        async with self.session.post(
+            self.server.url + path,
+            data=body,
+            headers=headers,
+            skip_auto_headers=["Content-Type"],
+            timeout=aiohttp.ClientTimeout(total=TIMEOUT),
+        ) as response:
+            answer = await response.json(content_type=None)
+            return (
+                "http",
+                response.status,
+                answer["error"]["code"] if answer.get("error") else "ok",
+            )
+
+
+async def trickled_publish(ctx: Ctx) -> Outcome:
+    """A 3 KB publish whose body arrives in three TCP segments (what a busy network does)."""
+    body = json.dumps({"channel": "chat:trickle", "data": "t" * 3000}).encode()
+    request = post_request("/api/publish", body, AUTH)
+    cut = len(request) - len(body)
+    parts = [request[: cut + 10], request[cut + 10 : cut + 2000], request[cut + 2000 :]]
+    status, _, answer = await send_in_parts(ctx.server.port, parts)
+    return ("http", status, json.loads(answer).get("offset"))
+
+
+def to_bystander(data: Any = "forged") -> bytes:
+    return json.dumps({"channel": BYSTANDER_CHANNEL, "data": data}).encode()
+
+
+def keyless(_: Path) -> dict[str, Any]:
+    """The default: no API key, loopback callers only."""
+    return {"api_keys": []}
 
 
 async def ask(ws: aiohttp.ClientWebSocketResponse, command: dict[str, Any]) -> Outcome:
@@ -186,6 +244,29 @@ async def flood(ctx: Ctx) -> Outcome:
     return ("close", msg.data, len(codes))
 
 
+async def join_leave_flood(ctx: Ctx) -> Outcome:
+    """40 subscribe/unsubscribe pairs with 1 KiB of info into the bystander's channel, at once.
+
+    Each pair would push a join and a leave to every subscriber there.
+    """
+    ws = await ctx.connect()
+    info = {"pad": "i" * 1000}
+    for i in range(40):
+        await ws.send_json(subscribe(BYSTANDER_CHANNEL, id=2 * i, info=info))
+        await ws.send_json({"type": "unsubscribe", "id": 2 * i + 1, "channel": BYSTANDER_CHANNEL})
+    codes: dict[int, str | None] = {}
+    while True:
+        msg = await ws.receive(timeout=TIMEOUT)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            break
+        answer = msg.json()
+        if "id" in answer:
+            codes[answer["id"]] = answer.get("code")
+    assert [codes.pop(i) for i in range(4)] == [None] * 4  # the burst
+    assert set(codes.values()) == {"rate_limited"}
+    return ("close", msg.data, len(codes))
+
+
 async def connections_per_ip(ctx: Ctx) -> Outcome:
     """The bystander holds one of the three allowed connections from 127.0.0.1."""
     first, second = await ctx.connect(), await ctx.connect()
@@ -193,6 +274,73 @@ async def connections_per_ip(ctx: Ctx) -> Outcome:
     await first.close()
     await second.close()
     return outcome
+
+
+async def idle_sockets_per_ip(ctx: Ctx) -> Outcome:
+    """Two sockets that never send a request hold two of the three slots, the bystander one."""
+    idle = [await asyncio.open_connection("127.0.0.1", ctx.server.port) for _ in range(2)]
+    try:
+        return await ctx.first_frame()
+    finally:
+        for _, writer in idle:
+            writer.close()
+
+
+def server_side(server: Server, before: set[Connection]) -> Connection:
+    """The server's end of the one connection opened since `before` was taken."""
+    assert server.endpoint is not None
+    (conn,) = server.endpoint.connections - before
+    return conn
+
+
+async def ping_flood(ctx: Ctx) -> Outcome:
+    """20 MB of WebSocket pings from a client that reads nothing until the flood is over.
+
+    Reports whether the server's unsent output stayed within `max_queue_bytes`
+    all along, whether it answered fewer pongs than pings (coalesced), and
+    whether the last pong answers the last ping.
+    """
+    server = ctx.server
+    assert server.endpoint is not None
+    before = set(server.endpoint.connections)
+    reader, writer = await open_raw_ws(server.port, buffers=65536)
+    conn = server_side(server, before)
+    limit = server.settings.max_queue_bytes
+    pings, per_write, peak = 160_000, 8_000, 0
+    for start in range(0, pings, per_write):
+        writer.write(
+            b"".join(
+                zero_masked(b"%08d" % i + b"p" * 100, 0x9) for i in range(start, start + per_write)
+            )
+        )
+        await asyncio.wait_for(writer.drain(), TIMEOUT)
+        peak = max(peak, conn.outbox.buffered)
+    # A command behind the pings: once it is answered, every ping was read.
+    commands = server.node.counters.commands if server.node else 0
+    writer.write(zero_masked(b'{"type":"ping","id":"end"}'))
+    await wait_for(lambda: server.node is not None and server.node.counters.commands > commands)
+    peak = max(peak, conn.outbox.buffered)
+    pongs, last = 0, b""
+    while True:  # now read it all
+        opcode, payload = await read_frame(reader)
+        if opcode == 0xA:
+            pongs, last = pongs + 1, payload
+        elif opcode == 0x8 or json.loads(payload) == {"type": "pong", "id": "end"}:
+            break
+    writer.close()
+    return ("ping flood", peak <= limit, pongs < pings, last == b"%08d" % (pings - 1) + b"p" * 100)
+
+
+async def endless_fragments(ctx: Ctx) -> Outcome:
+    """One message begun, then 100,000 empty continuation frames (3 million cost 13 s of CPU)."""
+    reader, writer = await open_raw_ws(ctx.server.port)
+    writer.write(zero_masked(b'{"type":"ping",', 0x1, fin=False))
+    writer.write(zero_masked(b"", 0x0, fin=False) * 100_000 + zero_masked(b'"id":1}', 0x0))
+    opcode, payload = await read_frame(reader)
+    writer.close()
+    if opcode == 0x8:
+        return ("close", int.from_bytes(payload[:2]))
+    return ("message", json.loads(payload)["type"])
 
 
 async def connections_per_node(ctx: Ctx) -> Outcome:
@@ -215,8 +363,9 @@ async def oversized_chunked_body(ctx: Ctx) -> Outcome:
             yield b"x" * 512
         yield b'"}'
 
+    headers = {**AUTH, "Content-Type": "application/json"}
     async with ctx.session.post(
-        ctx.server.url + "/api/publish", data=chunks(), headers=AUTH
+        ctx.server.url + "/api/publish", data=chunks(), headers=headers
     ) as response:
         return ("http", response.status, (await response.json())["error"]["code"])
 
@@ -307,6 +456,16 @@ ATTACKS = [
         lambda c: c.first_frame(token(audience="other-app")),
         ("close", 4001),
         lambda _: {"jwt_audience": "plexus"},
+    ),
+    Attack(
+        'token with "aud": "" on a server without an audience',
+        lambda c: c.first_frame(token(audience="")),
+        ("close", 4001),
+    ),
+    Attack(
+        'token with "aud": [] on a server without an audience',
+        lambda c: c.first_frame(jwt.encode({"sub": "alice", "aud": []}, SECRET, algorithm="HS256")),
+        ("close", 4001),
     ),
     Attack(
         "token on a server without keys",
@@ -518,6 +677,33 @@ ATTACKS = [
         lambda _: {"allowed_origins": ["https://app.example"]},
     ),
     Attack(
+        "origin whose IDNA label does not decode",
+        lambda c: c.first_frame(origin="http://xn--zz"),
+        ("http", 403),
+    ),
+    Attack(
+        "DNS rebinding: own origin under a foreign Host",
+        lambda c: c.first_frame(
+            origin=f"http://rebind.attacker.example:{c.server.port}",
+            host=f"rebind.attacker.example:{c.server.port}",
+        ),
+        ("http", 403),
+    ),
+    Attack(
+        "own origin under a Host listed in allowed_hosts is fine",
+        lambda c: c.first_frame(
+            origin=f"http://chat.example.com:{c.server.port}",
+            host=f"chat.example.com:{c.server.port}",
+        ),
+        ("welcome", None),
+        lambda _: {"allowed_hosts": ["chat.example.com"]},
+    ),
+    Attack(
+        "IPv4-mapped loopback origin is fine",
+        lambda c: c.first_frame(origin="http://[::ffff:127.0.0.1]:3000"),
+        ("welcome", None),
+    ),
+    Attack(
         "listed origin is fine",
         lambda c: c.first_frame(origin="https://app.example"),
         ("welcome", None),
@@ -557,10 +743,101 @@ ATTACKS = [
         lambda _: {"max_body_size": 1024},
     ),
     Attack(
+        "an API body in three TCP segments is read whole, not cut",
+        trickled_publish,
+        ("http", 200, 1),
+    ),
+    Attack(
         "oversized chunked API body",
         oversized_chunked_body,
         ("http", 413, "too_large"),
         lambda _: {"max_body_size": 1024},
+    ),
+    # --- CSRF and DNS rebinding against the keyless API (a browser on the server's machine)
+    Attack(
+        "CSRF: a text/plain publish (no-cors fetch) to the keyless API",
+        lambda c: c.post("/api/publish", to_bystander(), {"Content-Type": "text/plain"}),
+        ("http", 415, "bad_request"),
+        keyless,
+    ),
+    Attack(
+        "CSRF: a form-encoded publish to the keyless API",
+        lambda c: c.post(
+            "/api/publish",
+            b"channel=chat:bystander&data=1",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        ),
+        ("http", 415, "bad_request"),
+        keyless,
+    ),
+    Attack(
+        "CSRF: a publish without Content-Type to the keyless API",
+        lambda c: c.post("/api/publish", to_bystander(), {}),
+        ("http", 415, "bad_request"),
+        keyless,
+    ),
+    Attack(
+        "CSRF: a JSON publish from a foreign Origin to the keyless API",
+        lambda c: c.post(
+            "/api/publish",
+            to_bystander(),
+            {"Content-Type": "application/json", "Origin": "https://evil.example"},
+        ),
+        ("http", 403, "permission_denied"),
+        keyless,
+    ),
+    Attack(
+        "a foreign Origin is refused even with the API key",
+        lambda c: c.post(
+            "/api/publish",
+            to_bystander(),
+            {"Content-Type": "application/json", "Origin": "https://evil.example", **AUTH},
+        ),
+        ("http", 403, "permission_denied"),
+    ),
+    Attack(
+        "DNS rebinding: a keyless history read under a foreign Host",
+        lambda c: c.post(
+            "/api/history",
+            json.dumps({"channel": BYSTANDER_CHANNEL}).encode(),
+            {
+                "Content-Type": "application/json",
+                "Host": f"rebind.attacker.example:{c.server.port}",
+                "Origin": f"http://rebind.attacker.example:{c.server.port}",
+            },
+        ),
+        ("http", 403, "permission_denied"),
+        keyless,
+    ),
+    Attack(
+        "DNS rebinding: a keyless publish under a foreign Host, without Origin",
+        lambda c: c.post(
+            "/api/publish",
+            to_bystander(),
+            {"Content-Type": "application/json", "Host": "rebind.attacker.example"},
+        ),
+        ("http", 403, "permission_denied"),
+        keyless,
+    ),
+    Attack(
+        "keyless API under a Host listed in allowed_hosts is fine",
+        lambda c: c.post(
+            "/api/history",
+            json.dumps({"channel": "chat:x"}).encode(),
+            {"Content-Type": "application/json; charset=utf-8", "Host": "plexus.internal"},
+        ),
+        ("http", 200, "ok"),
+        lambda _: {"api_keys": [], "allowed_hosts": ["plexus.internal"]},
+    ),
+    Attack(
+        "keyless API from the server's own loopback page is fine",
+        lambda c: c.post(
+            "/api/history",
+            json.dumps({"channel": "chat:x"}).encode(),
+            {"Content-Type": "application/json", "Origin": c.server.url},
+        ),
+        ("http", 200, "ok"),
+        keyless,
     ),
     # --- floods and limits
     Attack(
@@ -568,6 +845,24 @@ ATTACKS = [
         flood,
         ("close", 4029, 31),
         lambda _: {"publish_rate": 1.0, "publish_burst": 1, "rate_limit_disconnect": 30},
+    ),
+    Attack(
+        "ping flood from a client that does not read",
+        ping_flood,
+        ("ping flood", True, True, True),
+        lambda _: {"max_queue_bytes": 256 * 1024},
+    ),
+    Attack(
+        "join/leave flood",
+        join_leave_flood,
+        ("close", 4029, 31),
+        lambda _: {"subscribe_rate": 1.0, "subscribe_burst": 4, "rate_limit_disconnect": 30},
+    ),
+    Attack(
+        "a message in endless empty fragments",
+        endless_fragments,
+        # aiohttp's parser keeps nothing per empty fragment: no cap, no cost.
+        ("close", 1009) if WS_ENGINE == "lean" else ("message", "pong"),
     ),
     Attack(
         "more subscriptions than max_subscriptions",
@@ -578,6 +873,12 @@ ATTACKS = [
     Attack(
         "more connections than max_connections_per_ip",
         connections_per_ip,
+        ("http", 429),
+        lambda _: {"max_connections_per_ip": 3},
+    ),
+    Attack(
+        "idle sockets that never upgrade count against max_connections_per_ip",
+        idle_sockets_per_ip,
         ("http", 429),
         lambda _: {"max_connections_per_ip": 3},
     ),
@@ -610,10 +911,22 @@ class Bystander:
         bystander.last_offset = sub.result["offset"]
         return bystander
 
+    async def free_slot(self) -> None:
+        """Under `max_connections_per_ip`, wait until the server saw the sockets closed so far.
+
+        Every socket counts, from accept to close, and a client's close reaches
+        the server a moment after the client moved on.
+        """
+        limit = self.server.settings.max_connections_per_ip
+        endpoint = self.server.endpoint
+        if limit and endpoint is not None:
+            await wait_for(lambda: endpoint.sockets_from("127.0.0.1") < limit)
+
     async def check(self, count: int = 3) -> None:
         """Publish `count` messages through the API; each arrives next, with the next offset."""
         sub = self.client.subscriptions[BYSTANDER_CHANNEL]
         for _ in range(count):
+            await self.free_slot()
             self.sent += 1
             status, _ = await api_post(
                 self.server.url,
@@ -639,6 +952,9 @@ async def start(make_server: ServerFactory, **overrides: Any) -> tuple[Server, B
     server = await make_server(**{**base_settings(), **overrides})
     bystander = await Bystander.join(server)
     await bystander.check(1)
+    assert server.endpoint is not None
+    endpoint = server.endpoint
+    await wait_for(lambda: endpoint.sockets_from("127.0.0.1") == 1)  # the bystander's alone
     return server, bystander
 
 
@@ -838,3 +1154,51 @@ def test_hardened_example_config_is_valid(tmp_path: Path) -> None:
     assert all(not settings.namespace(n).anonymous for n in ("", "chat", "orders", "other"))
     assert settings.namespace("orders").private
     assert not settings.echo_endpoint
+
+
+async def test_a_lone_bytes_map_is_bytes_for_every_client(
+    make_server: ServerFactory, session: aiohttp.ClientSession
+) -> None:
+    """A MessagePack client's `{"$bytes": base64}` is bytes, as JSON clients would read it.
+
+    A map with other keys beside `$bytes` stays an ordinary object for both.
+    """
+    server, bystander = await start(make_server)
+    js = await session.ws_connect(server.ws_url)
+    mp = await session.ws_connect(server.ws_url, protocols=[MSGPACK_SUBPROTOCOL])
+
+    async def mp_next(kind: str | None = None) -> dict[str, Any]:
+        while True:
+            message: dict[str, Any] = msgpack.unpackb(await mp.receive_bytes(timeout=TIMEOUT))
+            if kind is None or message["type"] == kind:
+                return message
+
+    async def js_next(kind: str) -> dict[str, Any]:
+        while True:
+            message: dict[str, Any] = await js.receive_json(timeout=TIMEOUT)
+            if message["type"] == kind:
+                return message
+
+    assert (await js.receive_json(timeout=TIMEOUT))["type"] == "welcome"
+    assert (await mp_next())["type"] == "welcome"
+    await js.send_json(subscribe("chat:bytes", id=1))
+    assert (await js.receive_json(timeout=TIMEOUT))["type"] == "reply"
+    await mp.send_bytes(msgpack.packb(subscribe("chat:bytes", id=1)))
+    assert (await mp_next())["type"] == "reply"
+    for data, as_msgpack, as_json in [
+        ({"$bytes": "aGk="}, b"hi", {"$bytes": "aGk="}),
+        ({"$bytes": "aGk=", "x": 1}, {"$bytes": "aGk=", "x": 1}, {"$bytes": "aGk=", "x": 1}),
+    ]:
+        command = {"type": "publish", "channel": "chat:bytes", "data": data}
+        await mp.send_bytes(msgpack.packb(command))
+        assert (await mp_next("message"))["data"] == as_msgpack
+        assert (await js_next("message"))["data"] == as_json
+    # A malformed one is refused with its id, as from a JSON client.
+    bad = {"type": "publish", "id": 9, "channel": "chat:bytes", "data": {"$bytes": 5}}
+    await mp.send_bytes(msgpack.packb(bad))
+    answer = await mp_next("error")
+    assert (answer["id"], answer["code"]) == (9, "bad_request")
+    await js.close()
+    await mp.close()
+    await bystander.check()
+    await bystander.client.close()

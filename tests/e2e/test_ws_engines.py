@@ -9,55 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
+import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import Frame, Opcode
 
 from plexus.config import WS_ENGINES
-from plexus.transports import lean
 from tests.conftest import ServerFactory
-from tests.helpers import TIMEOUT
+from tests.helpers import (
+    TIMEOUT,
+    masked,
+    open_raw_ws,
+    read_frame,
+    read_message,
+    read_response,
+    upgrade_request,
+    wait_for,
+    zero_masked,
+)
 
 pytestmark = pytest.mark.parametrize("engine", WS_ENGINES)
-
-
-def masked(payload: bytes, opcode: int = 0x1, *, fin: bool = True) -> bytes:
-    """One client-to-server frame (masked, as RFC 6455 requires)."""
-    return Frame(Opcode(opcode), payload, fin).serialize(mask=True)
-
-
-def upgrade_request(path: str = "/ws", extra: str = "") -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    return (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-        f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
-    ).encode()
-
-
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """One server-to-client frame (unmasked): (opcode, payload)."""
-    first, second = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
-    length = second & 0x7F
-    if length == 126:
-        (length,) = struct.unpack("!H", await reader.readexactly(2))
-    elif length == 127:
-        (length,) = struct.unpack("!Q", await reader.readexactly(8))
-    return first & 0x0F, await asyncio.wait_for(reader.readexactly(length), TIMEOUT)
-
-
-async def read_message(reader: asyncio.StreamReader) -> Any:
-    opcode, payload = await read_frame(reader)
-    assert opcode == 0x1, (opcode, payload)
-    return orjson.loads(payload)
 
 
 Raw = Callable[[bytes], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
@@ -195,13 +173,217 @@ async def test_refusals_carry_a_json_error(make_server: ServerFactory, engine: s
 
 
 async def test_a_socket_that_sends_no_request_is_closed(
-    make_server: ServerFactory, engine: str, monkeypatch: pytest.MonkeyPatch
+    make_server: ServerFactory, engine: str
 ) -> None:
-    if engine != "lean":
-        pytest.skip("aiohttp's keep-alive timeout (75 s) guards its sockets")
-    monkeypatch.setattr(lean, "HEAD_TIMEOUT", 0.2)
-    server = await make_server(ws_engine=engine)
+    server = await make_server(ws_engine=engine, http_request_timeout=0.2)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"GET /ws HTTP/1.1\r\n")  # and never the rest
     assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
     writer.close()
+
+
+MALFORMED_ORIGINS = [
+    ("Origin: http://xn--zz", 403),  # an IDNA label that does not decode
+    ("Origin: http://[::1", 403),
+    ("Origin: http://localhost:99999", 403),
+    ("Origin: http://local host", 403),
+    ("Origin: null", 403),
+    ("Origin: http://xn--zz\r\nHost: xn--zz", 403),
+    ("Origin: http://127.0.0.1:1\r\nHost: [::1", 101),  # a loopback origin needs no Host
+]
+
+
+@pytest.mark.parametrize(("extra", "status"), MALFORMED_ORIGINS)
+async def test_a_malformed_origin_is_a_clean_403(
+    make_server: ServerFactory,
+    engine: str,
+    extra: str,
+    status: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = await make_server(ws_engine=engine)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    request = upgrade_request(extra=extra + "\r\n")
+    if "\r\nHost:" in extra:  # the one given replaces the default
+        request = request.replace(b"Host: 127.0.0.1\r\n", b"", 1)
+    writer.write(request)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    writer.close()
+    # Refused quietly: never a traceback, never an error.
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+async def test_idle_and_half_sent_http_sockets_are_closed(
+    make_server: ServerFactory, engine: str
+) -> None:
+    server = await make_server(
+        ws_engine=engine, http_keepalive_timeout=0.3, http_request_timeout=0.3
+    )
+    # Idle after a response (keep-alive), and with a second request half sent.
+    for tail in (b"", b"GET /health HTTP/1.1\r\nHost: 1"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(HEALTH)
+        assert (await read_response(reader))[0] == 200
+        writer.write(tail)
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        writer.close()
+    # A head over the lean engine's buffer, never finished: aiohttp has it then.
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /health HTTP/1.1\r\n" + b"X-Pad: %s\r\n" % (b"p" * 4000) * 5)
+    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    writer.close()
+
+
+async def test_sockets_not_upgraded_count_against_max_connections_per_ip(
+    make_server: ServerFactory, engine: str
+) -> None:
+    server = await make_server(ws_engine=engine, max_connections_per_ip=2)
+    assert server.endpoint is not None
+    endpoint = server.endpoint
+    idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+    await wait_for(lambda: endpoint.sockets_from("127.0.0.1") == 2)
+    for request in (upgrade_request(), HEALTH):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request)
+        status, _, body = await read_response(reader)
+        assert (status, orjson.loads(body)["error"]["code"]) == (429, "rate_limited")
+        writer.close()
+    # Far over the limit (more than twice it), a socket is dropped at once, unread.
+    await wait_for(lambda: endpoint.sockets_from("127.0.0.1") == 2)
+    extra = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
+    assert await asyncio.wait_for(extra[-1][0].read(), TIMEOUT) == b""
+    for _, writer in idle + extra:
+        writer.close()
+    await wait_for(lambda: endpoint.sockets_from("127.0.0.1") == 0)
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(server.ws_url)
+        assert (await ws.receive_json(timeout=TIMEOUT))["type"] == "welcome"
+        async with session.get(server.url + "/health") as response:  # the second socket
+            assert response.status == 200
+        await ws.close()
+
+
+async def test_a_client_that_does_not_read_is_not_read_either(
+    make_server: ServerFactory, engine: str
+) -> None:
+    """Commands from a client that reads nothing stop being read once its output backs up.
+
+    It is back-pressured instead of answered into an ever-growing buffer (or
+    closed as a slow consumer), and gets every answer, in order, once it reads.
+    """
+    server = await make_server(ws_engine=engine)
+    assert server.endpoint is not None
+    limit = server.settings.max_queue_bytes
+    reader, writer = await open_raw_ws(server.port, buffers=65536)
+    (conn,) = server.endpoint.connections
+    link = conn.closer.__self__  # type: ignore[attr-defined]  # the socket side
+    # A small send buffer at the server's end too (a slow network), so that a
+    # short flood backs up.
+    sock = link.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        while True:  # until the server stops reading and drain() never returns
+            writer.write(
+                b"".join(zero_masked(b'{"type":"ping","id":%d}' % (sent + i)) for i in range(2000))
+            )
+            sent += 2000
+            await writer.drain()
+
+    flooding = asyncio.create_task(flood())
+    await wait_for(lambda: not link.transport.is_reading(), timeout=TIMEOUT * 3)
+    assert conn.close_code is None
+    assert conn.outbox.buffered <= limit
+    flooding.cancel()
+    # Reading again resumes the server: every command is answered, in order.
+    for i in range(sent):
+        assert await read_message(reader) == {"type": "pong", "id": i}
+    writer.close()
+
+
+async def test_a_message_in_endless_empty_fragments(raw: Raw, engine: str) -> None:
+    """More fragments than `max_fragments` (1024 at the default limit): lean closes with 1009.
+
+    aiohttp's parser keeps nothing per fragment (a million empty ones cost it
+    about 50 ms of CPU), so it has no cap and answers the message.
+    """
+    reader, writer = await raw(b"")
+    cap = 1024  # max(64, max_message_size // 64) at the default 64 KiB
+    writer.write(masked(b'{"type":"ping",', fin=False))
+    writer.write(zero_masked(b"", 0x0, fin=False) * (cap + 10) + zero_masked(b'"id":1}', 0x0))
+    if engine == "lean":
+        opcode, payload = await read_frame(reader)
+        assert (opcode, struct.unpack("!H", payload[:2])[0]) == (0x8, 1009)
+    else:
+        assert await read_message(reader) == {"type": "pong", "id": 1}
+
+
+async def test_a_message_in_many_fragments_within_the_cap_is_whole(raw: Raw) -> None:
+    reader, writer = await raw(b"")
+    text = b'{"type":"ping","id":1,"pad":"' + b"f" * 990 + b'"}'
+    frames = [text[i : i + 1] for i in range(len(text))]  # 1020 one-byte fragments
+    assert len(frames) <= 1024
+    writer.write(
+        masked(frames[0], fin=False)
+        + b"".join(zero_masked(f, 0x0, fin=False) for f in frames[1:-1])
+        + zero_masked(frames[-1], 0x0)
+    )
+    assert await read_message(reader) == {"type": "pong", "id": 1}
+
+
+MALFORMED_REQUESTS = [
+    b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    b"G@T / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS on the HTTP port
+    b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: zz\r\nSec-WebSocket-Version: 13\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("request_bytes", MALFORMED_REQUESTS)
+async def test_a_malformed_http_request_is_one_log_line(
+    make_server: ServerFactory,
+    engine: str,
+    request_bytes: bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="aiohttp")
+    server = await make_server(ws_engine=engine)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request_bytes)
+    assert (await read_response(reader))[0] == 400
+    writer.close()
+    records = [r for r in caplog.records if r.name.startswith("aiohttp")]
+    assert len(records) <= 1, records
+    assert not [r for r in records if r.exc_info or r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        HEALTH,
+        b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        MALFORMED_REQUESTS[0],
+        upgrade_request(extra="Origin: https://evil.example\r\n"),
+        upgrade_request(),
+    ],
+    ids=["200", "404", "400 unparsable", "403 upgrade", "101"],
+)
+async def test_no_response_names_python_or_aiohttp_versions(
+    make_server: ServerFactory, engine: str, request_bytes: bytes
+) -> None:
+    server = await make_server(ws_engine=engine)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request_bytes)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    writer.close()
+    servers = [line for line in head.split(b"\r\n") if line.lower().startswith(b"server:")]
+    assert servers in ([], [b"Server: plexus"]), head

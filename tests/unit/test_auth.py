@@ -273,6 +273,19 @@ REFUSED: list[Case] = [
     ("expired, no sub", "secret", lambda k: k.sign("hs256", claims(sub=None, exp=1)), UNAUTHORIZED),
     ("not yet valid", "secret", lambda k: k.sign("hs256", claims(nbf=int(NOW) + 60)), UNAUTHORIZED),
     ("aud, none configured", "secret", lambda k: k.sign("hs256", claims(aud="x")), UNAUTHORIZED),
+    (
+        "empty aud, none configured",
+        "secret",
+        lambda k: k.sign("hs256", claims(aud="")),
+        UNAUTHORIZED,
+    ),
+    ("aud [], none configured", "secret", lambda k: k.sign("hs256", claims(aud=[])), UNAUTHORIZED),
+    (
+        "aud null, none configured",
+        "secret",
+        lambda k: k.sign("hs256", {**claims(), "aud": None}),
+        UNAUTHORIZED,
+    ),
     ("missing sub", "secret", lambda k: k.sign("hs256", claims(sub=None)), UNAUTHORIZED),
     ("empty sub", "secret", lambda k: k.sign("hs256", claims(sub="")), UNAUTHORIZED),
     ("integer sub", "secret", lambda k: hs256_with(SECRET.encode(), claims(sub=7)), UNAUTHORIZED),
@@ -332,10 +345,12 @@ def test_refused_connection_token(
     [
         ({"audience": "plexus"}, claims(aud="other")),
         ({"audience": "plexus"}, claims()),
+        ({"audience": "plexus"}, claims(aud="")),
+        ({"audience": "plexus"}, claims(aud=[])),
         ({"issuer": "https://id.example"}, claims(iss="https://evil.example")),
         ({"issuer": "https://id.example"}, claims()),
     ],
-    ids=["wrong aud", "missing aud", "wrong iss", "missing iss"],
+    ids=["wrong aud", "missing aud", "empty aud", "aud []", "wrong iss", "missing iss"],
 )
 def test_wrong_audience_or_issuer(
     keys: Keys, options: dict[str, str], token_claims: dict[str, Any]

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import cast
 
-from plexus.outbox import Flusher, Outbox
+from plexus.outbox import PONG_RUN, Flusher, Outbox
 
 
 class FakeTransport:
@@ -244,3 +244,36 @@ def test_flush_and_write_now_write_nothing_to_a_closing_transport() -> None:
     transport.closing = False
     outbox.write_now(b"pong")
     assert transport.writes == [b"pong"]  # the queue was dropped with the closing transport
+
+
+async def test_past_a_run_of_pongs_the_last_one_is_replaced() -> None:
+    transport = FakeTransport()
+    flusher = Flusher(asyncio.get_running_loop())
+    outbox = Outbox(transport, 10_000, flusher, lambda: None)
+    for i in range(PONG_RUN + 5):
+        assert outbox.push_pong(b"P%02d" % i)
+    # The first PONG_RUN - 1 answered each, the last place answers the latest ping.
+    last = b"P%02d" % (PONG_RUN + 4)
+    expected = b"".join(b"P%02d" % i for i in range(PONG_RUN - 1)) + last
+    assert outbox.buffered == len(expected)
+    assert outbox.push(b"data")
+    assert outbox.push_pong(b"Q1")  # a new run behind other frames
+    flusher.flush()
+    assert transport.writes == [expected + b"data" + b"Q1"]
+    assert outbox.push_pong(b"Q2")  # the last one left: a new run
+    flusher.flush()
+    assert transport.writes[-1] == b"Q2"
+
+
+async def test_pongs_count_against_the_limit() -> None:
+    transport = FakeTransport()
+    overflows: list[int] = []
+    flusher = Flusher(asyncio.get_running_loop())
+    outbox = Outbox(transport, 10, flusher, lambda: overflows.append(1))
+    accepted = []
+    for _ in range(5):  # the peer reads nothing: each pong stays in the transport
+        accepted.append(outbox.push_pong(b"pong"))
+        flusher.flush()
+    assert accepted == [True, True, False, False, False]
+    assert overflows == [1]
+    assert transport.unsent == 8

@@ -33,6 +33,7 @@ from plexus.protocol.codes import CloseCode
 from plexus.protocol.limits import EventWindow, TokenBucket
 from plexus.protocol.recovery import can_recover, merge_backlog
 from plexus.protocol.session import Limits, SessionState
+from plexus.transports import lean
 from tests.helpers import parse_frame
 
 
@@ -151,6 +152,21 @@ def test_undecodable_bytes_keep_the_command_for_its_id(data: str, text: str) -> 
         JSON.decode(payload)
     assert (info.value.code, info.value.message) == ("bad_request", text)
     assert info.value.decoded["id"] == 7
+
+
+def test_a_lone_bytes_map_means_bytes_in_every_encoding() -> None:
+    for codec in (JSON, MSGPACK):
+        sent = codec.encode({"data": {"$bytes": "aGk="}, "other": {"$bytes": "aGk=", "x": 1}})
+        assert codec.decode(sent) == {"data": b"hi", "other": {"$bytes": "aGk=", "x": 1}}
+
+
+@pytest.mark.parametrize("data", [{"$bytes": 5}, {"$bytes": "@@"}])
+def test_a_malformed_bytes_map_is_bad_request_in_every_encoding(data: dict[str, Any]) -> None:
+    for codec in (JSON, MSGPACK):
+        with pytest.raises(UndecodableBytes) as info:
+            codec.decode(codec.encode({"type": "publish", "id": 3, "data": data}))
+        assert info.value.code == "bad_request"
+        assert info.value.decoded["id"] == 3  # the error answer still carries the id
 
 
 def test_msgpack_rejects_text_garbage_and_keys_json_cannot_carry() -> None:
@@ -328,6 +344,40 @@ def test_event_window_forgets_events_a_full_window_old() -> None:
     assert len(window._times) == 2  # memory bounded by the limit
 
 
+READS = [
+    '{"type":"subscribe","channel":"chat:a","info":{"nick":"x"}}',
+    '{"type":"unsubscribe","channel":"chat:a"}',
+    '{"type":"history","channel":"chat:a"}',
+    '{"type":"presence","channel":"chat:a"}',
+]
+
+
+def test_subscribe_unsubscribe_and_reads_share_their_own_bucket() -> None:
+    state = SessionState(JSON, Limits(subscribe_rate=2, subscribe_burst=8), now=0.0)
+    outcomes = [state.receive(READS[i % 4], now=0.0) for i in range(12)]
+    assert [o.command is not None for o in outcomes] == [True] * 8 + [False] * 4
+    assert {o.error["code"] for o in outcomes[8:] if o.error} == {"rate_limited"}
+    # Publishes and pings draw on nothing of it.
+    publish = '{"type":"publish","channel":"chat:a","data":1}'
+    assert state.receive(publish, now=0.0).command is not None
+    assert state.receive('{"type":"ping"}', now=0.0).command is not None
+    assert state.receive(READS[0], now=0.5).command is not None  # refilled at 2/s
+    assert state.receive(READS[0], now=0.5).command is None
+
+
+def test_a_join_leave_flood_closes_4029_like_a_publish_flood() -> None:
+    limits = Limits(subscribe_rate=1, subscribe_burst=2, rate_limit_disconnect=30)
+    state = SessionState(JSON, limits, now=0.0)
+    outcomes = [state.receive(READS[i % 2], now=i * 0.001) for i in range(33)]
+    assert all(o.close is None for o in outcomes[:32])  # 2 allowed, 30 answered rate_limited
+    assert outcomes[32].close is CloseCode.RATE_LIMITED
+
+
+def test_a_zero_subscribe_rate_turns_the_limit_off() -> None:
+    state = SessionState(JSON, Limits(subscribe_rate=0, subscribe_burst=1), now=0.0)
+    assert all(state.receive(READS[i % 4], now=0.0).command for i in range(1000))
+
+
 def _pub(offset: int, epoch: str = "e") -> Publication:
     return Publication("c", offset, offset, epoch, 0)
 
@@ -356,3 +406,10 @@ def test_merge_backlog_drops_duplicates_and_own_presence() -> None:
     ]
     merged = merge_backlog(4, "e", backlog, "c-me")
     assert merged == [_pub(5), Presence("join", "c", other), _pub(6)]
+
+
+def test_fragment_cap_follows_the_message_size_limit() -> None:
+    assert lean.max_fragments(64 * 1024) == 1024
+    assert lean.max_fragments(1000) == 64  # the floor
+    # Autobahn 9.3/9.4 send 4 MiB in 64-byte fragments to a 16 MiB limit.
+    assert lean.max_fragments(16 * 1024 * 1024) >= 4 * 1024 * 1024 // 64

@@ -3,6 +3,11 @@
 Payloads may hold raw bytes. MessagePack carries them natively; JSON carries
 them as `{"$bytes": "<base64>"}`, in both directions, so a JSON client and a
 MessagePack client can exchange binary data.
+
+A map whose only key is `$bytes` means bytes in every encoding: a MessagePack
+client that sends one gets it decoded on input too, so that what JSON clients
+would read as bytes is bytes for everyone. A map with other keys beside
+`$bytes` is an ordinary object in every encoding.
 """
 
 from __future__ import annotations
@@ -83,6 +88,18 @@ def _unwrap_bytes(value: Any) -> Any:
     return value
 
 
+def _unwrap_decoded(value: Any) -> Any:
+    """`_unwrap_bytes` on a decoded message; a refusal keeps the message for its `id`."""
+    try:
+        return _unwrap_bytes(value)
+    except BadRequest as exc:
+        raise UndecodableBytes(exc.message, value) from None
+    except RecursionError:
+        # orjson parses up to 1024 levels, deeper than Python's stack allows
+        # the recursive walk to go.
+        raise UndecodableBytes("nested too deeply", value) from None
+
+
 class UndecodableBytes(BadRequest):
     """A JSON message that parsed but whose `{"$bytes": ...}` objects cannot be decoded.
 
@@ -137,14 +154,7 @@ class JsonCodec(Codec):
         # Walking the tree costs; only messages that mention the marker need it.
         marker = '"$bytes"' if isinstance(payload, str) else b'"$bytes"'
         if marker in payload:  # type: ignore[operator]
-            try:
-                value = _unwrap_bytes(value)
-            except BadRequest as exc:
-                raise UndecodableBytes(exc.message, value) from None
-            except RecursionError:
-                # orjson parses up to 1024 levels, deeper than Python's stack
-                # allows the recursive walk to go.
-                raise UndecodableBytes("nested too deeply", value) from None
+            value = _unwrap_decoded(value)
         return value
 
 
@@ -163,10 +173,13 @@ class MsgpackCodec(Codec):
         if isinstance(payload, str):
             raise BadRequest("a plexus.v1.msgpack connection sends binary frames")
         try:
-            return msgpack.unpackb(payload, raw=False, strict_map_key=True)
+            value = msgpack.unpackb(payload, raw=False, strict_map_key=True)
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
             # Some of msgpack's errors carry no text (a reserved byte): name the error then.
             raise BadRequest(f"not valid MessagePack: {str(exc) or type(exc).__name__}") from None
+        if b"$bytes" in payload:
+            value = _unwrap_decoded(value)
+        return value
 
 
 JSON: Final = JsonCodec()

@@ -6,8 +6,8 @@ code and a fitting HTTP status.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,27 +29,39 @@ from plexus.protocol.commands import (
 )
 from plexus.protocol.pushes import publication_message
 from plexus.transports.openapi import OPENAPI_PATH, openapi_handler
+from plexus.transports.origin import host_allowed, is_loopback_address, origin_allowed
 
 log = logging.getLogger("plexus.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(code: ErrorCode, message: str) -> web.Response:
-    """A JSON error body with the status that belongs to `code`."""
+_JSON = "application/json"
+
+
+class _StatusError(BadRequest):
+    """A `bad_request` answered with its own HTTP status instead of 400."""
+
+    status = 400
+
+
+class UnsupportedMediaType(_StatusError):
+    """A POST body that is not sent as `application/json`."""
+
+    status = 415
+
+
+class RequestTimeout(_StatusError):
+    """A body that did not arrive whole within `http_request_timeout`."""
+
+    status = 408
+
+
+def error_response(code: ErrorCode, message: str, *, status: int | None = None) -> web.Response:
+    """A JSON error body with `status`, by default the one that belongs to `code`."""
     return web.json_response(
-        {"error": {"code": code.value, "message": message}}, status=HTTP_STATUS[code]
+        {"error": {"code": code.value, "message": message}}, status=status or HTTP_STATUS[code]
     )
-
-
-def is_loopback(address: str | None) -> bool:
-    """True for 127.0.0.0/8 and ::1."""
-    if not address:
-        return False
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
 
 
 def json_body(payload: dict[str, Any]) -> web.Response:
@@ -101,6 +113,38 @@ class HttpApi:
 
     # ----- plumbing
 
+    def _check_browser(self, request: web.Request) -> None:
+        """Refuse what a browser sends on behalf of another site.
+
+        A page elsewhere can make the victim's browser post here (CSRF: no
+        preflight for a `no-cors` fetch or a form), and, by pointing its own
+        name at this address, read the answers (DNS rebinding). The first
+        carries its Origin, the second the attacker's name as Host; neither
+        can set `Content-Type: application/json` without a CORS preflight,
+        which this server never answers.
+        """
+        settings = self.settings
+        headers = request.headers
+        host = headers.get(hdrs.HOST)
+        if not origin_allowed(
+            headers.get(hdrs.ORIGIN),
+            request.scheme,
+            host,
+            settings.allowed_origins,
+            settings.allowed_hosts,
+        ):
+            raise PermissionDenied("origin not allowed")
+        if not settings.api_keys and not host_allowed(host, settings.allowed_hosts):
+            # Keyless, the API trusts the caller's address: a rebinding page's
+            # requests come from the victim's own machine.
+            raise PermissionDenied(
+                "Host is not a name of this server: list it in allowed_hosts, or set api_keys"
+            )
+        if request.method == "POST" and request.body_exists and request.content_type != _JSON:
+            raise UnsupportedMediaType(
+                f"send the body as {_JSON} (Content-Type was {request.content_type})"
+            )
+
     def _check_caller(self, request: web.Request) -> None:
         keys = self.settings.api_keys
         header = request.headers.get(hdrs.AUTHORIZATION, "")
@@ -112,16 +156,40 @@ class HttpApi:
             matches = [hmac.compare_digest(given.encode(), key.encode()) for key in keys]
             if not any(matches):
                 raise Unauthorized("wrong API key")
-        elif not is_loopback(request.remote):
+        elif not is_loopback_address(request.remote):
             raise PermissionDenied("no API key configured: the API accepts loopback callers only")
 
-    async def _json(self, request: web.Request) -> dict[str, Any]:
-        limit = self.settings.max_body_size
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, however many reads it takes, capped at `max_body_size`.
+
+        One `read(n)` returns what has arrived so far: a body sent in several
+        TCP segments would be cut. A body that stops coming is given up after
+        `http_request_timeout`, so that it cannot hold the socket forever.
+        """
+        settings = self.settings
+        limit = settings.max_body_size
         if request.content_length is not None and request.content_length > limit:
             raise TooLarge(f"request body over {limit} bytes")
-        body = await request.content.read(limit + 1)
-        if len(body) > limit:
-            raise TooLarge(f"request body over {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(settings.http_request_timeout):
+                while chunk := await request.content.readany():
+                    size += len(chunk)
+                    if size > limit:
+                        raise TooLarge(f"request body over {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"request body not received within {settings.http_request_timeout:g} s"
+            ) from None
+        except (ConnectionError, web.RequestPayloadError) as exc:
+            # The client went away, or broke the chunked encoding: nobody to tell.
+            raise BadRequest(f"request body incomplete: {exc}") from None
+        return b"".join(chunks)
+
+    async def _json(self, request: web.Request) -> dict[str, Any]:
+        body = await self._read_body(request)
         if not body:
             raise BadRequest("request body must be a JSON object")
         value = json_loads_with_bytes(body)
@@ -132,8 +200,14 @@ class HttpApi:
     def _guard(self, handler: Callable[[web.Request], Awaitable[web.Response]]) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
             try:
+                self._check_browser(request)
                 self._check_caller(request)
                 return await handler(request)
+            except _StatusError as exc:
+                response = error_response(exc.code, exc.message, status=exc.status)
+                if isinstance(exc, RequestTimeout):
+                    response.force_close()  # the rest of the body may never come
+                return response
             except PlexusError as exc:
                 return error_response(exc.code, exc.message)
             except Exception:

@@ -1,4 +1,5 @@
-"""The lean WebSocket engine: an asyncio protocol around websockets' sans-I/O core.
+"""The listening socket (both engines), and the lean WebSocket engine: an asyncio
+protocol around websockets' sans-I/O core.
 
 An idle connection served by aiohttp holds a request, its handler coroutine, a
 `WebSocketResponse` and its reader: most of 16 KB. Here it holds the transport,
@@ -6,11 +7,14 @@ one `LeanProtocol` and websockets' `ServerProtocol` (the frame parser), and
 nothing runs for it until bytes arrive.
 
 `LeanListener` is the protocol factory of the listening socket. Each new socket
-gets a `LeanProtocol`, which buffers the request head: a `GET /ws` (or `/echo`)
-upgrade stays with it; any other request is handed to aiohttp untouched, with
-the bytes read so far, so the web app, `/health` and `/api/*` are served exactly
-as with the aiohttp engine (and so is an upgrade this engine does not take, such
-as one whose head is over HEAD_LIMIT).
+gets a `LeanProtocol`, which counts it against its address's
+`max_connections_per_ip` and buffers the request head (within
+`http_request_timeout`): with the lean engine a `GET /ws` (or `/echo`) upgrade
+stays with it; any other request is handed to aiohttp untouched, with the bytes
+read so far, so the web app, `/health` and `/api/*` are served exactly as with
+the aiohttp engine (and so is an upgrade this engine does not take, such as one
+whose head is over HEAD_LIMIT). With the aiohttp engine every request is handed
+over; the socket stays counted until it closes.
 
 websockets only parses. Everything sent after the handshake — replies, pushes,
 pongs, close frames — goes through the connection's `Outbox`, as with the
@@ -37,7 +41,7 @@ from websockets.typing import Subprotocol
 from yarl import URL
 
 from plexus.protocol.codec import SUBPROTOCOLS
-from plexus.transports.websocket import Link, Refusal, WebSocketEndpoint
+from plexus.transports.websocket import Link, Refusal, WebSocketEndpoint, write_high_water
 
 try:  # websockets' C unmasking, as websockets.frames picks it
     from websockets.speedups import apply_mask
@@ -51,11 +55,8 @@ _frames_log = logging.getLogger("plexus.ws.frames")
 _frames_log.setLevel(logging.WARNING)
 
 # The request head is buffered up to this size; a longer one goes to aiohttp,
-# which applies its own header limits.
+# which applies its own header limits (and its keep-alive timeout).
 HEAD_LIMIT: Final = 16 * 1024
-# A socket that has not sent a whole request head by then is closed (aiohttp's
-# keep-alive timeout, which guards its sockets the same way).
-HEAD_TIMEOUT: Final = 75.0
 # Messages read but not yet handled; beyond this the socket is not read until
 # half of them are, so a client that floods commands is back-pressured.
 MAX_PENDING: Final = 32
@@ -63,13 +64,37 @@ RESUME_AT: Final = MAX_PENDING // 2
 
 NO_STATUS: Final = 1005  # websockets' code for a close frame without one
 INVALID_DATA: Final = 1007
+MESSAGE_TOO_BIG: Final = 1009
 
 _SUBPROTOCOLS: Final = [Subprotocol(name) for name in SUBPROTOCOLS]
 _Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 
 
-class _InvalidUtf8(Exception):
+class _Failure(Exception):
+    """Input that fails the connection with `code` (the message is the close reason)."""
+
+    code = INVALID_DATA
+
+
+class _InvalidUtf8(_Failure):
     """A text message that is not UTF-8: the connection fails with 1007."""
+
+
+class _TooManyFragments(_Failure):
+    """A message in more frames than `max_fragments(max_message_size)`: 1009."""
+
+    code = MESSAGE_TOO_BIG
+
+
+def max_fragments(max_message_size: int) -> int:
+    """Frames one message may come in: one per 64 bytes of the size limit, at least 64.
+
+    websockets counts payload bytes only, and an empty continuation frame
+    adds none: a message of endless empty fragments cost CPU and a list entry
+    per frame, forever. A message of the largest size in fragments of 64
+    bytes or more always fits.
+    """
+    return max(64, max_message_size // 64)
 
 
 class _ServerProtocol(ServerProtocol):
@@ -124,13 +149,48 @@ def http_error(refusal: Refusal) -> bytes:
     return head.encode("ascii") + body
 
 
+_TOO_MANY: Final = Refusal(429, "rate_limited", "too many connections from this address")
+
+
+class _Handed(asyncio.Protocol):
+    """A socket handed to aiohttp: its protocol, and the end of the socket's count."""
+
+    __slots__ = ("_endpoint", "_inner", "_remote")
+
+    def __init__(self, inner: asyncio.Protocol, endpoint: WebSocketEndpoint, remote: str) -> None:
+        self._inner = inner
+        self._endpoint = endpoint
+        self._remote = remote
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._inner.connection_lost(exc)
+        finally:
+            self._endpoint.socket_closed(self._remote)
+
+
 class LeanListener:
-    """The listening socket's protocol factory: WebSocket upgrades here, the rest to aiohttp.
+    """The listening socket's protocol factory: counts sockets, buffers heads, takes upgrades.
 
     Args:
         endpoint: the engine-neutral WebSocket endpoint.
         http: aiohttp's protocol factory (`AppRunner.server`).
         tls: whether the socket serves TLS (the scheme the Origin check compares).
+
+    With `ws_engine` aiohttp it takes no upgrade itself: every request goes to
+    aiohttp once its head is in.
     """
 
     def __init__(
@@ -145,10 +205,16 @@ class LeanListener:
         self.http = http
         self.scheme = "https" if tls else "http"
         # path -> whether it is the echo endpoint
-        self.paths: dict[bytes, bool] = {b"/ws": False}
-        if settings.echo_endpoint:
-            self.paths[b"/echo"] = True
+        self.paths: dict[bytes, bool] = {}
+        if settings.ws_engine == "lean":
+            self.paths[b"/ws"] = False
+            if settings.echo_endpoint:
+                self.paths[b"/echo"] = True
         self.max_message_size = settings.max_message_size
+        self.max_fragments = max_fragments(settings.max_message_size)
+        self.head_timeout = settings.http_request_timeout
+        self.write_high_water = write_high_water(settings.max_queue_bytes)
+        self.max_per_ip = settings.max_connections_per_ip
         # Every socket not (yet) handed to aiohttp, for the shutdown.
         self.protocols: set[LeanProtocol] = set()
         self._endings: set[asyncio.Task[None]] = set()
@@ -179,10 +245,12 @@ class LeanProtocol(Link, asyncio.Protocol):
         "_head",
         "_input",
         "_need",
+        "_over_limit",
         "_parts",
         "_pending",
         "_task",
         "_utf8",
+        "_write_paused",
         "listener",
         "max_size",
         "ws",
@@ -202,6 +270,8 @@ class LeanProtocol(Link, asyncio.Protocol):
         # Input after the last whole frame, kept until `_need` bytes are there.
         self._input: bytearray | None = None
         self._need = 0
+        self._over_limit = False  # over max_connections_per_ip: answer 429 to the request
+        self._write_paused = False  # the socket holds more unsent output than it should
         self.max_size = listener.max_message_size
 
     # ----- asyncio.Protocol
@@ -209,9 +279,22 @@ class LeanProtocol(Link, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's are not registered as asyncio.Transport).
         self.transport = cast(asyncio.Transport, transport)
-        self.listener.protocols.add(self)
+        listener = self.listener
+        listener.protocols.add(self)
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) else ""
+        held = listener.endpoint.socket_opened(self.remote)
+        limit = listener.max_per_ip
+        if limit and held > limit:
+            if held > 2 * limit:
+                # Far over: not worth a buffer and a timer to refuse it politely.
+                self.transport.abort()
+                return
+            self._over_limit = True
         # The close timer of a WebSocket doubles as the head timeout before it.
-        self._abort = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self.transport.close)
+        self._abort = asyncio.get_running_loop().call_later(
+            listener.head_timeout, self.transport.close
+        )
 
     def data_received(self, data: bytes) -> None:
         if self.ws is not None:
@@ -227,6 +310,10 @@ class LeanProtocol(Link, asyncio.Protocol):
             if len(head) > HEAD_LIMIT:
                 self._hand_off()
             return
+        if self._over_limit:
+            self._head = None
+            self._answer(http_error(_TOO_MANY))
+            return
         echo = self._route(bytes(head[:end]))
         if echo is None:
             self._hand_off()
@@ -236,8 +323,23 @@ class LeanProtocol(Link, asyncio.Protocol):
     def eof_received(self) -> bool | None:
         return None  # close: a WebSocket peer that half-closes is gone
 
+    def pause_writing(self) -> None:
+        # The peer does not read what it is sent: stop reading what it sends
+        # (commands, pings) until it does, so that it cannot make us answer more.
+        self._write_paused = True
+        if _reading(self.transport):
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        pending = self._pending
+        if _paused(self.transport) and (pending is None or len(pending) < MAX_PENDING):
+            self.transport.resume_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self.listener.protocols.discard(self)
+        listener = self.listener
+        listener.protocols.discard(self)
+        listener.endpoint.socket_closed(self.remote)
         self.stop_abort_timer()
         if self.ws is not None:
             self.listener.track(asyncio.get_running_loop().create_task(self._end()))
@@ -264,13 +366,18 @@ class LeanProtocol(Link, asyncio.Protocol):
         if data is None:
             assert self._head is not None
             data = bytes(self._head)
+        if self._over_limit:  # a head over HEAD_LIMIT: still refused
+            self._head = None
+            self._answer(http_error(_TOO_MANY))
+            return
         self._head = None
         self.stop_abort_timer()
-        self.listener.protocols.discard(self)
-        handler = self.listener.http()
+        listener = self.listener
+        listener.protocols.discard(self)
+        handler = listener.http()
         transport = self.transport
         handler.connection_made(transport)
-        transport.set_protocol(handler)
+        transport.set_protocol(_Handed(handler, listener.endpoint, self.remote))
         handler.data_received(data)
 
     def _answer(self, response: bytes) -> None:
@@ -306,11 +413,10 @@ class LeanProtocol(Link, asyncio.Protocol):
         headers = request.headers
         origins = headers.get_all("Origin")
         hosts = headers.get_all("Host")
-        peer = transport.get_extra_info("peername")
-        remote = peer[0] if isinstance(peer, tuple) else ""
+        remote = self.remote
         endpoint = listener.endpoint
         refusal = endpoint.admit(
-            origins[0] if origins else None, listener.scheme, hosts[0] if hosts else "", remote
+            origins[0] if origins else None, listener.scheme, hosts[0] if hosts else None, remote
         )
         if refusal is not None:
             self._answer(http_error(refusal))
@@ -327,7 +433,8 @@ class LeanProtocol(Link, asyncio.Protocol):
             return
         # websockets was given the head alone: no frame is half parsed.
         ws.drop_handshake()
-        self.remote, self.echo, self.ws = remote, echo, ws
+        transport.set_write_buffer_limits(high=listener.write_high_water)
+        self.echo, self.ws = echo, ws
         conn = endpoint.open(self, transport, ws.subprotocol, credentials)
         if not echo and conn.credentials is not None and conn.credentials.channels:
             self._task = asyncio.get_running_loop().create_task(self._run(granted=True))
@@ -361,10 +468,10 @@ class LeanProtocol(Link, asyncio.Protocol):
             data, self._input = bytes(pending), None
         try:
             self._split(ws, data)
-        except _InvalidUtf8 as exc:
+        except _Failure as exc:
             if ws.state is State.OPEN:
-                ws.fail(INVALID_DATA)  # so that websockets ignores the rest
-            self._then(partial(self._fail_and_end, INVALID_DATA, str(exc)))
+                ws.fail(exc.code)  # so that websockets ignores the rest
+            self._then(partial(self._fail_and_end, exc.code, str(exc)))
         except Exception:
             self.crashed()
 
@@ -445,6 +552,8 @@ class LeanProtocol(Link, asyncio.Protocol):
             # websockets refused a continuation without a message to continue.
             parts = self._parts
             assert parts is not None
+            if len(parts) >= self.listener.max_fragments:
+                raise _TooManyFragments("message in too many fragments")
             if utf8 is not None:
                 _check_utf8(utf8, data, fin)  # fail fast, before the message is whole
             parts.append(data)
@@ -513,7 +622,7 @@ class LeanProtocol(Link, asyncio.Protocol):
                 await waiting
             while pending := self._pending:
                 item = pending.popleft()
-                if len(pending) == RESUME_AT and _paused(transport):
+                if len(pending) == RESUME_AT and _paused(transport) and not self._write_paused:
                     transport.resume_reading()
                 if isinstance(item, str | bytes):
                     waiting = conn.handle(item)
@@ -525,7 +634,7 @@ class LeanProtocol(Link, asyncio.Protocol):
             self.crashed()
         finally:
             self._task = self._pending = None
-            if _paused(transport):
+            if _paused(transport) and not self._write_paused:
                 transport.resume_reading()
 
     # ----- the end

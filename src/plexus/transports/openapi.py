@@ -40,7 +40,9 @@ _BODY_ERRORS: Final = {
     "400": {"$ref": "#/components/responses/BadRequest"},
     "401": {"$ref": "#/components/responses/Unauthorized"},
     "403": {"$ref": "#/components/responses/Forbidden"},
+    "408": {"$ref": "#/components/responses/RequestTimeout"},
     "413": {"$ref": "#/components/responses/TooLarge"},
+    "415": {"$ref": "#/components/responses/UnsupportedMediaType"},
     "500": {"$ref": "#/components/responses/Internal"},
     "503": {"$ref": "#/components/responses/Unavailable"},
 }
@@ -406,9 +408,18 @@ _DOCUMENT: Final[dict[str, Any]] = {
             ),
             "Unauthorized": _error_response("`unauthorized`: missing or wrong API key"),
             "Forbidden": _error_response(
-                "`permission_denied`: no API key configured and the caller is not loopback"
+                "`permission_denied`: a browser `Origin` that is not allowed; or no API key"
+                " configured and the caller is not loopback or its `Host` is not a loopback"
+                " name or one of `allowed_hosts`"
             ),
             "TooLarge": _error_response("`too_large`: the body is over `max_body_size`"),
+            "RequestTimeout": _error_response(
+                "`bad_request`: the body did not arrive whole within `http_request_timeout`;"
+                " the connection is closed"
+            ),
+            "UnsupportedMediaType": _error_response(
+                "`bad_request`: a body not sent as `Content-Type: application/json`"
+            ),
             "Internal": _error_response("`internal`: a server bug (logged)"),
             "Unavailable": _error_response("`unavailable`: a broker or store is down; retry"),
         },

@@ -26,6 +26,8 @@ from typing import Final
 
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.base_protocol import BaseProtocol
 
 from plexus.auth import Authenticator, Credentials
 from plexus.connection import Connection
@@ -51,6 +53,16 @@ PROTOCOL_ERROR: Final = 1002
 # How long a closing connection may take to answer our close frame before the
 # socket is dropped (a peer that stopped reading never will).
 CLOSE_TIMEOUT: Final = 5.0
+
+
+def write_high_water(max_queue_bytes: int) -> int:
+    """Unsent bytes above which a connection's socket is not read until they drain.
+
+    Half the output limit rather than asyncio's 64 KiB: a client that reads
+    slowly but keeps up still has its pongs and commands read, while one that
+    does not read at all stops being read well before it holds the limit.
+    """
+    return max(max_queue_bytes // 2, 4096)
 
 
 def valid_close_code(code: int) -> bool:
@@ -111,11 +123,16 @@ class Link:
             self.send_close(code, reason)
 
     def ping(self, payload: bytes) -> None:
-        """A ping frame arrived: answer it, behind the frames already queued."""
+        """A ping frame arrived: answer it behind the frames already queued.
+
+        The pong counts against `max_queue_bytes` like any frame (a client
+        that sends pings and never reads is a slow consumer); past a run of
+        them in the queue, it replaces the last (`Outbox.push_pong`).
+        """
         conn = self.conn
         conn.last_seen = time.monotonic()
         if conn.close_code is None:
-            conn.outbox.write_now(build_frame(payload, OP_PONG))
+            conn.outbox.push_pong(build_frame(payload, OP_PONG))
 
     def pong(self) -> None:
         """A pong frame arrived: the peer is alive."""
@@ -167,7 +184,9 @@ class WebSocketEndpoint:
         self.flusher = Flusher(asyncio.get_running_loop())
         self.connections: set[Connection] = set()
         self._drained = asyncio.Event()
-        self._per_ip: dict[str, int] = {}
+        # Open sockets per client address, HTTP and WebSocket alike (the
+        # listener counts them from accept to close).
+        self._sockets: dict[str, int] = {}
 
     # ----- lifecycle
 
@@ -202,16 +221,40 @@ class WebSocketEndpoint:
 
     # ----- the steps of a connection, for every engine
 
-    def admit(self, origin: str | None, scheme: str, host: str, remote: str) -> Refusal | None:
-        """Check an upgrade request's origin and the connection limits."""
+    def socket_opened(self, remote: str) -> int:
+        """Count a socket accepted from `remote`; return how many it holds, this one included."""
+        held = self._sockets.get(remote, 0) + 1
+        self._sockets[remote] = held
+        return held
+
+    def socket_closed(self, remote: str) -> None:
+        """Forget one socket of `remote` (it was closed)."""
+        left = self._sockets.get(remote, 1) - 1
+        if left:
+            self._sockets[remote] = left
+        else:
+            self._sockets.pop(remote, None)
+
+    def sockets_from(self, remote: str) -> int:
+        """How many open sockets `remote` holds: WebSocket connections and HTTP ones."""
+        return self._sockets.get(remote, 0)
+
+    def admit(
+        self, origin: str | None, scheme: str, host: str | None, remote: str
+    ) -> Refusal | None:
+        """Check an upgrade request's origin and the node's connection limit.
+
+        `max_connections_per_ip` is checked when the socket is accepted (see
+        `transports/lean.py`): an upgrade only turns a counted socket into a
+        WebSocket.
+        """
         settings = self.settings
-        if not origin_allowed(origin, scheme, host, settings.allowed_origins):
+        if not origin_allowed(
+            origin, scheme, host, settings.allowed_origins, settings.allowed_hosts
+        ):
             return Refusal(403, "permission_denied", "origin not allowed")
         if settings.max_connections and len(self.connections) >= settings.max_connections:
             return Refusal(503, "unavailable", "connection limit of this node reached")
-        per_ip = self._per_ip.get(remote, 0)
-        if settings.max_connections_per_ip and per_ip >= settings.max_connections_per_ip:
-            return Refusal(429, "rate_limited", "too many connections from this address")
         return None
 
     def verify_token(
@@ -260,7 +303,6 @@ class WebSocketEndpoint:
         link.conn = conn
         self.connections.add(conn)
         self._drained.clear()
-        self._per_ip[link.remote] = self._per_ip.get(link.remote, 0) + 1
         if not link.echo:
             self.node.add_peer(conn)
             conn.send(conn.welcome())
@@ -275,11 +317,6 @@ class WebSocketEndpoint:
         self.connections.discard(conn)
         if not self.connections:
             self._drained.set()
-        left = self._per_ip.get(remote, 1) - 1
-        if left:
-            self._per_ip[remote] = left
-        else:
-            self._per_ip.pop(remote, None)
         try:
             if not link.echo:
                 await conn.cleanup()
@@ -346,7 +383,10 @@ async def _serve(
     endpoint: WebSocketEndpoint, request: web.Request, *, echo: bool
 ) -> web.StreamResponse:
     remote = request.remote or ""
-    refusal = endpoint.admit(request.headers.get(hdrs.ORIGIN), request.scheme, request.host, remote)
+    headers = request.headers
+    refusal = endpoint.admit(
+        headers.get(hdrs.ORIGIN), request.scheme, headers.get(hdrs.HOST), remote
+    )
     if refusal is not None:
         return web.Response(
             body=refusal.body(),
@@ -365,7 +405,7 @@ async def _serve(
         max_msg_size=endpoint.settings.max_message_size + 1,
         timeout=CLOSE_TIMEOUT,
     )
-    await ws.prepare(request)
+    writer = await ws.prepare(request)
     transport = request.transport
     if transport is None:  # the peer vanished during the handshake
         return ws
@@ -375,12 +415,13 @@ async def _serve(
 
     link = Link(endpoint)
     link.remote, link.echo, link.transport = remote, echo, transport
+    transport.set_write_buffer_limits(high=write_high_water(endpoint.settings.max_queue_bytes))
     conn = endpoint.open(link, _WsTransport(transport, ws), ws.ws_protocol, credentials)
     ws.outbox = conn.outbox
     try:
         if not echo:
             await conn.subscribe_granted()
-        await _read(ws, link)
+        await _read(ws, link, request.protocol, writer)
     except Exception:
         link.crashed()
     finally:
@@ -390,10 +431,22 @@ async def _serve(
     return ws
 
 
-async def _read(ws: _Response, link: Link) -> None:
-    """Read until the connection ends."""
+async def _read(
+    ws: _Response, link: Link, protocol: BaseProtocol, writer: AbstractStreamWriter
+) -> None:
+    """Read until the connection ends.
+
+    While the socket holds more unsent output than its high-water mark, no
+    message is taken: aiohttp's queue fills and it stops reading the socket,
+    so a client that does not read cannot make the server answer more.
+    """
     conn = link.conn
     while True:
+        if protocol.writing_paused:
+            try:
+                await writer.drain()
+            except ConnectionError:
+                return  # dropped while it did not read (the close timer, a reset)
         msg = await ws.receive()
         kind = msg.type
         if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
