@@ -148,6 +148,11 @@ export interface HistoryOptions {
   since?: StreamPosition;
 }
 
+/**
+ * Emitted after a resubscribe with `since` (a reconnect, or `insufficient_state`)
+ * when nothing was lost; also when the server subscribed the connection again by
+ * itself and the client read what was missed from `history`.
+ */
 export interface RecoveredEvent {
   /** the position the resubscribe asked from */
   since: StreamPosition;
@@ -158,6 +163,7 @@ export interface RecoveredEvent {
   missed: number;
 }
 
+/** What was missed since `since` could not be replayed: reload state (e.g. `history()`). */
 export interface LostEvent {
   since: StreamPosition;
   offset: number;
@@ -202,8 +208,16 @@ export type WebSocketConstructor = new (url: string, protocols?: string | string
 export interface PlexusOptions {
   /** connection token (JWT), sent as `?token=` */
   token?: string | null;
-  /** asked for a token on connect when there is none, and after close 4002 */
+  /**
+   * asked for a token on connect when there is none, after close 4002, and
+   * before the current token's `exp` (then sent with `auth`)
+   */
   getToken?: () => string | null | undefined | Promise<string | null | undefined>;
+  /**
+   * ms before the token's `exp` to ask `getToken` for the next one (halfway
+   * for a token that lives less than twice this); default 30000
+   */
+  refreshBefore?: number;
   /** the WebSocket implementation; default `globalThis.WebSocket` */
   WebSocket?: WebSocketConstructor;
   /** ms to wait for an answer (and for `welcome` on connect); default 10000 */
@@ -239,7 +253,9 @@ export class Subscription {
   readonly client: Plexus;
   readonly channel: string;
   readonly state: SubscriptionState;
-  /** resolves with the first subscribe reply; rejects when the server refuses */
+  /** true when the server made (or took over) this subscription: a `subscribed` push */
+  readonly server: boolean;
+  /** resolves with the first subscribe reply (or `subscribed` push); rejects when the server refuses */
   readonly ready: Promise<SubscribeResult>;
   /** the last position seen, or null before the first reply */
   readonly position: StreamPosition | null;
@@ -286,7 +302,9 @@ export class Plexus {
 
   /** resolves with `welcome` once connected; rejects on close() or 4001 */
   connect(): Promise<Welcome>;
+  /** the existing Subscription when there is one (also one the server made) */
   subscribe(channel: string, options?: SubscribeOptions): Subscription;
+  /** the live subscription to a channel (the app's or the server's), or undefined */
   getSubscription(channel: string): Subscription | undefined;
   publish(channel: string, data: PublishData): Promise<PublishResult>;
   history<T = Data>(channel: string, options?: HistoryOptions): Promise<HistoryResult<T>>;
@@ -302,6 +320,11 @@ export class Plexus {
   on<T = Data>(event: 'message', fn: (message: Message<T>) => void): Off;
   on(event: 'error', fn: (error: PlexusError) => void): Off;
   on(event: 'retry', fn: (event: RetryEvent) => void): Off;
+  /**
+   * the server subscribed this connection to a channel the app had no
+   * Subscription for; emitted once per new Subscription, before its messages
+   */
+  on(event: 'subscribed', fn: (subscription: Subscription, result: SubscribeResult) => void): Off;
   off(event: string, fn: (...args: any[]) => void): void;
 }
 

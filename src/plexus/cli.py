@@ -224,7 +224,8 @@ async def _publish(args: argparse.Namespace, data: Any) -> int:
             return 0
     from plexus.client import Client, PlexusClientError
 
-    async with Client(args.url, token=args.token, timeout=args.timeout) as client:
+    # One publish: a dropped connection is an error to report, not to hide.
+    async with Client(args.url, token=args.token, timeout=args.timeout, reconnect=False) as client:
         try:
             offset = await client.publish(args.channel, data)
         except PlexusClientError as exc:

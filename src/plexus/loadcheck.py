@@ -120,7 +120,14 @@ async def _connect_all(
     try:
         for start in range(0, count, CONNECT_BATCH):
             batch = [
-                Client(opts.url, token=opts.token, timeout=opts.timeout, session=session)
+                Client(
+                    opts.url,
+                    token=opts.token,
+                    timeout=opts.timeout,
+                    session=session,
+                    # A measurement: a dropped connection is a failure to report.
+                    reconnect=False,
+                )
                 for _ in range(min(CONNECT_BATCH, count - start))
             ]
             results = await asyncio.gather(*(c.connect() for c in batch), return_exceptions=True)

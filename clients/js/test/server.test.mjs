@@ -17,18 +17,22 @@ const skip = existsSync(PYTHON) ? false : `no Python venv at ${PYTHON} (make ins
 const SECRET = 'test-secret-that-is-long-enough-for-hs256';
 const WAIT = 10000;
 
-/** A `plexus serve` child process on a loopback port. */
+const TEST_RPC_SERVER = fileURLToPath(new URL('./helpers/serve_with_test_rpc.py', import.meta.url));
+
+/** A `plexus serve` child process on a loopback port (or `script`, given the port). */
 class Server {
-  constructor(dataDir, port = 0) {
+  constructor(dataDir, port = 0, script = null) {
     this.dataDir = dataDir;
     this.port = port;
+    this.script = script;
     this.proc = null;
   }
 
   start() {
     return new Promise((resolve, reject) => {
       const env = { ...process.env, PLEXUS_DATA_DIR: this.dataDir, PLEXUS_JWT_SECRET: SECRET, PLEXUS_LOG_LEVEL: 'info' };
-      const proc = spawn(PYTHON, ['-m', 'plexus', 'serve', '--port', String(this.port)], { cwd: ROOT, env });
+      const args = this.script ? [this.script, String(this.port)] : ['-m', 'plexus', 'serve', '--port', String(this.port)];
+      const proc = spawn(PYTHON, args, { cwd: ROOT, env });
       this.proc = proc;
       let output = '';
       const timer = setTimeout(() => reject(new Error(`server did not start:\n${output}`)), WAIT);
@@ -217,4 +221,84 @@ test('server restart: resubscribe with since recovers every message once, in ord
   assert.equal(info.since.offset, offsets[0]);
   await sub.publish('after');
   await eventually(() => seen.length === 5, 'a live message after the restart');
+});
+
+test('server-side subscriptions (token channels claim): a Subscription, recovered across a restart', { skip, timeout: 40000 }, async () => {
+  const channel = 'chat:node-granted';
+  const made = [];
+  const seen = [];
+  const events = [];
+  const errors = [];
+  // No retry by itself (a long backoff): the test publishes while it is away, then retries.
+  const px = client({ token: jwt({ sub: 'alice', channels: [channel] }), backoff: { initial: 600000, max: 600000 } });
+  px.on('error', (e) => errors.push(e.code));
+  px.on('subscribed', (sub, result) => {
+    made.push([sub.channel, result.recovered]);
+    sub.on('message', (m) => seen.push([m.offset, m.data]));
+    sub.on('recovered', (e) => events.push(['recovered', e]));
+    sub.on('lost', (e) => events.push(['lost', e]));
+    sub.on('unsubscribed', (e) => events.push(['unsubscribed', e]));
+  });
+  await px.connect();
+  await eventually(() => made.length === 1, "the client 'subscribed' event");
+  const sub = px.getSubscription(channel);
+  assert.deepEqual(made, [[channel, false]]);
+  assert.equal(sub.server, true);
+  assert.equal(px.subscribe(channel), sub, 'subscribe() of a server-side subscription is that subscription');
+  await sub.ready;
+  await server.publish(channel, 'before');
+  await eventually(() => seen.length === 1, 'the first message');
+
+  await server.stop();
+  await eventually(() => px.state === 'reconnecting', 'reconnecting');
+  server = await new Server(dataDir, server.port).start();
+  for (const n of [1, 2, 3]) await server.publish(channel, `api ${n}`);
+  px.retryNow();
+  await eventually(() => seen.length === 4, 'the missed messages');
+  // The server subscribed it again (from the token) at its current offset; the
+  // three it missed came from history, before anything live.
+  assert.deepEqual(events.map(([name, e]) => [name, e.missed]), [['recovered', 3]]);
+  await sub.publish('after');
+  await eventually(() => seen.length === 5, 'a live message after the restart');
+  assert.deepEqual(seen.map(([, d]) => d), ['before', 'api 1', 'api 2', 'api 3', 'after']);
+  const offsets = seen.map(([o]) => o);
+  assert.deepEqual(offsets, offsets.map((_, i) => offsets[0] + i), 'consecutive offsets, each once');
+  assert.equal(made.length, 1, 'the same Subscription after the reconnect');
+  assert.equal(px.getSubscription(channel), sub);
+  assert.ok(!events.some(([name]) => name === 'lost' || name === 'unsubscribed'), JSON.stringify(events));
+  assert.deepEqual(errors, [], 'no already_subscribed (or other) error reached the app');
+});
+
+test('insufficient_state from a real server: resubscribed with since, every message once, in order', { skip, timeout: 40000 }, async () => {
+  const special = await new Server(dataDir, 0, TEST_RPC_SERVER).start();
+  try {
+    const channel = 'chat:node-insufficient';
+    const px = new Plexus(special.ws, { WebSocket, backoff: { initial: 100, max: 500 } });
+    clients.push(px);
+    await px.connect();
+    const sub = px.subscribe(channel);
+    await sub.ready;
+    const seen = [];
+    const events = [];
+    sub.on('message', (m) => seen.push([m.offset, m.data]));
+    for (const name of ['subscribed', 'recovered', 'lost', 'unsubscribed']) sub.on(name, (e) => events.push([name, e]));
+    for (const n of [1, 2]) await special.publish(channel, n);
+    await eventually(() => seen.length === 2, 'the first messages');
+    // The server ends the subscription; publishes race the resubscribe.
+    const ended = px.rpc('test.insufficient_state', { channel });
+    const racing = [3, 4, 5, 6].map((n) => special.publish(channel, n));
+    assert.deepEqual(await ended, { data: true });
+    await Promise.all(racing);
+    await eventually(() => seen.length >= 6, 'every message');
+    await sub.publish(7);
+    await eventually(() => seen.length >= 7, 'a live message after the resubscribe');
+    assert.deepEqual(seen.map(([o]) => o), [1, 2, 3, 4, 5, 6, 7]);
+    assert.deepEqual(seen.map(([, d]) => d).sort(), [1, 2, 3, 4, 5, 6, 7], 'each message once');
+    assert.deepEqual(events.map(([name]) => name), ['subscribed', 'recovered']);
+    assert.deepEqual(events[1][1].since, { offset: 2, epoch: events[1][1].epoch });
+    assert.equal(sub.state, 'subscribed');
+    assert.equal(px.getSubscription(channel), sub);
+  } finally {
+    await special.stop();
+  }
 });

@@ -24,7 +24,12 @@
 // a reconnect it resubscribes with `since`, so the server replays what was
 // missed. Each offset is delivered at most once. When the server cannot replay
 // (history trimmed, epoch changed) the subscription emits 'lost' and the app
-// reloads its state (e.g. with `history()`).
+// reloads its state (e.g. with `history()`). The same happens, on the same
+// Subscription, when the server ends a subscription with `insufficient_state`.
+//
+// Server-side subscriptions (the token's `channels` claim, ...) are announced
+// by a `subscribed` push: they become Subscription objects like the app's own
+// (the client emits 'subscribed' with the new one) and recover the same way.
 
 const VERSION = '0.1.0';
 
@@ -36,7 +41,11 @@ const DEFAULTS = {
   queueWhileDisconnected: true,
   maxMessageSize: 64 * 1024,
   rateLimitDelay: 5000,
+  refreshBefore: 30000,
 };
+
+// `history` answers at most this many messages per request (the server's cap).
+const HISTORY_PAGE = 10000;
 
 const DEFAULT_BACKOFF = { initial: 500, max: 20000, resetAfter: 10000 };
 
@@ -177,6 +186,24 @@ function defer() {
   return { promise, resolve, reject };
 }
 
+/**
+ * The `exp` claim (Unix seconds) of a JWT, or null when the token is not a JWT
+ * or has none. Read without checking the signature: only the server can, and
+ * the client only wants to know when to ask for the next token.
+ */
+function tokenExpiry(token) {
+  if (typeof token !== 'string') return null;
+  const parts = token.split('.');
+  if (parts.length !== 3 || parts[1] === '') return null;
+  try {
+    const b64 = parts[1].replace(/-/g, '+').replace(/_/g, '/');
+    const claims = JSON.parse(atob(b64.padEnd(Math.ceil(b64.length / 4) * 4, '=')));
+    return claims !== null && typeof claims.exp === 'number' ? claims.exp : null;
+  } catch {
+    return null;
+  }
+}
+
 function defaultUrl() {
   if (typeof location !== 'undefined' && location.host) {
     return `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}/ws`;
@@ -196,9 +223,10 @@ function normalizeUrl(url) {
 // ---------------------------------------------------------------- subscription
 
 /**
- * One channel subscription. Made by `Plexus.subscribe`, never directly.
- * Events: 'message' (push), 'join', 'leave', 'subscribed' (reply of each
- * (re)subscribe), 'recovered', 'lost', 'unsubscribed', 'error'.
+ * One channel subscription. Made by `Plexus.subscribe`, or by the client when
+ * the server subscribes the connection (a `subscribed` push), never directly.
+ * Events: 'message' (push), 'join', 'leave', 'subscribed' (each (re)subscribe
+ * reply or `subscribed` push), 'recovered', 'lost', 'unsubscribed', 'error'.
  */
 export class Subscription extends Emitter {
   constructor(client, channel, options) {
@@ -207,6 +235,8 @@ export class Subscription extends Emitter {
     this.channel = channel;
     /** 'subscribing' | 'subscribed' | 'unsubscribed' */
     this.state = 'subscribing';
+    /** True once the server made (or took over) this subscription: a `subscribed` push. */
+    this.server = false;
     this._info = options.info;
     this._token = options.token;
     this._offset = null; // last offset seen (subscribe reply or message)
@@ -216,6 +246,9 @@ export class Subscription extends Emitter {
       this._epoch = options.since.epoch ?? null;
     }
     this._everSubscribed = false;
+    // A gap being filled from history after a server-side (re)subscribe:
+    // {since, offset, epoch, got: [], held: []}, or null.
+    this._fill = null;
     this._ready = defer();
     this._ready.promise.catch(() => {}); // nobody awaiting it is not an error
     /** Resolves with the first subscribe reply; rejects if the server refuses. */
@@ -257,8 +290,16 @@ export class Subscription extends Emitter {
     return cmd;
   }
 
-  _onSubscribed(result, since) {
+  _markReady(result) {
     this.state = 'subscribed';
+    if (!this._everSubscribed) {
+      this._everSubscribed = true;
+      this._ready.resolve(result);
+    }
+  }
+
+  _onSubscribed(result, since) {
+    this._markReady(result);
     if (since && result.recovered) {
       // The missed messages follow as pushes; keep our offset so that they
       // (and only they) pass the duplicate check.
@@ -266,10 +307,6 @@ export class Subscription extends Emitter {
     } else {
       this._offset = typeof result.offset === 'number' ? result.offset : this._offset;
       this._epoch = result.epoch ?? this._epoch;
-    }
-    if (!this._everSubscribed) {
-      this._everSubscribed = true;
-      this._ready.resolve(result);
     }
     this._emit('subscribed', result);
     if (since) {
@@ -280,6 +317,36 @@ export class Subscription extends Emitter {
         this._emit('lost', info);
       }
     }
+  }
+
+  /**
+   * The server subscribed us (a `subscribed` push). It made the subscription
+   * without our `since`, so it replays nothing: returns the gap to fill from
+   * history, `{since, offset, epoch}`, or null when there is none to fill.
+   */
+  _onGranted(result) {
+    this.server = true;
+    this._fill = null;
+    const since = this._offset !== null && this._epoch !== null ? this.position : null;
+    this._markReady(result);
+    this._emit('subscribed', result);
+    const info = { since, offset: result.offset, epoch: result.epoch };
+    if (since === null || typeof result.offset !== 'number') {
+      this._offset = typeof result.offset === 'number' ? result.offset : this._offset;
+      this._epoch = result.epoch ?? this._epoch;
+      return null;
+    }
+    if (result.epoch !== since.epoch) {
+      this._offset = result.offset;
+      this._epoch = result.epoch;
+      this._emit('lost', info);
+      return null;
+    }
+    if (result.offset <= since.offset) {
+      this._emit('recovered', { ...info, missed: 0 });
+      return null;
+    }
+    return info;
   }
 
   /** Returns false when the message is a duplicate and must not be delivered. */
@@ -295,6 +362,7 @@ export class Subscription extends Emitter {
   _end(error, reason) {
     if (this.state === 'unsubscribed') return;
     this.state = 'unsubscribed';
+    this._fill = null;
     if (!this._everSubscribed) this._ready.reject(error);
     this._emit('unsubscribed', { reason: reason || error.code });
   }
@@ -305,7 +373,9 @@ export class Subscription extends Emitter {
 /**
  * A connection to a Plexus server that reconnects by itself.
  * Events: 'state' (state, previous), 'message' (push), 'error' (PlexusError),
- * 'retry' ({attempt, delay}) when a reconnect is scheduled.
+ * 'retry' ({attempt, delay}) when a reconnect is scheduled, 'subscribed'
+ * (subscription, result) when the server made a subscription the app had not
+ * asked for (before any of its messages).
  */
 export class Plexus extends Emitter {
   /**
@@ -348,7 +418,7 @@ export class Plexus extends Emitter {
     this._refreshToken = false;
     this._stopped = false; // close() or a terminal close code: no reconnecting, no queueing
     this._waiters = []; // connect() promises
-    this._timers = { retry: null, connect: null, idle: null, pong: null, stable: null };
+    this._timers = { retry: null, connect: null, idle: null, pong: null, stable: null, refresh: null };
     this._lastRx = 0;
     this._onWake = () => this.retryNow();
     this._onVisibility = () => {
@@ -456,7 +526,11 @@ export class Plexus extends Emitter {
   setToken(token) {
     this._token = token || null;
     if (this.state !== 'connected') return Promise.resolve(null);
-    return this._request({ type: 'auth', token }, null);
+    const gen = this._gen;
+    return this._request({ type: 'auth', token }, null).then((result) => {
+      if (gen === this._gen && this._token === (token || null)) this._armRefresh();
+      return result;
+    });
   }
 
   /** If a reconnect is waiting for its backoff delay, try now. */
@@ -565,10 +639,15 @@ export class Plexus extends Emitter {
     this._gen++; // later events of this socket are ignored
     this._ws = null;
     this.welcome = null;
-    for (const name of ['connect', 'idle', 'pong', 'stable']) this._clear(name);
+    for (const name of ['connect', 'idle', 'pong', 'stable', 'refresh']) this._clear(name);
+    for (const sub of this._subs.values()) {
+      if (sub.state === 'subscribed') sub.state = 'subscribing';
+      // A gap fill in progress is dropped with what it held: nothing of it was
+      // delivered, so the next connection asks again from the same position.
+      sub._fill = null;
+    }
     const lost = new PlexusError('disconnected', `connection closed (${code}${reason ? ' ' + reason : ''})`);
     this._failPending(lost);
-    for (const sub of this._subs.values()) if (sub.state === 'subscribed') sub.state = 'subscribing';
     if (this._stopped) return;
 
     if (code === 4001) {
@@ -673,6 +752,13 @@ export class Plexus extends Emitter {
       case 'error':
         this._onAnswer(msg);
         break;
+      case 'pong':
+        // Answers our own ping; only the resubscribe barrier waits for one.
+        if (msg.id !== undefined && msg.id !== null) this._onAnswer(msg);
+        break;
+      case 'subscribed':
+        this._onGranted(msg);
+        break;
       case 'message':
         this._onMessage(decodeBytes(msg));
         break;
@@ -684,7 +770,13 @@ export class Plexus extends Emitter {
       }
       case 'unsubscribed': {
         const sub = this._subs.get(msg.channel);
-        if (sub) {
+        if (sub && msg.resubscribe) {
+          // The server could no longer promise a gap-free stream and ended
+          // the subscription: subscribe again at once from the last offset
+          // seen, on the same Subscription ('recovered' or 'lost' follows).
+          sub._fill = null;
+          this._sendSubscribe(sub);
+        } else if (sub) {
           this._subs.delete(msg.channel);
           this._rejectQueued(sub, new PlexusError('not_subscribed', msg.reason || 'unsubscribed by the server'));
           sub._end(new PlexusError('not_subscribed', msg.reason || 'unsubscribed'), msg.reason || 'server');
@@ -706,16 +798,42 @@ export class Plexus extends Emitter {
       this._attempt = 0;
     });
     this._armIdle();
+    this._armRefresh();
     const waiters = this._waiters;
     this._waiters = [];
     for (const w of waiters) w.resolve(msg);
     if (this.state !== 'connected') return; // a handler closed us
-    for (const sub of this._subs.values()) this._sendSubscribe(sub);
+    const granted = [];
+    for (const sub of this._subs.values()) {
+      if (sub.server) granted.push(sub);
+      else this._sendSubscribe(sub);
+    }
+    if (granted.length > 0) {
+      // The server may subscribe this connection again by itself (e.g. from
+      // the token's `channels` claim): it does so right after `welcome`,
+      // before it reads our first command. So the answer to a ping tells
+      // which ones it did; only the others need our subscribe, and none of
+      // ours is refused with `already_subscribed` (a bad command).
+      const gen = this._gen;
+      this._send({ type: 'ping' }, null, {
+        resolve: () => {
+          if (gen !== this._gen) return;
+          for (const sub of granted) {
+            if (sub.state === 'subscribing' && this._subs.get(sub.channel) === sub) this._sendSubscribe(sub);
+          }
+        },
+        reject: () => {},
+        onTimeout: () => this._abandon(gen, 'ping timeout'),
+      });
+    }
     this._flush();
   }
 
   _onAnswer(msg) {
     if (msg.id === undefined || msg.id === null) {
+      // We always send ids: an id-less `already_subscribed` is the server
+      // failing to subscribe us by itself to a channel we already hold.
+      if (msg.code === 'already_subscribed') return;
       this._emit('error', new PlexusError(msg.code || 'internal', msg.message));
       return;
     }
@@ -723,15 +841,142 @@ export class Plexus extends Emitter {
     if (!entry) return; // timed out already
     this._pending.delete(msg.id);
     this._clock.clearTimeout(entry.timer);
-    if (msg.type === 'reply') entry.resolve(decodeBytes(msg.result ?? {}));
-    else entry.reject(new PlexusError(msg.code || 'internal', msg.message));
+    if (msg.type === 'error') entry.reject(new PlexusError(msg.code || 'internal', msg.message));
+    else entry.resolve(decodeBytes(msg.result ?? {})); // a reply, or the pong to our ping
   }
 
   _onMessage(msg) {
     const sub = this._subs.get(msg.channel);
-    if (!sub || !sub._accept(msg)) return;
+    if (!sub) return;
+    if (sub._fill) {
+      sub._fill.held.push(msg); // after the gap, which is still being fetched
+      return;
+    }
+    this._deliver(sub, msg);
+  }
+
+  _deliver(sub, msg) {
+    if (!sub._accept(msg)) return;
     sub._emit('message', msg);
     this._emit('message', msg);
+  }
+
+  /** A `subscribed` push: the server subscribed this connection by itself. */
+  _onGranted(msg) {
+    const channel = msg.channel;
+    if (typeof channel !== 'string') return;
+    const result = { channel, offset: msg.offset, epoch: msg.epoch, recovered: !!msg.recovered };
+    let sub = this._subs.get(channel);
+    if (!sub) {
+      sub = new Subscription(this, channel, {});
+      this._subs.set(channel, sub);
+      // Before any of its messages: handlers added here miss nothing.
+      this._emit('subscribed', sub, result);
+      if (this._subs.get(channel) !== sub || sub.state === 'unsubscribed') return; // a handler dropped it
+    }
+    const gap = sub._onGranted(result);
+    if (gap !== null && sub.state === 'subscribed') {
+      sub._fill = { ...gap, got: [], held: [] };
+      this._fetchGap(sub, sub._fill);
+    }
+    this._flush();
+  }
+
+  // A server-made subscription starts at the channel's current offset; what
+  // came between our last offset and it is read with `history`, delivered
+  // before the live messages held meanwhile, each offset once.
+  _fetchGap(sub, fill) {
+    const last = fill.got.length > 0 ? fill.got[fill.got.length - 1].offset : fill.since.offset;
+    const limit = Math.min(HISTORY_PAGE, fill.offset - last);
+    const since = { offset: last, epoch: fill.since.epoch };
+    this._send({ type: 'history', channel: sub.channel, since, limit }, null, {
+      resolve: (page) => {
+        if (sub._fill === fill) this._onGapPage(sub, fill, page, last, limit);
+      },
+      reject: () => {
+        if (sub._fill === fill) this._endGap(sub, fill, false);
+      },
+    });
+  }
+
+  _onGapPage(sub, fill, page, last, limit) {
+    const messages = Array.isArray(page.messages) ? page.messages : [];
+    if (page.epoch !== undefined && page.epoch !== fill.since.epoch) {
+      this._endGap(sub, fill, false); // the stream restarted: what we missed is gone
+      return;
+    }
+    let expected = last + 1;
+    for (const msg of messages) {
+      if (typeof msg.offset !== 'number' || msg.offset < expected) continue;
+      if (msg.offset !== expected) {
+        this._endGap(sub, fill, false); // trimmed from history
+        return;
+      }
+      fill.got.push({ ...msg, channel: sub.channel, epoch: msg.epoch ?? fill.since.epoch });
+      expected++;
+    }
+    if (expected > fill.offset) this._endGap(sub, fill, true);
+    else if (messages.length >= limit && messages.length > 0) this._fetchGap(sub, fill);
+    else this._endGap(sub, fill, false);
+  }
+
+  _endGap(sub, fill, complete) {
+    sub._fill = null;
+    const info = { since: fill.since, offset: fill.offset, epoch: fill.epoch };
+    if (complete) {
+      sub._emit('recovered', { ...info, missed: fill.offset - fill.since.offset });
+      for (const msg of fill.got) this._deliver(sub, msg);
+    } else {
+      sub._offset = fill.offset;
+      sub._epoch = fill.epoch;
+      sub._emit('lost', info);
+    }
+    for (const msg of fill.held) {
+      if (sub._fill !== null || this._subs.get(sub.channel) !== sub) return; // a handler changed it
+      this._deliver(sub, msg);
+    }
+  }
+
+  // ------------------------------------------------------------ token refresh
+
+  // With `getToken` and a token that expires, a new token is asked for and
+  // sent with `auth` before the server would close the connection with 4002:
+  // `refreshBefore` ms ahead, or halfway for a token that lives less long.
+  _armRefresh() {
+    this._clear('refresh');
+    if (!this._getToken || this.state !== 'connected') return;
+    const exp = tokenExpiry(this._token);
+    if (exp === null) return;
+    const left = exp * 1000 - this._clock.now();
+    const delay = Math.max(0, left - Math.min(this.options.refreshBefore, left / 2));
+    const gen = this._gen;
+    this._later('refresh', delay, () => this._refresh(gen));
+  }
+
+  async _refresh(gen) {
+    const old = tokenExpiry(this._token);
+    let token;
+    try {
+      token = await this._getToken();
+    } catch (err) {
+      // Not fatal yet: at expiry the server closes with 4002, and the
+      // reconnect asks getToken again.
+      if (gen === this._gen && !this._stopped) this._emit('error', asError(err, 'token_error'));
+      return;
+    }
+    if (gen !== this._gen || this._stopped || !token) return;
+    const exp = tokenExpiry(token);
+    // The same (or an older) expiry gains nothing, and asking again at once would spin.
+    if (old !== null && (exp === null || exp <= old)) return;
+    this._token = token;
+    this._request({ type: 'auth', token }, null).then(
+      () => {
+        if (gen === this._gen && this._token === token) this._armRefresh();
+      },
+      (err) => {
+        if (gen === this._gen && !this._stopped) this._emit('error', err);
+      },
+    );
   }
 
   // ------------------------------------------------------------ heartbeat
@@ -771,11 +1016,14 @@ export class Plexus extends Emitter {
     this._send(cmd, null, {
       subscribe: true,
       resolve: (result) => {
-        if (sub.state === 'unsubscribed' || this._subs.get(sub.channel) !== sub) return;
+        if (sub.state !== 'subscribing' || this._subs.get(sub.channel) !== sub) return;
         sub._onSubscribed(result, since);
         this._flush();
       },
       reject: (err) => {
+        // The server subscribed us by itself first (a `subscribed` push came
+        // before this answer): that subscription is ours, nothing failed.
+        if (err.code === 'already_subscribed' && sub.state === 'subscribed') return;
         if (this._subs.get(sub.channel) === sub) this._subs.delete(sub.channel);
         this._rejectQueued(sub, err);
         sub._emit('error', err);
