@@ -30,6 +30,7 @@ from tests.engines.harness import (
     PresenceStoreKind,
     Tuning,
 )
+from tests.helpers import TIMEOUT, RedisServer
 
 # -- memory --------------------------------------------------------------------
 
@@ -89,6 +90,72 @@ async def _lose_database(harness: Harness, channel: str) -> None:
     await harness.restart(between=delete)
 
 
+# -- redis ---------------------------------------------------------------------
+
+
+def _redis(place: Place, tuning: Tuning) -> Engine:
+    from plexus.engines.redis.broker import RedisBroker
+    from plexus.engines.redis.presence import RedisPresenceStore
+
+    server: RedisServer = place.context["redis_server"]
+    broker = RedisBroker(
+        [server.url],
+        prefix=place.key,
+        timeout=TIMEOUT / 5,
+        idempotency_ttl=tuning.idempotency_ttl,
+        grace=tuning.grace,
+    )
+    return Engine(broker, broker, RedisPresenceStore(broker))
+
+
+async def _redis_lose_meta(harness: Harness, channel: str) -> None:
+    # What Redis can lose of a channel: its keys (evicted, expired, or a
+    # restart without persistence).
+    from plexus.engines.redis.broker import RedisBroker
+
+    broker = harness.broker
+    assert isinstance(broker, RedisBroker)
+    await broker.shard(channel).client.delete(
+        broker.keys.meta(channel), broker.keys.stream(channel)
+    )
+
+
+def _redis_presence(place: Place) -> PresenceStore:
+    from plexus.engines.redis.broker import RedisBroker
+    from plexus.engines.redis.presence import RedisPresenceStore
+
+    server: RedisServer = place.context["redis_server"]
+
+    class _Started(RedisPresenceStore):
+        # A presence store on its own: it starts (and closes) its broker's connections.
+        async def start(self, supervisor: Supervisor) -> None:
+            self.broker.bind(_QuietSink())
+            await self.broker.start(supervisor)
+            await super().start(supervisor)
+
+        async def close(self) -> None:
+            await super().close()
+            await self.broker.close()
+
+    return _Started(RedisBroker([server.url], prefix=place.key, timeout=TIMEOUT / 5))
+
+
+class _QuietSink:
+    name = "presence-test"
+
+    def info(self) -> dict[str, object]:
+        return {"node": self.name}
+
+    def on_publication(self, pub: object) -> None:
+        pass
+
+    def on_presence(self, event: object) -> None:
+        pass
+
+    def on_gapped(self, channels: object) -> None:
+        pass
+
+
 # -- the list ------------------------------------------------------------------
 
 ENGINES: list[EngineKind] = [
@@ -109,22 +176,24 @@ ENGINES: list[EngineKind] = [
         sweep=_sweep_sqlite,
         lose_meta=_lose_database,
     ),
-    # REDIS: add the Redis engine here as one entry, e.g.
-    #     EngineKind("redis", _redis, True, needs=("redis_url",), lose_meta=_redis_lose_meta),
-    # where `redis_url` is a session fixture (in tests/conftest.py) that runs a
-    # real redis-server on a free loopback port, and `_redis(place, tuning)`
-    # builds the engine from `place.context["redis_url"]`, with `place.key` as
-    # its key prefix so that tests sharing the server do not see each other.
-    # `persistent`: the state is in Redis, so a restarted node keeps it.
-    # `sweep=None` unless the engine can be told what time it is (Redis expires
-    # keys on its own clock); `_redis_lose_meta` deletes the channel's meta key.
+    # A real redis-server (one per session; each test under its own key prefix).
+    # Redis expires keys on its own clock: no driven sweep.
+    EngineKind(
+        "redis",
+        _redis,
+        True,
+        needs=("redis_server",),
+        lose_meta=_redis_lose_meta,
+        own_clock=True,
+        counts_channels=False,
+    ),
 ]
 
 
 # Where a presence store is part of an engine, it is listed here too.
 PRESENCE_STORES: list[PresenceStoreKind] = [
     PresenceStoreKind("memory", lambda place: MemoryPresenceStore()),
-    # REDIS: PresenceStoreKind("redis", _redis_presence, needs=("redis_url",)),
+    PresenceStoreKind("redis", _redis_presence, needs=("redis_server",)),
 ]
 
 

@@ -68,6 +68,11 @@ class EngineKind:
         lose_meta: makes the engine lose what it knows of a channel (its
             epoch and counter) as the kind of failure it can have does; the
             engine may be restarted meanwhile.
+        own_clock: the engine expires state on its own clock (Redis's TTLs),
+            not by the publication times and `now`s a test passes: tests that
+            move time skip it, and an unused channel's state lives until its
+            TTL rather than going at once.
+        counts_channels: the engine enforces `Retention.max_channels`.
     """
 
     name: str
@@ -76,6 +81,8 @@ class EngineKind:
     needs: tuple[str, ...] = ()
     sweep: Callable[[Engine, int], Awaitable[None]] | None = None
     lose_meta: Callable[[Harness, str], Awaitable[None]] | None = None
+    own_clock: bool = False
+    counts_channels: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +100,8 @@ class PresenceStoreKind:
 class Recorder:
     """An `EventSink` that records every call in order, and can be waited on."""
 
+    name = "engine-test"  # the node's id, for engines that register nodes
+
     def __init__(self) -> None:
         self.publications: list[Publication] = []
         self.presence: list[Presence] = []
@@ -100,6 +109,9 @@ class Recorder:
         # Called with each publication as it arrives, as the node's own work would be.
         self.listeners: list[Callable[[Publication], None]] = []
         self._changed = asyncio.Event()
+
+    def info(self) -> dict[str, Any]:
+        return {"node": self.name}
 
     def on_publication(self, pub: Publication) -> None:
         self.publications.append(pub)
@@ -198,6 +210,13 @@ class Harness:
         if self.kind.sweep is None:
             pytest.skip(f"{self.kind.name} forgets channels on its own clock")
         await self.kind.sweep(self.engine, now)
+
+    def requires(self, capability: str) -> None:
+        """Skip the test unless the engine has `capability` (an `EngineKind` flag)."""
+        if capability == "driven_clock" and self.kind.own_clock:
+            pytest.skip(f"{self.kind.name} expires state on its own clock")
+        if capability == "counts_channels" and not self.kind.counts_channels:
+            pytest.skip(f"{self.kind.name} does not limit channels per namespace")
 
     async def lose_meta(self, channel: str) -> None:
         if self.kind.lose_meta is None:

@@ -448,7 +448,13 @@ class RedisBroker:
         try:
             reply = await shard.script("read")(
                 keys=[self.keys.meta(channel), self.keys.stream(channel)],
-                args=[after, fetch, -1 if max_bytes is None else max_bytes, now or now_ms()],
+                args=[
+                    after,
+                    fetch,
+                    -1 if max_bytes is None else max_bytes,
+                    now or now_ms(),
+                    -1 if wanted is None else wanted,
+                ],
             )
         except RedisError as exc:
             raise self._failed(shard, exc) from None

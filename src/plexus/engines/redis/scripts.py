@@ -20,6 +20,10 @@ local grace = tonumber(ARGV[5])
 local pubsub = ARGV[6]
 local idem_ttl = tonumber(ARGV[7])
 local now = tonumber(ARGV[9])
+-- Byte limits count the payload only (what follows the header's newline).
+local function payload_size(stored)
+  return #stored - string.find(stored, '\\n', 1, true)
+end
 if idem_ttl > 0 then
   local seen = redis.call('hmget', idem, 'o', 'e')
   if seen[1] then return {tonumber(seen[1]), seen[2], 1} end
@@ -44,7 +48,7 @@ if size > 0 then
   local expires = 0
   if ttl > 0 then expires = now + ttl end
   redis.call('xadd', stream, offset .. '-0', 'x', expires, 'd', body)
-  local bytes = redis.call('hincrby', meta, 'b', #body)
+  local bytes = redis.call('hincrby', meta, 'b', payload_size(body))
   local count = redis.call('xlen', stream)
   -- Drop from the head what is over the size, expired, or over the byte
   -- budget; the newest message is always kept.
@@ -55,7 +59,7 @@ if size > 0 then
     local expired = head_expires > 0 and head_expires <= now
     if count > size or expired or (max_bytes > 0 and bytes > max_bytes) then
       redis.call('xdel', stream, head[1])
-      bytes = bytes - #fields[4]
+      bytes = bytes - payload_size(fields[4])
       count = count - 1
     else
       break
@@ -101,7 +105,9 @@ return {tonumber(redis.call('hget', KEYS[1], 't')), epoch}
 """
 
 # KEYS: meta, stream
-# ARGV: since, count (-1 = all), max_bytes (-1 = no limit), now_ms
+# ARGV: since, count (-1 = all), max_bytes (-1 = no limit), now_ms, how many of
+#       the entries count against max_bytes (-1 = all: the caller may fetch one
+#       more than it wants, only to learn what follows)
 # Returns {epoch or nil, top, cut (0/1), id, body, id, body, ...}: entries after
 # `since`, oldest first, skipping expired ones; `cut` when the byte budget ran out.
 READ: Final = """
@@ -112,7 +118,11 @@ local start = tonumber(ARGV[1]) + 1
 local want = tonumber(ARGV[2])
 local budget = tonumber(ARGV[3])
 local now = tonumber(ARGV[4])
+local budgeted = tonumber(ARGV[5])
 local got = 0
+local function payload_size(stored)
+  return #stored - string.find(stored, '\\n', 1, true)
+end
 while want < 0 or got < want do
   local chunk = 256
   if want >= 0 and want - got < chunk then chunk = want - got end
@@ -121,8 +131,8 @@ while want < 0 or got < want do
     local fields = entry[2]
     local expires = tonumber(fields[2])
     if expires == 0 or expires > now then
-      if budget >= 0 then
-        budget = budget - #fields[4]
+      if budget >= 0 and (budgeted < 0 or got < budgeted) then
+        budget = budget - payload_size(fields[4])
         if budget < 0 then
           out[3] = 1
           return out
