@@ -99,7 +99,9 @@ class Broker(Protocol):
     * Ordering: the sink sees one channel's publications in offset order, and
       join/leave events in the order they were published.
     * A channel with no history (`Retention.size == 0`) keeps no state while no
-      node subscribes to it; one with history keeps its epoch and offset while
+      node subscribes to it (an engine shared by nodes, whose state expires on
+      its own clock, may keep its counter up to `grace` seconds longer); one
+      with history keeps its epoch and offset while
       it holds messages or a subscriber, and for the engine's `grace` seconds
       (setting `channel_grace`) after that, so that a client reconnecting
       shortly after can still recover; then it is forgotten and a later
