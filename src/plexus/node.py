@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from plexus.channels import namespace_of, personal_owner
+from plexus.cluster import Cluster
 from plexus.config import NamespaceOptions, Settings
 from plexus.engines.base import Engine, Health, Retention
 from plexus.exceptions import NotFound, PermissionDenied, PlexusError, Unauthorized
@@ -152,6 +153,9 @@ class Node:
         )
         self.metrics = Metrics(self._gauges)
         self.counters = self.metrics.counters
+        self.cluster = Cluster(self.name, self.broker, timeout=settings.redis_timeout)
+        self.cluster.register("disconnect", self._disconnect_here)
+        self.cluster.register("unsubscribe", self._unsubscribe_here)
         self.broker.bind(self)
 
     # ----- lifecycle
@@ -172,6 +176,7 @@ class Node:
 
     async def close(self) -> None:
         """Close the engine (after the connections are gone)."""
+        await self.cluster.close()
         for handle in self._lingering.values():
             handle.cancel()
         self._lingering.clear()
@@ -237,6 +242,29 @@ class Node:
         for peer in peers:
             peer.close(CloseCode.UNAUTHORIZED, reason)
         return len(peers)
+
+    async def disconnect_everywhere(self, user: str) -> int:
+        """Close every connection of `user` on every node with 4001; return how many."""
+        answers = await self.cluster.call("disconnect", {"user": user})
+        return sum(n for n in answers if isinstance(n, int))
+
+    async def _disconnect_here(self, args: dict[str, Any]) -> int:
+        return self.disconnect_user(str(args["user"]))
+
+    async def unsubscribe_everywhere(
+        self, channel: str, *, user: str | None = None, client: str | None = None
+    ) -> int:
+        """`unsubscribe_server` on every node; return how many subscriptions ended."""
+        if (user is None) == (client is None):
+            raise ValueError("give exactly one of user and client")
+        args = {"channel": channel, "user": user, "client": client}
+        answers = await self.cluster.call("unsubscribe", args)
+        return sum(n for n in answers if isinstance(n, int))
+
+    async def _unsubscribe_here(self, args: dict[str, Any]) -> int:
+        return await self.unsubscribe_server(
+            str(args["channel"]), user=args.get("user"), client=args.get("client")
+        )
 
     async def unsubscribe_server(
         self,
@@ -403,6 +431,10 @@ class Node:
                 self._gap(channel)
             else:
                 self._gap(channel)
+
+    def on_node_message(self, payload: bytes) -> None:
+        """Another node (or this one) asks this node to act on its connections."""
+        self.cluster.on_message(payload)
 
     # ----- repairs
 

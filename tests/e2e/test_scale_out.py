@@ -801,3 +801,44 @@ async def test_probes_keep_an_idle_link_without_reconnecting(
         assert "last_error" not in state()
     finally:
         await node.stop()
+
+
+async def test_api_disconnect_and_unsubscribe_reach_every_node(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    from plexus.auth import make_token
+
+    secret = "scale-out-test-secret-of-32-bytes-or-more"
+    a = await start_node(redis_server, redis_prefix, "A", jwt_secret=secret)
+    b = await start_node(redis_server, redis_prefix, "B", jwt_secret=secret)
+    alice = make_token(secret, user="alice")
+    bob = make_token(secret, user="bob")
+    clients = []
+    try:
+        for node, token in ((a, alice), (b, alice), (b, bob)):
+            client = Client(node.ws_url, token=token, timeout=TIMEOUT, reconnect=False)
+            await client.connect()
+            await client.subscribe(CHANNEL)
+            clients.append(client)
+        alice_a, alice_b, bob_b = clients
+        # From node A: bob's subscription on node B ends, his connection stays.
+        status, body = await api_post(
+            a.url, "/api/unsubscribe", {"channel": CHANNEL, "user": "bob"}
+        )
+        assert (status, body) == (200, {"unsubscribed": 1})
+        ended = await bob_b.other.get()
+        assert (ended["type"], ended["channel"]) == ("unsubscribed", CHANNEL)
+        await bob_b.ping()
+        # From node B: both of alice's connections close, on A and on B.
+        status, body = await api_post(b.url, "/api/disconnect", {"user": "alice"})
+        assert (status, body) == (200, {"disconnected": 2})
+        assert await alice_a.wait_closed(TIMEOUT) == 4001
+        assert await alice_b.wait_closed(TIMEOUT) == 4001
+        await bob_b.ping()
+        status, body = await api_post(a.url, "/api/disconnect", {"user": "nobody"})
+        assert (status, body) == (200, {"disconnected": 0})
+    finally:
+        for client in clients:
+            await client.close()
+        await a.stop()
+        await b.stop()

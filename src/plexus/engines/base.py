@@ -68,6 +68,10 @@ class EventSink(Protocol):
         """A join or leave in a channel this node subscribes to."""
         ...
 
+    def on_node_message(self, payload: bytes) -> None:
+        """A message another node (or this one) sent to this node with `Broker.send_nodes`."""
+        ...
+
     def on_gapped(self, channels: Collection[str]) -> None:
         """Messages of these channels may have been lost on their way to this node
         (a dropped connection, an overflowing queue): repair them from history."""
@@ -171,6 +175,12 @@ class Broker(Protocol):
 
     async def nodes(self) -> list[dict[str, Any]]:
         """`EventSink.info` of every live node sharing this engine (this one included)."""
+        ...
+
+    async def send_nodes(self, payload: bytes, node: str | None = None) -> int:
+        """Deliver `payload` to the node named `node` (None: to every node sharing the
+        engine, this one included), at most once, to its `EventSink.on_node_message`;
+        return how many nodes it reached. Not stored: a node that is down misses it."""
         ...
 
 

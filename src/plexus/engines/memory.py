@@ -209,6 +209,14 @@ class MemoryBroker:
         """Only this node shares this engine."""
         return [self._sink.info()] if self._sink is not None else []
 
+    async def send_nodes(self, payload: bytes, node: str | None = None) -> int:
+        """Only this node can be reached (on the next loop iteration, like from afar)."""
+        sink = self._sink
+        if sink is None or (node is not None and node != sink.name):
+            return 0
+        asyncio.get_running_loop().call_soon(sink.on_node_message, payload)
+        return 1
+
     def health(self) -> Health:
         """Always ok: nothing here can be down."""
         return {"status": "ok", "channels": len(self._streams)}

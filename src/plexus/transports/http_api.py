@@ -305,7 +305,7 @@ class HttpApi:
         """`POST /api/disconnect {"user"}` -> `{"disconnected": N}` (closes with 4001)."""
         body = await self._json(request)
         user = self._name(body, "user")
-        return web.json_response({"disconnected": self.node.disconnect_user(user)})
+        return web.json_response({"disconnected": await self.node.disconnect_everywhere(user)})
 
     async def unsubscribe(self, request: web.Request) -> web.Response:
         """`POST /api/unsubscribe {"channel", "user" | "client"}` -> `{"unsubscribed": N}`.
@@ -318,9 +318,10 @@ class HttpApi:
         if ("user" in body) == ("client" in body):
             raise BadRequest('give exactly one of "user" and "client"')
         if "user" in body:
-            ended = await self.node.unsubscribe_server(channel, user=self._name(body, "user"))
+            ended = await self.node.unsubscribe_everywhere(channel, user=self._name(body, "user"))
         else:
-            ended = await self.node.unsubscribe_server(channel, client=self._name(body, "client"))
+            who = self._name(body, "client")
+            ended = await self.node.unsubscribe_everywhere(channel, client=who)
         return web.json_response({"unsubscribed": ended})
 
     async def info(self, request: web.Request) -> web.Response:

@@ -188,6 +188,7 @@ class RedisBroker:
                     shard.link.last_error or "no answer",
                 )
         supervisor.spawn("redis-node-registry", self._report_loop)
+        supervisor.spawn("redis-node-channels", self._listen_as_node)
 
     async def close(self) -> None:
         """Leave the registry and close every connection."""
@@ -374,6 +375,9 @@ class RedisBroker:
         sink = self._sink
         if sink is None:
             return
+        if not self.keys.carries_channel(pubsub):
+            sink.on_node_message(payload)
+            return
         channel = self.keys.channel_of(pubsub)
         try:
             event = decode(channel, payload)
@@ -387,7 +391,8 @@ class RedisBroker:
 
     def _on_gap(self, pubsubs: Collection[bytes]) -> None:
         if self._sink is not None:
-            self._sink.on_gapped([self.keys.channel_of(name) for name in pubsubs])
+            channels = [self.keys.channel_of(n) for n in pubsubs if self.keys.carries_channel(n)]
+            self._sink.on_gapped(channels)
 
     # ----- reading
 
@@ -477,6 +482,33 @@ class RedisBroker:
         offsets = [p.offset for p in publications]
         complete = not cut and page_is_complete(offsets, after, top, following)
         return HistoryPage(publications, position, complete)
+
+    # ----- nodes
+
+    async def _listen_as_node(self) -> None:
+        """Subscribe this node's own pub/sub channels (until it succeeds: Redis may be down)."""
+        sink = self._sink
+        if sink is None or not self.shards:
+            return
+        link = self.shards[0].link
+        for name in (self.keys.node_channel(sink.name), self.keys.node_channel(None)):
+            while True:
+                try:
+                    await link.subscribe(name.encode())
+                    break
+                except Unavailable:
+                    await link.wait_ready(self.timeout)  # retried once the link is back
+
+    async def send_nodes(self, payload: bytes, node: str | None = None) -> int:
+        """PUBLISH on the node's (or every node's) channel; Redis says how many got it."""
+        shard = self.shards[0] if self.shards else None
+        if shard is None:
+            raise Unavailable("the redis engine is not started")
+        try:
+            reached = await shard.client.publish(self.keys.node_channel(node), payload)
+        except RedisError as exc:
+            raise self._failed(shard, exc) from None
+        return int(reached)
 
     # ----- the node registry
 

@@ -63,9 +63,13 @@ class Keys:
         """The Plexus channel a pub/sub channel name carries."""
         return pubsub[len(self.prefix) + 4 : -1].decode()
 
-    def node_channel(self, node: str) -> str:
-        """A node's own pub/sub channel (commands for connections it holds)."""
-        return f"{self.prefix}.n.{node}"
+    def node_channel(self, node: str | None) -> str:
+        """A node's own pub/sub channel, or (None) the one every node listens to."""
+        return f"{self.prefix}.n.{node}" if node is not None else f"{self.prefix}.all"
+
+    def carries_channel(self, pubsub: bytes) -> bool:
+        """Whether a pub/sub channel carries a Plexus channel (not node messages)."""
+        return pubsub.startswith(f"{self.prefix}.c.".encode())
 
     @property
     def nodes(self) -> str:
