@@ -16,6 +16,7 @@ which server, and the pub/sub link reconnects with backoff by itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Collection
@@ -369,7 +370,12 @@ class RedisBroker:
     async def unsubscribe(self, channel: str) -> None:
         """Unsubscribe the channel's pub/sub channel."""
         if self.shards:
-            self.shard(channel).link.unsubscribe(self.keys.pubsub(channel).encode())
+            link = self.shard(channel).link
+            confirmed = link.unsubscribe(self.keys.pubsub(channel).encode())
+            if confirmed is not None:
+                # Once this returns, nothing of the channel is delivered any more.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(confirmed, self.timeout)
 
     def _on_message(self, pubsub: bytes, payload: bytes) -> None:
         sink = self._sink

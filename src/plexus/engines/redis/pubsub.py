@@ -113,6 +113,7 @@ class PubSubLink:
         self.probe_interval = probe_interval
         self.wanted: set[bytes] = set()  # channels subscribed, or being subscribed
         self._waiting: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._leaving: dict[bytes, list[asyncio.Future[None]]] = {}
         self._wire: _Wire | None = None
         self._ready = False
         self._ready_event = asyncio.Event()
@@ -177,14 +178,20 @@ class PubSubLink:
         # (nor end up so, if Redis confirms late).
         self.unsubscribe(channel)
 
-    def unsubscribe(self, channel: bytes) -> None:
-        """Stop receiving `channel` (Redis confirms later; messages until then are ignored)."""
+    def unsubscribe(self, channel: bytes) -> asyncio.Future[None] | None:
+        """Stop receiving `channel`; return what resolves once Redis confirmed (None when
+        nothing was sent). Messages that arrive before the confirmation are still
+        passed on: a caller that must not see them awaits it."""
         if channel not in self.wanted:
-            return
+            return None
         self.wanted.discard(channel)
         wire = self._wire
-        if self._ready and wire is not None:
-            wire.send(b"UNSUBSCRIBE", channel)
+        if not self._ready or wire is None:
+            return None  # no connection: nothing to unsubscribe from
+        confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._leaving.setdefault(channel, []).append(confirmed)
+        wire.send(b"UNSUBSCRIBE", channel)
+        return confirmed
 
     # ----- replies
 
@@ -208,6 +215,9 @@ class PubSubLink:
                     self._pong.set_result(None)
                 return
             if kind == b"unsubscribe":
+                for future in self._leaving.pop(reply[1], ()):
+                    if not future.done():
+                        future.set_result(None)
                 return
         if reply == b"PONG":  # a PING answered while subscribed to nothing
             if self._pong is not None and not self._pong.done():
@@ -363,3 +373,9 @@ class PubSubLink:
             for future in futures:
                 if not future.done():
                     future.set_exception(Unavailable(f"redis {self.name}: {why}"))
+        # An unsubscribe is done when its connection is gone.
+        leaving, self._leaving = self._leaving, {}
+        for futures in leaving.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
