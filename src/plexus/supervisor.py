@@ -34,6 +34,13 @@ class _Supervised:
     last_error_at: float = 0.0
 
 
+def cancelling() -> bool:
+    """Whether the running task is being cancelled (for loops that catch errors:
+    a library may turn a cancellation into one of its own exceptions)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class Supervisor:
     """Runs named background tasks and restarts the ones that crash."""
 
@@ -66,6 +73,10 @@ class Supervisor:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if cancelling():
+                    # A library turned our cancellation into its own error
+                    # (redis-py does): stop, as asked, instead of restarting.
+                    raise asyncio.CancelledError from exc
                 entry.restarts += 1
                 entry.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 entry.last_error_at = time.time()
@@ -102,7 +113,9 @@ class Supervisor:
     async def close(self) -> None:
         """Stop every task."""
         self._closed = True
-        tasks = [entry.task for entry in self._tasks.values() if entry.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        pending = {entry.task for entry in self._tasks.values() if entry.task is not None}
+        while pending:
+            for task in pending:
+                task.cancel()
+            # A task whose cancellation was swallowed on its way out is asked again.
+            _, pending = await asyncio.wait(pending, timeout=0.5)

@@ -569,8 +569,17 @@ async def test_workers_share_one_port_and_a_dead_worker_is_replaced(
     redis_server: RedisServer, redis_prefix: str, session: aiohttp.ClientSession
 ) -> None:
     master = ServerProcess(args=["--workers", "2"], env=node_env(redis_server, redis_prefix))
-    master.start()
+    master.start()  # returns at the first worker's "listening on" line
     try:
+
+        async def workers_up() -> int:
+            _, info = await api_get(master.url, "/api/info")
+            return len(info["nodes"])
+
+        deadline = asyncio.get_running_loop().time() + TIMEOUT
+        while await workers_up() < 2:
+            assert asyncio.get_running_loop().time() < deadline, "the workers did not start"
+            await asyncio.sleep(0.05)  # sleep-ok: polls the registry of another process
         total = 400
         followers: list[Follower] = []
         readers: list[asyncio.Task[None]] = []

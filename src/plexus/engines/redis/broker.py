@@ -17,26 +17,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import secrets
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import hiredis
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from plexus.engines.base import EventSink, Health, Retention
 from plexus.engines.memory import new_epoch, now_ms, page_is_complete
 from plexus.engines.redis import scripts
+from plexus.engines.redis.connection import CommandPipe
 from plexus.engines.redis.pubsub import PubSubLink
 from plexus.engines.redis.wire import Keys, as_text, body, decode, publication_from_body, shard_of
 from plexus.exceptions import Unavailable
 from plexus.models import Duplicate, HistoryPage, Presence, Publication, StreamPosition
-from plexus.supervisor import Supervisor
+from plexus.supervisor import Supervisor, cancelling
 
 log = logging.getLogger("plexus.redis")
 
@@ -69,6 +73,7 @@ class Shard:
     url: str
     client: aioredis.Redis
     link: PubSubLink
+    pipe: CommandPipe
     scripts: dict[str, Any] = field(default_factory=dict)
     errors: int = 0
     last_error: str = ""
@@ -122,10 +127,18 @@ class RedisBroker:
         # (every check refreshes it) and to catch a lost message within ~40 s.
         self.check_interval: float | None = min(40.0, grace / 3)
         self.shards: list[Shard] = []
+        # Every publish carries the epoch its channel starts with if it has none:
+        # a random per-process prefix and a counter are unique, and cost no
+        # random draw per publish.
+        self._epoch_prefix = secrets.token_urlsafe(4)
+        self._epoch_counter = itertools.count(1)
         self._sink: EventSink | None = None
         self._started = False
 
     # ----- lifecycle
+
+    def _epoch_candidate(self) -> str:
+        return f"{self._epoch_prefix}{next(self._epoch_counter):x}"
 
     def inline_for(self, retention: Retention) -> bool:
         """Never: every publish is a round trip to Redis."""
@@ -169,7 +182,8 @@ class RedisBroker:
                 probe_interval=self.probe_interval,
             )
             client = self._client(url, node)
-            shard = Shard(index, shown, client, link)
+            pipe = CommandPipe(url, f"plexus-publish-{node}", self.timeout)
+            shard = Shard(index, shown, client, link, pipe)
             for name, source in (
                 ("publish", scripts.PUBLISH),
                 ("position", scripts.POSITION),
@@ -203,6 +217,7 @@ class RedisBroker:
                 pass  # it expires from the registry by itself
         for shard in self.shards:
             await shard.link.close()
+            await shard.pipe.close()
             await shard.client.aclose()
         self.shards = []
 
@@ -227,7 +242,7 @@ class RedisBroker:
             raise Unavailable("the redis engine is not started")
         return shards[shard_of(channel, len(shards)) if len(shards) > 1 else 0]
 
-    def _failed(self, shard: Shard, exc: RedisError) -> Unavailable:
+    def _failed(self, shard: Shard, exc: Exception) -> Unavailable:
         shard.errors += 1
         shard.last_error = f"{type(exc).__name__}: {exc}"[:200]
         now = time.monotonic()
@@ -294,7 +309,7 @@ class RedisBroker:
             self.grace_ms,
             keys.pubsub(channel),
             self.idempotency_ttl_ms if key is not None else 0,
-            new_epoch(),
+            self._epoch_candidate(),
             pub.time,
         ]
 
@@ -304,39 +319,32 @@ class RedisBroker:
         results: dict[int, Any] = {}
         for attempt in range(2):
             try:
-                async with shard.client.pipeline(transaction=False) as pipe:
-                    for job in todo:
-                        pipe.evalsha(script.sha, *self._publish_args(job))
-                    replies = await pipe.execute(raise_on_error=False)
-            except RedisError as exc:
+                replies = await shard.pipe.run(
+                    [("EVALSHA", script.sha, *self._publish_args(job)) for job in todo]
+                )
+                missing = []
+                for job, reply in zip(todo, replies, strict=True):
+                    if _no_script(reply) and attempt == 0:
+                        missing.append(job)  # the script cache was emptied (restart, flush)
+                    else:
+                        results[id(job)] = reply
+                if not missing:
+                    break
+                loaded = await shard.pipe.run([("SCRIPT", "LOAD", scripts.PUBLISH)])
+                script.sha = as_text(loaded[0])
+                todo = missing
+            except Unavailable as exc:
                 error = self._failed(shard, exc)
                 for job in todo:
                     if not job.future.done():
                         job.future.set_exception(error)
                 return
-            missing = []
-            for job, reply in zip(todo, replies, strict=True):
-                if isinstance(reply, NoScriptError) and attempt == 0:
-                    missing.append(job)  # the script cache was emptied (a restart, a flush)
-                else:
-                    results[id(job)] = reply
-            if not missing:
-                break
-            try:
-                script.sha = await shard.client.script_load(scripts.PUBLISH)
-            except RedisError as exc:
-                error = self._failed(shard, exc)
-                for job in missing:
-                    if not job.future.done():
-                        job.future.set_exception(error)
-                return
-            todo = missing
         for job in batch:
             reply = results.get(id(job))
             if job.future.done() or reply is None:
                 continue
             if isinstance(reply, Exception):
-                job.future.set_exception(self._failed(shard, reply))  # type: ignore[arg-type]
+                job.future.set_exception(self._failed(shard, reply))
                 continue
             offset, epoch, duplicate = reply
             if duplicate:
@@ -550,7 +558,13 @@ class RedisBroker:
                 pipe.zremrangebyscore(self.keys.nodes_expiry, "-inf", time.time() - 3600)
                 await pipe.execute()
         except RedisError as exc:
+            if cancelling():
+                raise asyncio.CancelledError from exc
             self._failed(shard, exc)
+
+
+def _no_script(reply: Any) -> bool:
+    return isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")
 
 
 def _redact(url: str) -> str:

@@ -20,7 +20,7 @@ from plexus.engines.base import Health
 from plexus.engines.redis.broker import RedisBroker
 from plexus.engines.redis.wire import as_text, client_info, presence_entry
 from plexus.models import ClientInfo
-from plexus.supervisor import Supervisor
+from plexus.supervisor import Supervisor, cancelling
 
 log = logging.getLogger("plexus.redis")
 
@@ -125,6 +125,8 @@ class RedisPresenceStore:
             try:
                 await self.refresh_now()
             except RedisError as exc:
+                if cancelling():
+                    raise asyncio.CancelledError from exc
                 log.warning("redis: presence refresh failed: %s", exc)
 
     async def refresh_now(self) -> None:

@@ -24,14 +24,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import ssl
 import time
 from collections.abc import Callable, Collection
 from typing import Any, Final
 
 import hiredis
-from redis.asyncio.connection import parse_url
 
+from plexus.engines.redis.connection import RawConnection, open_connection
 from plexus.exceptions import Unavailable
 from plexus.supervisor import Supervisor
 
@@ -43,42 +42,6 @@ BACKOFF_MAX: Final = 2.0
 
 MessageHandler = Callable[[bytes, bytes], None]
 GapHandler = Callable[[Collection[bytes]], None]
-
-
-class _Wire(asyncio.Protocol):
-    """The socket: parses replies and hands each to the link."""
-
-    def __init__(self, link: PubSubLink) -> None:
-        self.link = link
-        self.reader = hiredis.Reader()
-        self.transport: asyncio.Transport | None = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.replies: asyncio.Queue[Any] | None = asyncio.Queue()  # until the handshake is done
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        reader = self.reader
-        reader.feed(data)
-        link = self.link
-        while (reply := reader.gets()) is not False:
-            if self.replies is not None:
-                self.replies.put_nowait(reply)
-            else:
-                link.reply(reply)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-    def send(self, *args: bytes | str) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(hiredis.pack_command(args))  # type: ignore[arg-type]
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
 
 
 class PubSubLink:
@@ -114,7 +77,7 @@ class PubSubLink:
         self.wanted: set[bytes] = set()  # channels subscribed, or being subscribed
         self._waiting: dict[bytes, list[asyncio.Future[None]]] = {}
         self._leaving: dict[bytes, list[asyncio.Future[None]]] = {}
-        self._wire: _Wire | None = None
+        self._wire: RawConnection | None = None
         self._ready = False
         self._ready_event = asyncio.Event()
         self._pong: asyncio.Future[None] | None = None
@@ -258,7 +221,7 @@ class PubSubLink:
                 await self._connect_and_serve()
                 backoff = BACKOFF_START
                 outage_logged = False
-            except (OSError, TimeoutError, Unavailable, hiredis.ProtocolError) as exc:
+            except (OSError, TimeoutError, Unavailable) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"[:200]
                 if not outage_logged:
                     log.warning(
@@ -277,34 +240,11 @@ class PubSubLink:
 
     async def _connect_and_serve(self) -> None:
         loop = asyncio.get_running_loop()
-        options: dict[str, Any] = dict(parse_url(self.url))
-        wire = _Wire(self)
-        async with asyncio.timeout(self.timeout):
-            if options.get("path"):
-                await loop.create_unix_connection(lambda: wire, options["path"])
-            else:
-                context = None
-                if self.url.startswith("rediss://"):
-                    context = ssl.create_default_context()
-                await loop.create_connection(
-                    lambda: wire,
-                    options.get("host", "localhost"),
-                    int(options.get("port", 6379)),
-                    ssl=context,
-                )
-            try:
-                await self._handshake(wire, options)
-            except BaseException:
-                wire.close()
-                raise
+        wire = await open_connection(self.url, f"plexus-pubsub-{self.name}", self.timeout)
         self._wire = wire
-        # From here on replies go straight to `reply`.
+        # From here on, what Redis sends (confirmations, messages, pongs) goes to `reply`.
+        wire.on_push = self.reply
         carried = list(self.wanted)
-        queued = wire.replies
-        wire.replies = None
-        assert queued is not None
-        while not queued.empty():
-            self.reply(queued.get_nowait())
         # Resubscribe everything this link carried, in batches, and wait for Redis.
         if carried:
             futures: list[asyncio.Future[None]] = []
@@ -330,23 +270,7 @@ class PubSubLink:
                 self.on_gap(carried)
         await self._probe(wire)
 
-    async def _handshake(self, wire: _Wire, options: dict[str, Any]) -> None:
-        """AUTH if the URL has a password, then name the connection; raise if refused."""
-        commands: list[tuple[bytes | str, ...]] = []
-        password = options.get("password")
-        if password:
-            username = options.get("username")
-            commands.append(("AUTH", username, password) if username else ("AUTH", password))
-        commands.append(("CLIENT", "SETNAME", f"plexus-pubsub-{self.name}"))
-        for command in commands:
-            wire.send(*command)
-        assert wire.replies is not None
-        for _ in commands:
-            reply = await wire.replies.get()
-            if isinstance(reply, hiredis.ReplyError):
-                raise Unavailable(f"redis {self.name} refused the connection: {reply}")
-
-    async def _probe(self, wire: _Wire) -> None:
+    async def _probe(self, wire: RawConnection) -> None:
         """Ping every `probe_interval`; return when the connection is lost or deaf."""
         loop = asyncio.get_running_loop()
         while True:
