@@ -220,6 +220,15 @@ export interface PlexusOptions {
   refreshBefore?: number;
   /** the WebSocket implementation; default `globalThis.WebSocket` */
   WebSocket?: WebSocketConstructor;
+  /**
+   * transports to use, in order of preference; default `['websocket', 'sse']`:
+   * a WebSocket that cannot open (or closes before `welcome`) is followed at
+   * once by Server-Sent Events (`GET /sse` + `POST /emulation`) for that
+   * connection, and the WebSocket is tried again on a later reconnect
+   */
+  transports?: Array<'websocket' | 'sse'>;
+  /** the fetch implementation the SSE transport uses; default `globalThis.fetch` */
+  fetch?: (input: string, init?: Record<string, unknown>) => Promise<unknown>;
   /** ms to wait for an answer (and for `welcome` on connect); default 10000 */
   requestTimeout?: number;
   /** ms without any incoming message before sending a `ping`; default 20000 */
@@ -288,6 +297,8 @@ export class Plexus {
 
   readonly url: string;
   readonly state: ConnectionState;
+  /** the transport of the current (or last) connection, null before the first */
+  readonly transport: 'websocket' | 'sse' | null;
   /** the last `welcome`, null while not connected */
   readonly welcome: Welcome | null;
   readonly clientId: string | null;

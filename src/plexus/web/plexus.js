@@ -30,6 +30,12 @@
 // Server-side subscriptions (the token's `channels` claim, ...) are announced
 // by a `subscribed` push: they become Subscription objects like the app's own
 // (the client emits 'subscribed' with the new one) and recover the same way.
+//
+// Transports: where a WebSocket cannot open (a proxy that breaks upgrades),
+// the client falls back by itself to Server-Sent Events plus POSTs (`GET
+// /sse`, `POST /emulation`), with the same API, events and recovery;
+// `client.transport` says which one is in use. It tries the WebSocket again
+// on a later reconnect. `transports: ['websocket']` turns the fallback off.
 
 const VERSION = '0.1.0';
 
@@ -42,6 +48,7 @@ const DEFAULTS = {
   maxMessageSize: 64 * 1024,
   rateLimitDelay: 5000,
   refreshBefore: 30000,
+  transports: ['websocket', 'sse'],
 };
 
 // `history` answers at most this many messages per request (the server's cap).
@@ -377,6 +384,154 @@ export class Subscription extends Emitter {
  * (subscription, result) when the server made a subscription the app had not
  * asked for (before any of its messages).
  */
+/**
+ * The SSE transport seen as a WebSocket: the same `send`, `close`, `onmessage`
+ * and `onclose`, so the client runs unchanged over it. The server's frames
+ * come on a `text/event-stream` (`GET /sse`), one `data:` event each; commands
+ * go out as `POST /emulation`, batched and in order (one POST at a time). The
+ * stream is read with `fetch` rather than `EventSource`, which would reconnect
+ * by itself and hides the server's `: ping` comments (the heartbeat).
+ */
+class SseSocket {
+  constructor(url, fetchImpl) {
+    this.readyState = 0;
+    this.onopen = null;
+    this.onmessage = null;
+    this.onclose = null;
+    this.onerror = null;
+    this.onping = null;
+    this._fetch = fetchImpl;
+    this._abort = typeof AbortController === 'function' ? new AbortController() : null;
+    this._base = url.replace(/\/sse(\?.*)?$/, '');
+    this._session = null;
+    this._node = null;
+    this._outbox = [];
+    this._posting = false;
+    this._done = false;
+    this._closeCode = 0;
+    this._closeReason = '';
+    this._read(url);
+  }
+
+  async _read(url) {
+    let response;
+    try {
+      response = await this._fetch(url, {
+        headers: { Accept: 'text/event-stream' },
+        signal: this._abort ? this._abort.signal : undefined,
+        cache: 'no-store',
+      });
+    } catch {
+      this._finish(1006, 'event stream unreachable');
+      return;
+    }
+    if (!response.ok || !response.body) {
+      this._finish(1006, `event stream refused: HTTP ${response.status}`);
+      return;
+    }
+    this.readyState = 1;
+    if (this.onopen) this.onopen({});
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = '';
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, '\n');
+        let end;
+        while ((end = buffer.indexOf('\n\n')) >= 0) {
+          const block = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          this._event(block);
+        }
+      }
+    } catch {
+      // aborted or cut: the stream is over either way
+    }
+    this._finish(this._closeCode || 1006, this._closeReason || 'event stream ended');
+  }
+
+  _event(block) {
+    const data = [];
+    let comment = false;
+    for (const line of block.split('\n')) {
+      if (line.startsWith('data:')) data.push(line.slice(line[5] === ' ' ? 6 : 5));
+      else if (line.startsWith(':')) comment = true;
+    }
+    if (data.length === 0) {
+      if (comment && this.onping) this.onping();
+      return;
+    }
+    const text = data.join('\n');
+    let msg;
+    try {
+      msg = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (msg && msg.type === 'close') {
+      // The server ends the stream after this: it carries the close code.
+      this._closeCode = msg.code;
+      this._closeReason = msg.reason || '';
+      return;
+    }
+    if (msg && msg.type === 'welcome') {
+      this._session = msg.session;
+      this._node = msg.node;
+    }
+    if (this.onmessage) this.onmessage({ data: text });
+  }
+
+  send(text) {
+    if (this._done) throw new Error('the event stream is closed');
+    this._outbox.push(JSON.parse(text));
+    if (!this._posting) {
+      // Started on the next microtask: what is sent in the same tick goes in one POST.
+      this._posting = true;
+      queueMicrotask(() => this._post());
+    }
+  }
+
+  async _post() {
+    while (this._outbox.length && !this._done) {
+      const commands = this._outbox.splice(0);
+      try {
+        const response = await this._fetch(this._base + '/emulation', {
+          method: 'POST',
+          headers: { 'Content-Type': 'application/json' },
+          body: JSON.stringify({ session: this._session, node: this._node, commands }),
+        });
+        if (response.status !== 204) {
+          // The session is gone (404) or the commands were refused: this
+          // connection cannot go on; the client reconnects and recovers.
+          this.close(4000, `emulation refused: HTTP ${response.status}`);
+        }
+      } catch {
+        this.close(1006, 'emulation unreachable');
+      }
+    }
+    this._posting = false;
+  }
+
+  close(code = 1000, reason = '') {
+    if (this._done) return;
+    if (this._abort) this._abort.abort();
+    this._finish(code, reason);
+  }
+
+  _finish(code, reason) {
+    if (this._done) return;
+    this._done = true;
+    this.readyState = 3;
+    if (this.onclose) this.onclose({ code, reason });
+  }
+}
+
+function sseUrl(url) {
+  return url.replace(/^ws(s?):/, 'http$1:').replace(/\/ws(\?|$)/, '/sse$1');
+}
+
 export class Plexus extends Emitter {
   /**
    * @param {string} [url] `ws://host:port/ws` (http(s) URLs and, in a page,
@@ -396,6 +551,11 @@ export class Plexus extends Emitter {
       random: clock.random || (() => Math.random()),
     };
     this._WebSocket = options.WebSocket || globalThis.WebSocket;
+    this._fetch = options.fetch || (typeof fetch === 'function' ? fetch.bind(globalThis) : null);
+    /** 'websocket' | 'sse' | null: the transport of the current (or last) connection. */
+    this.transport = null;
+    this._fallback = false; // the next attempt uses SSE (the WebSocket did not open)
+    this._welcomed = false; // the current socket got its `welcome`
     this._token = options.token || null;
     this._getToken = options.getToken || null;
     this._maxExplicit = options.maxMessageSize !== undefined;
@@ -603,15 +763,29 @@ export class Plexus extends Emitter {
     if (this._token) {
       url += (url.includes('?') ? '&' : '?') + 'token=' + encodeURIComponent(this._token);
     }
+    const transports = this.options.transports;
+    const useSse =
+      transports.includes('sse') &&
+      (!transports.includes('websocket') || this._fallback || !this._WebSocket);
     let ws;
     try {
-      if (!this._WebSocket) throw new PlexusError('disconnected', 'no WebSocket implementation: pass options.WebSocket');
-      ws = new this._WebSocket(url);
+      if (useSse) {
+        if (!this._fetch) throw new PlexusError('disconnected', 'no fetch implementation: pass options.fetch');
+        ws = new SseSocket(sseUrl(url), this._fetch);
+        ws.onping = () => {
+          if (gen === this._gen) this._lastRx = this._clock.now();
+        };
+      } else {
+        if (!this._WebSocket) throw new PlexusError('disconnected', 'no WebSocket implementation: pass options.WebSocket');
+        ws = new this._WebSocket(url);
+      }
     } catch (err) {
       this._emit('error', asError(err, 'disconnected'));
       this._onSocketClosed(gen, 1006, String(err && err.message));
       return;
     }
+    this.transport = useSse ? 'sse' : 'websocket';
+    this._welcomed = false;
     this._ws = ws;
     ws.onmessage = (ev) => {
       if (gen === this._gen) this._onFrame(ev.data);
@@ -637,6 +811,12 @@ export class Plexus extends Emitter {
   _onSocketClosed(gen, code, reason) {
     if (gen !== this._gen) return;
     this._gen++; // later events of this socket are ignored
+    // A WebSocket that closed before `welcome` looks like a blocked upgrade:
+    // the next attempt (at once) is over SSE. A connection that ran, whatever
+    // its transport, is followed by a WebSocket attempt again.
+    const blocked = this.transport === 'websocket' && !this._welcomed && !this._stopped;
+    const canFallBack = this.options.transports.includes('sse');
+    this._fallback = blocked && canFallBack;
     this._ws = null;
     this.welcome = null;
     for (const name of ['connect', 'idle', 'pong', 'stable', 'refresh']) this._clear(name);
@@ -663,6 +843,7 @@ export class Plexus extends Emitter {
     }
     let delay = this._backoffDelay();
     if (code === 4029) delay += this.options.rateLimitDelay;
+    if (this._fallback && code === 1006) delay = 0; // straight to the other transport
     this._setState('reconnecting');
     this._scheduleReconnect(delay);
   }
@@ -789,6 +970,7 @@ export class Plexus extends Emitter {
   }
 
   _onWelcome(msg) {
+    this._welcomed = true;
     this._clear('connect');
     this._lastRx = this._clock.now();
     this.welcome = msg;

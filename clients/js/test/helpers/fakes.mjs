@@ -129,11 +129,92 @@ export function fakeWebSocketClass() {
   return { FakeWebSocket, sockets };
 }
 
-/** A client wired to a fake clock and fake sockets. */
+/**
+ * A `fetch` whose event streams (`GET .../sse`) and POSTs (`.../emulation`) the
+ * test drives by hand, as the server would: `streams` and `posts` record them.
+ */
+export function fakeFetch() {
+  const streams = [];
+  const posts = [];
+  class FakeStream {
+    constructor(url) {
+      this.url = url;
+      this.chunks = [];
+      this.waiting = null;
+      this.ended = false;
+      this.aborted = false;
+    }
+
+    /** Send one event (an object is one `data:` JSON event; a string goes as is). */
+    push(obj) {
+      this.write(typeof obj === 'string' ? obj : `data: ${JSON.stringify(obj)}\n\n`);
+    }
+
+    write(text) {
+      this.chunks.push(new TextEncoder().encode(text));
+      this._wake();
+    }
+
+    accept(client = 'c-sse' + streams.indexOf(this), session = 's-' + streams.indexOf(this)) {
+      this.push({ type: 'welcome', client, user: null, server: 'plexus/test', ping_interval: 25, session, node: 'n1' });
+    }
+
+    end() {
+      this.ended = true;
+      this._wake();
+    }
+
+    _wake() {
+      if (this.waiting) {
+        const resolve = this.waiting;
+        this.waiting = null;
+        resolve();
+      }
+    }
+
+    async read() {
+      for (;;) {
+        if (this.aborted) throw new Error('AbortError');
+        if (this.chunks.length) return { value: this.chunks.shift(), done: false };
+        if (this.ended) return { value: undefined, done: true };
+        await new Promise((resolve) => (this.waiting = resolve));
+      }
+    }
+  }
+  async function fetchImpl(url, init = {}) {
+    if ((init.method || 'GET') === 'POST') {
+      const post = { url, body: JSON.parse(init.body), status: 204 };
+      posts.push(post);
+      const answer = fetchImpl.answer;
+      const status = answer ? await answer(post) : 204;
+      return { ok: status < 300, status };
+    }
+    if (fetchImpl.refuse) return { ok: false, status: fetchImpl.refuse, body: null };
+    const stream = new FakeStream(url);
+    streams.push(stream);
+    if (init.signal) {
+      init.signal.addEventListener('abort', () => {
+        stream.aborted = true;
+        stream._wake();
+      });
+    }
+    return { ok: true, status: 200, body: { getReader: () => stream } };
+  }
+  fetchImpl.answer = null; // (post) => HTTP status (or a promise of one) for POSTs; default 204
+  fetchImpl.refuse = 0; // an HTTP status to refuse event streams with
+  return { fetch: fetchImpl, streams, posts };
+}
+
+/** A client wired to a fake clock and fake sockets (WebSocket only unless `transports` says). */
 export async function setup(Plexus, options = {}) {
   const clock = new FakeClock();
   const { FakeWebSocket, sockets } = fakeWebSocketClass();
-  const px = new Plexus('ws://test.invalid/ws', { WebSocket: FakeWebSocket, clock, ...options });
+  const px = new Plexus('ws://test.invalid/ws', {
+    WebSocket: FakeWebSocket,
+    clock,
+    transports: ['websocket'],
+    ...options,
+  });
   const states = [];
   const errors = [];
   const retries = [];
