@@ -16,13 +16,14 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from plexus.channels import namespace_of, personal_owner
 from plexus.cluster import Cluster
-from plexus.config import NamespaceOptions, Settings
+from plexus.config import PERSONAL, NamespaceOptions, Settings
+from plexus.decisions import Decider
 from plexus.engines.base import Engine, Health, Retention
 from plexus.exceptions import NotFound, PermissionDenied, PlexusError, Unauthorized
 from plexus.hub import Channel, Hub, Subscriber, Subscription
@@ -61,15 +62,28 @@ class Peer(Subscriber, Protocol):
         """End the subscription to `channel` on the server's initiative; False if there was none."""
         ...
 
+    async def subscribe_server(self, channel: str) -> bool:
+        """Subscribe to `channel` on the server's initiative; False if it was not made."""
+        ...
+
 
 @dataclass(slots=True, frozen=True)
 class RpcCall:
-    """An `rpc` command as an application handler receives it."""
+    """An `rpc` command as an application handler receives it.
+
+    Attributes:
+        method, data: the command's.
+        client: the connection's id. user: its user (None when anonymous).
+        claims: every claim of the connection's token (empty without a JWT).
+        info: the connection's `info` (the token's claim, or the connect answer's).
+    """
 
     method: str
     data: Any
     client: str
     user: str | None
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    info: Any = None
 
 
 RpcHandler = Callable[[RpcCall], Awaitable[Any]]
@@ -88,7 +102,8 @@ class SubscribeOutcome:
 @dataclass(slots=True, frozen=True)
 class Space:
     """A namespace as the node uses it: its options, how its streams are kept,
-    and whether its publishes complete without I/O."""
+    and whether its publishes complete without I/O (never when the
+    application decides them)."""
 
     options: NamespaceOptions
     retention: Retention
@@ -115,7 +130,12 @@ class Node:
     """
 
     def __init__(
-        self, settings: Settings, engine: Engine, supervisor: Supervisor | None = None
+        self,
+        settings: Settings,
+        engine: Engine,
+        supervisor: Supervisor | None = None,
+        *,
+        hooks: object = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -153,9 +173,12 @@ class Node:
         )
         self.metrics = Metrics(self._gauges)
         self.counters = self.metrics.counters
+        # The application's decisions (proxies and hooks); checked before any I/O.
+        self.decider = Decider(settings, self.metrics.decisions, hooks)
         self.cluster = Cluster(self.name, self.broker, timeout=settings.redis_timeout)
         self.cluster.register("disconnect", self._disconnect_here)
         self.cluster.register("unsubscribe", self._unsubscribe_here)
+        self.cluster.register("subscribe", self._subscribe_here)
         self.broker.bind(self)
 
     # ----- lifecycle
@@ -177,6 +200,7 @@ class Node:
     async def close(self) -> None:
         """Close the engine (after the connections are gone)."""
         await self.cluster.close()
+        await self.decider.close()
         for handle in self._lingering.values():
             handle.cancel()
         self._lingering.clear()
@@ -261,6 +285,49 @@ class Node:
         answers = await self.cluster.call("unsubscribe", args)
         return sum(n for n in answers if isinstance(n, int))
 
+    async def subscribe_everywhere(
+        self, channel: str, *, user: str | None = None, client: str | None = None
+    ) -> int:
+        """`subscribe_server` on every node; return how many subscriptions were made."""
+        if (user is None) == (client is None):
+            raise ValueError("give exactly one of user and client")
+        answers = await self.cluster.call(
+            "subscribe", {"channel": channel, "user": user, "client": client}
+        )
+        return sum(n for n in answers if isinstance(n, int))
+
+    async def _subscribe_here(self, args: dict[str, Any]) -> int:
+        return await self.subscribe_server(
+            str(args["channel"]), user=args.get("user"), client=args.get("client")
+        )
+
+    async def subscribe_server(
+        self, channel: str, *, user: str | None = None, client: str | None = None
+    ) -> int:
+        """Subscribe `user`'s connections (or connection `client`) of this node to `channel`.
+
+        Exactly one of `user` and `client` is given. Each connection gets the
+        subscription as from its token's `channels` claim: the `subscribed`
+        push, or an `error` push without id when it may not read the channel.
+        One already subscribed, or closing, is skipped.
+
+        Returns:
+            How many subscriptions were made.
+        """
+        if (user is None) == (client is None):
+            raise ValueError("give exactly one of user and client")
+        if user is not None:
+            peers = list(self._users.get(user, ()))
+        elif client in self.peers:
+            peers = [self.peers[client]]
+        else:
+            peers = []
+        made = 0
+        for peer in peers:
+            if await peer.subscribe_server(channel):
+                made += 1
+        return made
+
     async def _unsubscribe_here(self, args: dict[str, Any]) -> int:
         return await self.unsubscribe_server(
             str(args["channel"]), user=args.get("user"), client=args.get("client")
@@ -304,13 +371,16 @@ class Node:
     # ----- namespaces and permissions
 
     def space(self, channel: str) -> Space:
-        """The namespace `channel` is in, as the node uses it."""
-        name = namespace_of(channel)
-        if name not in self.settings.namespaces:
-            name = ""  # unknown namespaces use (and count against) the default's options
+        """The namespace `channel` is in, as the node uses it (`#USER` channels: `personal`)."""
+        if channel[:1] == PERSONAL and personal_owner(channel) is not None:
+            name = PERSONAL
+        else:
+            name = namespace_of(channel)
+            if name not in self.settings.namespaces:
+                name = ""  # unknown namespaces use (and count against) the default's options
         space = self._spaces.get(name)
         if space is None:
-            options = self.settings.namespace(name)
+            options = self.settings.personal if name == PERSONAL else self.settings.namespace(name)
             retention = Retention(
                 size=options.history_size,
                 ttl=options.history_ttl,
@@ -318,7 +388,8 @@ class Node:
                 max_channels=options.max_channels,
                 namespace=name,
             )
-            space = Space(options, retention, self.broker.inline_for(retention))
+            inline = self.broker.inline_for(retention) and not options.proxy_publish
+            space = Space(options, retention, inline)
             self._spaces[name] = space
         return space
 
@@ -349,7 +420,8 @@ class Node:
             raise PermissionDenied("only the server publishes to personal channels")
         if user is None and not options.anonymous:
             raise Unauthorized(f"publishing to {channel} needs an authenticated user")
-        if not options.allow_publish:
+        if not options.allow_publish and not options.proxy_publish:
+            # With proxy_publish the application's yes is the permission.
             raise PermissionDenied(f"clients may not publish to {channel}")
         return options
 
@@ -681,6 +753,10 @@ class Node:
     async def presence_of(self, channel: str) -> dict[str, ClientInfo]:
         """Present clients of `channel` (across nodes sharing the presence store)."""
         return await self.presence.get(channel)
+
+    def has_rpc_handler(self, method: str) -> bool:
+        """Whether a Python handler (or the default one) answers `method`."""
+        return method in self.rpc_handlers or self.default_rpc_handler is not None
 
     async def call_rpc(self, call: RpcCall) -> Any:
         """Run the application's handler for `call.method`."""

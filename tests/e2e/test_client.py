@@ -288,12 +288,13 @@ async def test_server_side_subscriptions_are_subscriptions_and_recover_across_a_
 ) -> None:
     server = await make_server(jwt_secret=SECRET)
     made: list[Subscription] = []
-    token = make_token(SECRET, user="alice", channels=["chat:news", "#alice"])
+    token = make_token(SECRET, user="alice", channels=["chat:news", "#alice", "bulletin"])
     client = await connect(clients, server.ws_url, token=token, on_subscribed=made.append)
     news = await client.wait_subscription("chat:news", TIMEOUT)
     alice = await client.wait_subscription("#alice", TIMEOUT)
-    assert [sub.channel for sub in made] == ["chat:news", "#alice"]
-    assert made == [news, alice]
+    bulletin = await client.wait_subscription("bulletin", TIMEOUT)
+    assert [sub.channel for sub in made] == ["chat:news", "#alice", "bulletin"]
+    assert made == [news, alice, bulletin]
     assert news.server
     assert alice.server
     assert news.result == {
@@ -309,21 +310,25 @@ async def test_server_side_subscriptions_are_subscriptions_and_recover_across_a_
 
     # Dropped; meanwhile the channels move on. On reconnect the server
     # subscribes again (from the token) at the current offsets: the client
-    # reads what it missed from history where there is history (chat:), and
-    # says so where there is none (#alice, default namespace).
-    alice_before = alice.position
+    # reads what it missed from history where there is history (chat:, and
+    # personal channels by default), and says so where there is none
+    # (bulletin, default namespace).
+    bulletin_before = bulletin.position
     peer(server, client).close(CloseCode.SLOW_CONSUMER, "test")
     await client.wait_closed(TIMEOUT)
     for n in range(2, 6):
         await publish(server, "chat:news", n)
     await publish(server, "#alice", "while away")
+    await publish(server, "bulletin", "while away")
     client.retry_now()
     assert [m["data"] for m in await messages(news, 4)] == [2, 3, 4, 5]
-    lost = await alice.get(TIMEOUT)
-    assert (lost["type"], lost["since"]) == ("lost", alice_before)
+    assert (await alice.get(TIMEOUT))["data"] == "while away"
+    lost = await bulletin.get(TIMEOUT)
+    assert (lost["type"], lost["since"]) == ("lost", bulletin_before)
     assert news.lost == []
-    assert client.subscriptions == {"chat:news": news, "#alice": alice}
-    assert len(made) == 2, "the same Subscriptions after the reconnect"
+    assert alice.lost == []
+    assert client.subscriptions == {"chat:news": news, "#alice": alice, "bulletin": bulletin}
+    assert len(made) == 3, "the same Subscriptions after the reconnect"
     assert client.other.empty(), "no already_subscribed (or other) error surfaced"
     # It waited for the server's own subscribes (a ping) instead of sending
     # its own that would be refused: no bad command counted against it.
