@@ -417,3 +417,39 @@ async def test_an_unsubscribed_push_without_resubscribe_ends_the_stream(
     assert ended.value.reason == "kicked"
     assert "chat:end" not in client.subscriptions
     assert (await asyncio.wait_for(client.other.get(), TIMEOUT))["reason"] == "kicked"
+
+
+# ----- notifications that arrive
+
+
+async def test_a_notification_sent_while_the_user_was_offline_arrives_once_on_reconnect(
+    make_server: ServerFactory, clients: list[Client]
+) -> None:
+    """`#user` channels keep history with recovery by default (the `personal` options)."""
+    first = await make_server(history_backend="sqlite", jwt_secret=SECRET)
+
+    def get_token() -> str:
+        return make_token(SECRET, user="alice", channels=["#alice"])
+
+    client = await connect(clients, first.ws_url, get_token=get_token)
+    notes = await client.wait_subscription("#alice", TIMEOUT)
+    await publish(first, "#alice", {"notice": "one"})
+    assert (await notes.get(TIMEOUT, kind="message"))["data"] == {"notice": "one"}
+
+    # The server goes away (a deploy); alice has no connection anywhere when
+    # the backend notifies her, after the restart.
+    port = first.port
+    await first.stop()
+    assert await client.wait_closed(TIMEOUT) == CloseCode.GOING_AWAY
+    second = await make_server(history_backend="sqlite", jwt_secret=SECRET, port=port)
+    assert second.node is not None
+    assert second.node.peers == {}
+    await publish(second, "#alice", {"notice": "while you were away"})
+    await publish(second, "#alice", {"notice": "and this"})
+    client.retry_now()
+    missed = await messages(notes, 2)
+    assert [m["data"]["notice"] for m in missed] == ["while you were away", "and this"]
+    assert [m["offset"] for m in missed] == [2, 3]
+    assert notes.lost == []
+    assert client.subscriptions == {"#alice": notes}
+    await then_only(second, notes, "live")  # and nothing twice
