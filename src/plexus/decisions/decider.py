@@ -102,13 +102,19 @@ class Decider:
         if not self.enabled:
             return None
         kept: dict[str, str] = {}
+        names: dict[str, str] = {}  # lower-case name -> the name as first sent
         for name, value in headers:
             key = name.lower()
-            if key in self.forwarded:
+            if key not in self.forwarded:
+                continue
+            first = names.setdefault(key, name)
+            if first in kept:
                 # Several lines of one header are one list (RFC 9110 5.3);
                 # cookies are joined as the Cookie header joins them.
                 joiner = "; " if key == "cookie" else ", "
-                kept[name] = f"{kept[name]}{joiner}{value}" if name in kept else value
+                kept[first] = f"{kept[first]}{joiner}{value}"
+            else:
+                kept[first] = value
         return Handshake(kept, data)
 
     async def ask(self, request: Request) -> dict[str, Any]:
