@@ -60,6 +60,9 @@ if TYPE_CHECKING:
 __all__ = ["ApiError", "AsyncPlexusApi", "PlexusApi", "make_token"]
 
 log = logging.getLogger("plexus.api")
+# A library's logger: silent until the application configures logging (no
+# "last resort" lines on a script's stderr for a retry that then succeeded).
+log.addHandler(logging.NullHandler())
 _BYTES_KEY = "$bytes"
 
 

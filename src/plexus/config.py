@@ -352,6 +352,52 @@ class Settings:
 _HTTP_URL = re.compile(r"https?://[^\s/?#]+(?:[/?#]\S*)?", re.IGNORECASE)
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 
+# Settings whose values are secrets: `plexus checkconfig` shows them masked.
+SECRET_SETTINGS = frozenset({"jwt_secret", "api_keys"})
+_URL_PASSWORD = re.compile(r"(://[^/@\s]*?:)[^/@\s]*@")
+
+
+def _masked(name: str, value: Any) -> Any:
+    if value is None or value == "" or value == []:
+        return value
+    if name in SECRET_SETTINGS:
+        return ["***"] * len(value) if isinstance(value, list) else "***"
+    if isinstance(value, str) and "://" in value:
+        return _URL_PASSWORD.sub(r"\1***@", value)  # redis://:PASSWORD@host
+    return value
+
+
+def _toml_value(value: Any) -> str:
+    # JSON's strings, numbers, booleans and lists are TOML's too (TOML has no null).
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
+
+
+def settings_toml(settings: Settings) -> str:
+    """The settings as a TOML document, secrets masked (`plexus checkconfig`)."""
+    lines: list[str] = []
+    for item in dataclasses.fields(Settings):
+        name = item.name
+        if name in ("namespaces", "personal"):
+            continue
+        value = _masked(name, getattr(settings, name))
+        if value is None:
+            lines.append(f"# {name} = (unset)")
+        else:
+            lines.append(f"{name} = {_toml_value(value)}")
+    tables = [
+        (f"namespaces.{name or 'default'}", opts) for name, opts in settings.namespaces.items()
+    ]
+    tables.append(("personal", settings.personal))
+    for title, options in tables:
+        lines.append("")
+        lines.append(f"[{title}]")
+        for item in dataclasses.fields(NamespaceOptions):
+            lines.append(f"{item.name} = {_toml_value(getattr(options, item.name))}")
+    return "\n".join(lines) + "\n"
+
+
 # SqliteHistoryStore takes a path with one of these suffixes as the database
 # file itself, any other as the directory that holds it.
 _DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
