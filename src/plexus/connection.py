@@ -450,18 +450,18 @@ class Connection:
             else:
                 result = await self._run(command)
         except Exception as exc:
-            self._failed(command, exc)
+            self._failed(command, exc, granted=granted)
         else:
             if result is not None and command.id is not None:
                 self.send(cmd.reply(command.id, result))
 
-    def _failed(self, command: cmd.Command, exc: Exception) -> None:
+    def _failed(self, command: cmd.Command, exc: Exception, *, granted: bool = False) -> None:
         """Answer a command that raised: its error code, or `internal` for a bug.
 
         A `PlexusError` whose code is not one of the protocol's (an rpc
-        handler's own) is a bug too. Refusals by the application and every
-        error of an `rpc` are not the client's protocol mistakes: they never
-        count as bad commands.
+        handler's own) is a bug too. Refusals by the application, every
+        error of an `rpc`, and subscriptions the server made (`granted`) are
+        not the client's protocol mistakes: they never count as bad commands.
         """
         if isinstance(exc, PlexusError) and isinstance(exc.code, str) and exc.code in _ERROR_CODES:
             code, message = ErrorCode(exc.code), exc.message
@@ -473,7 +473,7 @@ class Connection:
                 exc_info=exc,
             )
             code, message = ErrorCode.INTERNAL, "internal error"
-        counted = not isinstance(exc, Refused) and not isinstance(command, cmd.Rpc)
+        counted = not (granted or isinstance(exc, Refused) or isinstance(command, cmd.Rpc))
         outcome = self.state.failed(command.id, code, message, time.monotonic(), counted=counted)
         if outcome.error is not None:
             self.node.counters.errors[outcome.error["code"]] += 1

@@ -8,6 +8,8 @@ both ways, over real sockets, with the client's cookie on the upgrade.
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -124,12 +126,22 @@ async def welcomed(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
 
 
 async def test_the_session_cookie_makes_the_user(
-    decided: Callable[..., Awaitable[Server]], app: DecisionApp, open_ws: Open
+    decided: Callable[..., Awaitable[Server]],
+    app: DecisionApp,
+    open_ws: Open,
+    via: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="plexus.decisions")
     server = await decided()
     ws = await open_ws(server, ALICE, "?data=hello%20there")
     welcome = await welcomed(ws)
     assert welcome["user"] == "alice"
+    # Every call is logged with its name and duration.
+    [logged] = [r.getMessage() for r in caplog.records if r.name == "plexus.decisions"]
+    assert re.fullmatch(rf"{via} connect of {welcome['client']}: accepted in \d+\.\d ms", logged), (
+        logged
+    )
     # The connect answer's channels: a server-side subscription, announced.
     subscribed = await receive(ws)
     assert (subscribed["type"], subscribed["channel"]) == ("subscribed", "#alice")
