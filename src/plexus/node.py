@@ -16,8 +16,8 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Collection
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from plexus.channels import namespace_of, personal_owner
@@ -40,7 +40,10 @@ from plexus.protocol.codes import CloseCode
 from plexus.protocol.commands import Since
 from plexus.protocol.recovery import can_recover, merge_backlog
 from plexus.protocol.session import Limits
+from plexus.rpc import RpcCall, RpcHandler
 from plexus.supervisor import Supervisor
+
+__all__ = ["Node", "Peer", "RpcCall", "RpcHandler", "Space", "SubscribeOutcome"]
 
 log = logging.getLogger("plexus.node")
 
@@ -65,28 +68,6 @@ class Peer(Subscriber, Protocol):
     async def subscribe_server(self, channel: str) -> bool:
         """Subscribe to `channel` on the server's initiative; False if it was not made."""
         ...
-
-
-@dataclass(slots=True, frozen=True)
-class RpcCall:
-    """An `rpc` command as an application handler receives it.
-
-    Attributes:
-        method, data: the command's.
-        client: the connection's id. user: its user (None when anonymous).
-        claims: every claim of the connection's token (empty without a JWT).
-        info: the connection's `info` (the token's claim, or the connect answer's).
-    """
-
-    method: str
-    data: Any
-    client: str
-    user: str | None
-    claims: Mapping[str, Any] = field(default_factory=dict)
-    info: Any = None
-
-
-RpcHandler = Callable[[RpcCall], Awaitable[Any]]
 
 
 @dataclass(slots=True)
@@ -285,6 +266,15 @@ class Node:
         answers = await self.cluster.call("unsubscribe", args)
         return sum(n for n in answers if isinstance(n, int))
 
+    def _peers_of(self, user: str | None, client: str | None) -> list[Peer]:
+        """This node's connections of `user`, or connection `client` (exactly one is given)."""
+        if (user is None) == (client is None):
+            raise ValueError("give exactly one of user and client")
+        if user is not None:
+            return list(self._users.get(user, ()))
+        peer = self.peers.get(client) if client is not None else None
+        return [] if peer is None else [peer]
+
     async def subscribe_everywhere(
         self, channel: str, *, user: str | None = None, client: str | None = None
     ) -> int:
@@ -314,14 +304,7 @@ class Node:
         Returns:
             How many subscriptions were made.
         """
-        if (user is None) == (client is None):
-            raise ValueError("give exactly one of user and client")
-        if user is not None:
-            peers = list(self._users.get(user, ()))
-        elif client in self.peers:
-            peers = [self.peers[client]]
-        else:
-            peers = []
+        peers = self._peers_of(user, client)
         made = 0
         for peer in peers:
             if await peer.subscribe_server(channel):
@@ -354,14 +337,7 @@ class Node:
         Returns:
             How many subscriptions ended.
         """
-        if (user is None) == (client is None):
-            raise ValueError("give exactly one of user and client")
-        if user is not None:
-            peers = list(self._users.get(user, ()))
-        elif client in self.peers:
-            peers = [self.peers[client]]
-        else:
-            peers = []
+        peers = self._peers_of(user, client)
         ended = 0
         for peer in peers:
             if await peer.end_subscription(channel, reason):

@@ -11,8 +11,8 @@ import pytest
 from plexus.app import Server
 from plexus.client import Client, PlexusClientError
 from plexus.exceptions import PermissionDenied, PlexusError
-from plexus.node import RpcCall
 from plexus.protocol.codes import ErrorCode
+from plexus.rpc import RpcCall
 from tests.conftest import ClientFactory, ServerFactory
 from tests.helpers import TIMEOUT
 
