@@ -18,9 +18,9 @@ import aiohttp
 import pytest
 
 from plexus.app import Server
-from plexus.config import NamespaceOptions, default_namespaces
+from plexus.config import NamespaceOptions, Settings, default_namespaces
 from plexus.protocol.codes import CloseCode
-from tests.conftest import ServerFactory
+from tests.conftest import WS_ENGINE, ServerFactory
 from tests.e2e import decision_app
 from tests.e2e.decision_app import DecisionApp, serve_proxies
 from tests.helpers import TIMEOUT, api_post, metrics
@@ -395,3 +395,28 @@ async def test_shutdown_during_a_connect_call_closes_with_1001(
     await server.stop()
     code, _ = await closed(ws)
     assert code == CloseCode.GOING_AWAY
+
+
+# ----- an embedded server's own hooks
+
+
+async def test_embedded_hooks_come_before_the_proxy_of_the_same_name(open_ws: Open) -> None:
+    class Hooks:
+        """Hooks as any object; on_rpc answers, the rest is left to the proxies."""
+
+        async def on_rpc(self, request: Any) -> Any:
+            return {"result": {"data": {"hooked": request.method, "user": request.user}}}
+
+    dead = "http://127.0.0.1:9/rpc"  # nothing listens: only the hook can answer
+    server = Server(
+        Settings(port=0, history_backend="memory", proxy_rpc_url=dead, ws_engine=WS_ENGINE),
+        hooks=Hooks(),
+    )
+    async with server:
+        ws = await open_ws(server)
+        assert (await welcomed(ws))["user"] is None, "no connect hook nor URL: anonymous"
+        answer = await ask(ws, {"type": "rpc", "id": 1, "method": "ping"})
+        assert answer["result"] == {"data": {"hooked": "ping", "user": None}}
+        assert server.node is not None
+        assert server.node.metrics.decisions.calls == {("rpc", "hook", "accepted"): 1}
+        await ws.close()
