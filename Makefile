@@ -4,8 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEPS   := $(VENV)/.deps-installed
 APT_STAMP := $(VENV)/.apt-installed
-HOST ?= 127.0.0.1
-PORT ?= 8000
+# `make serve` leaves the address to the settings (PLEXUS_HOST, PLEXUS_PORT, a
+# config file: defaults 127.0.0.1:8000); `make serve PORT=9000` still works.
 
 .PHONY: serve test install system-deps js-deps lint typecheck pytest pytest-aiohttp jstest autobahn-env bench mutation clean
 
@@ -20,7 +20,7 @@ $(DEPS): pyproject.toml | $(BIN)/python
 install: $(DEPS)
 
 serve: install
-	$(BIN)/plexus serve --host $(HOST) --port $(PORT)
+	$(BIN)/plexus serve $(if $(filter command line,$(origin HOST)),--host $(HOST)) $(if $(filter command line,$(origin PORT)),--port $(PORT))
 
 # System packages the tests use: Debian's chromium for the browser tests,
 # redis-server for the multi-node tests (each test starts its own on a free

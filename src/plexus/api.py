@@ -13,28 +13,57 @@ requests are built and the answers checked by plain functions (`_call`,
     api.publish("#alice", {"notice": "your export is ready"})   # every tab of alice
     api.unsubscribe("chat:lobby", user="mallory")
 
+Light: `PlexusApi` uses the standard library alone (importing this module
+pulls in neither aiohttp nor PyJWT nor cryptography); `AsyncPlexusApi`
+imports aiohttp when it is first used.
+
 Payloads may hold `bytes`: they travel as `{"$bytes": base64}` and come back
-as `bytes`. Any refusal raises `ApiError` with the server's error code.
+as `bytes`. A payload that is not JSON (a `Decimal`, a `datetime`, a set)
+raises `ApiError` (`bad_request`) naming where it is: `data.price: Decimal`.
+Any refusal raises `ApiError` with the server's error code.
+
+`publish` is safe to retry, and retries by itself: each call carries one
+`idempotency_key` (a new one unless you pass yours), and a 503 or a
+connection that failed is retried `retries` times with exponential backoff
+and jitter. The server stores a key's message once and answers a repeat
+with the first publish's offset, so a retry after an answer that was lost
+on the way never publishes twice.
+
 Redirects are never followed: the API key would go to whatever URL the
 answer names. A redirect raises `ApiError` (`unavailable`, with its status):
 give the client the final URL.
-Tokens for your users are made with `plexus.auth.make_token` (re-exported).
+Tokens for your users are made with `plexus.tokens.make_token` (re-exported).
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import http.client
+import json
+import logging
+import math
+import random
+import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
+from plexus.tokens import make_token
 
-from plexus.auth import make_token
-from plexus.protocol.codec import JSON, json_loads_with_bytes
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["ApiError", "AsyncPlexusApi", "PlexusApi", "make_token"]
+
+log = logging.getLogger("plexus.api")
+# A library's logger: silent until the application configures logging (no
+# "last resort" lines on a script's stderr for a retry that then succeeded).
+log.addHandler(logging.NullHandler())
+_BYTES_KEY = "$bytes"
 
 
 class ApiError(Exception):
@@ -65,7 +94,45 @@ class _Call:
 def _call(path: str, body: dict[str, Any] | None = None) -> _Call:
     if body is None:
         return _Call("GET", path, None)
-    return _Call("POST", path, JSON.encode(body))
+    encoded = json.dumps(_jsonable(body, ""), separators=(",", ":"), ensure_ascii=False)
+    return _Call("POST", path, encoded.encode("utf-8"))
+
+
+def _jsonable(value: Any, path: str) -> Any:
+    """`value` as plain JSON values (bytes as `{"$bytes": base64}`), or ApiError naming `path`."""
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ApiError("bad_request", f"{path or 'body'}: {value} is not a JSON number")
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                where = path or "body"
+                raise ApiError(
+                    "bad_request", f"{where}: key {key!r} is {type(key).__name__}, not a string"
+                )
+            out[key] = _jsonable(item, f"{path}.{key}" if path else key)
+        return out
+    if isinstance(value, list | tuple):
+        return [_jsonable(item, f"{path}[{index}]") for index, item in enumerate(value)]
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {_BYTES_KEY: base64.b64encode(bytes(value)).decode("ascii")}
+    raise ApiError(
+        "bad_request", f"{path or 'body'}: {type(value).__name__} is not JSON-serialisable"
+    )
+
+
+def _with_bytes(value: dict[str, Any]) -> Any:
+    """json.loads' object hook: a `{"$bytes": base64}` object is those bytes."""
+    if len(value) == 1 and isinstance(value.get(_BYTES_KEY), str):
+        try:
+            return base64.b64decode(value[_BYTES_KEY], validate=True)
+        except ValueError:
+            return value
+    return value
 
 
 def _refuse_redirect(status: int, location: str | None) -> None:
@@ -100,8 +167,8 @@ _OPENER = urllib.request.build_opener(_NoRedirect)
 def _result(status: int, raw: bytes) -> dict[str, Any]:
     """The answer's JSON object, or the `ApiError` the server meant."""
     try:
-        answer = json_loads_with_bytes(raw)
-    except Exception:
+        answer = json.loads(raw, object_hook=_with_bytes)
+    except ValueError:
         answer = None
     if not isinstance(answer, dict):
         raise ApiError("unavailable", f"HTTP {status} with a body that is not JSON", status)
@@ -132,8 +199,32 @@ def _history_body(
     return body
 
 
+def _subscribe_body(channel: str, user: str | None, client: str | None) -> dict[str, Any]:
+    return _unsubscribe_body(channel, user, client)
+
+
+def _publish_body(channel: str, data: Any, key: str | None) -> dict[str, Any]:
+    """The body of one publish call; its key stays the same across retries."""
+    return {"channel": channel, "data": data, "idempotency_key": key or uuid.uuid4().hex}
+
+
+def _retryable(error: ApiError) -> bool:
+    """A 503, or no answer at all (refused, reset, timed out): the server may be back soon."""
+    return error.code == "unavailable" and error.status in (0, 503)
+
+
 class _Base:
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout: float = 10.0,
+        *,
+        retries: int = 3,
+        retry_delay: float = 0.25,
+    ) -> None:
+        if retries < 0 or not retry_delay >= 0:
+            raise ValueError("retries and retry_delay must be >= 0")
         self.base = url.rstrip("/")
         if self.base.startswith(("ws://", "wss://")):
             self.base = "http" + self.base[2:].removesuffix("/ws")
@@ -141,6 +232,24 @@ class _Base:
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.timeout = timeout
+        self.retries = retries
+        self.retry_delay = retry_delay
+
+    def _backoff(self, attempt: int, error: ApiError, channel: str) -> float | None:
+        """Seconds before retry `attempt` (1-based) of a failed publish, or None: give up."""
+        if attempt > self.retries or not _retryable(error):
+            return None
+        # Exponential with full jitter, capped: many backends retrying at once spread out.
+        delay = random.uniform(0, min(10.0, self.retry_delay * 2 ** (attempt - 1)))
+        log.warning(
+            "publish to %s failed (%s); retry %d of %d in %.2f s",
+            channel,
+            error,
+            attempt,
+            self.retries,
+            delay,
+        )
+        return delay
 
 
 class PlexusApi(_Base):
@@ -150,7 +259,9 @@ class PlexusApi(_Base):
         url: the server, e.g. `http://127.0.0.1:8000` (a `ws://…/ws` URL works too).
         api_key: one of the server's `api_keys` (none needed from loopback
             when the server has none configured).
-        timeout: seconds per call.
+        timeout: seconds per call (per attempt, for `publish`).
+        retries: times `publish` is tried again after a 503 or no answer.
+        retry_delay: seconds of the first retry's backoff (it doubles, capped at 10).
     """
 
     def _do(self, call: _Call) -> dict[str, Any]:
@@ -164,13 +275,35 @@ class PlexusApi(_Base):
             with exc:
                 _refuse_redirect(exc.code, exc.headers.get("Location"))
                 return _result(exc.code, exc.read())
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
             raise ApiError("unavailable", f"cannot reach {self.base}: {reason}") from exc
 
-    def publish(self, channel: str, data: Any) -> int:
-        """Publish `data` to `channel`; return its offset."""
-        return int(self._do(_call("/api/publish", {"channel": channel, "data": data}))["offset"])
+    def publish(self, channel: str, data: Any, *, idempotency_key: str | None = None) -> int:
+        """Publish `data` to `channel`; return its offset.
+
+        Retried after a 503 or no answer, with one `idempotency_key` for every
+        attempt (yours, or a new one): the message is published once.
+        """
+        call = _call("/api/publish", _publish_body(channel, data, idempotency_key))
+        attempt = 0
+        while True:
+            try:
+                return int(self._do(call)["offset"])
+            except ApiError as error:
+                attempt += 1
+                delay = self._backoff(attempt, error, channel)
+                if delay is None:
+                    raise
+                time.sleep(delay)
+
+    def subscribe(self, channel: str, *, user: str | None = None, client: str | None = None) -> int:
+        """Subscribe `user`'s connections (or connection `client`) to `channel`; return how many.
+
+        Each gets the `subscribed` push, on every node.
+        """
+        body = _subscribe_body(channel, user, client)
+        return int(self._do(_call("/api/subscribe", body))["subscribed"])
 
     def broadcast(self, channels: list[str], data: Any) -> list[dict[str, Any]]:
         """Publish `data` to each channel; return `[{"channel", "offset"}, ...]`."""
@@ -230,8 +363,11 @@ class AsyncPlexusApi(_Base):
         api_key: str | None = None,
         timeout: float = 10.0,
         session: aiohttp.ClientSession | None = None,
+        *,
+        retries: int = 3,
+        retry_delay: float = 0.25,
     ) -> None:
-        super().__init__(url, api_key, timeout)
+        super().__init__(url, api_key, timeout, retries=retries, retry_delay=retry_delay)
         self._session = session
         self._own = session is None
 
@@ -248,6 +384,8 @@ class AsyncPlexusApi(_Base):
             self._session = None
 
     async def _do(self, call: _Call) -> dict[str, Any]:
+        import aiohttp  # here: `import plexus.api` stays light
+
         if self._session is None:
             self._session = aiohttp.ClientSession()
         try:
@@ -264,10 +402,26 @@ class AsyncPlexusApi(_Base):
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ApiError("unavailable", f"cannot reach {self.base}: {exc}") from exc
 
-    async def publish(self, channel: str, data: Any) -> int:
-        """Publish `data` to `channel`; return its offset."""
-        answer = await self._do(_call("/api/publish", {"channel": channel, "data": data}))
-        return int(answer["offset"])
+    async def publish(self, channel: str, data: Any, *, idempotency_key: str | None = None) -> int:
+        """Publish `data` to `channel`; return its offset (retried as `PlexusApi.publish`)."""
+        call = _call("/api/publish", _publish_body(channel, data, idempotency_key))
+        attempt = 0
+        while True:
+            try:
+                return int((await self._do(call))["offset"])
+            except ApiError as error:
+                attempt += 1
+                delay = self._backoff(attempt, error, channel)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+
+    async def subscribe(
+        self, channel: str, *, user: str | None = None, client: str | None = None
+    ) -> int:
+        """Subscribe `user`'s connections (or connection `client`) to `channel`; return how many."""
+        body = _subscribe_body(channel, user, client)
+        return int((await self._do(_call("/api/subscribe", body)))["subscribed"])
 
     async def broadcast(self, channels: list[str], data: Any) -> list[dict[str, Any]]:
         """Publish `data` to each channel; return `[{"channel", "offset"}, ...]`."""

@@ -1,7 +1,8 @@
 """Assembly and lifespan: one port serving `/ws`, the chat app, `/health` and `/api/*`.
 
 `Server` is also the embedding API: an asyncio application can run Plexus in
-its own event loop and register RPC handlers in Python.
+its own event loop, register RPC handlers in Python and decide connections,
+subscriptions and publishes with hooks (`plexus.decisions.hooks`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import signal
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +23,8 @@ from typing import Any
 from aiohttp import web, web_response
 
 from plexus import __version__
-from plexus.auth import Authenticator
 from plexus.config import Settings
+from plexus.decisions.jwt import Authenticator
 from plexus.engines import make_engine
 from plexus.engines.base import Engine
 from plexus.logs import quiet_malformed_requests
@@ -30,6 +32,7 @@ from plexus.metrics import CONTENT_TYPE
 from plexus.node import Node, RpcHandler
 from plexus.transports.http_api import HttpApi
 from plexus.transports.lean import LeanListener
+from plexus.transports.origin import origin_allowed
 from plexus.transports.websocket import WebSocketEndpoint
 
 log = logging.getLogger("plexus")
@@ -50,7 +53,12 @@ _CONTENT_TYPES = {
 }
 
 
-def _static_routes() -> list[web.AbstractRouteDef]:
+# Bundled files that pages of other (allowed) origins may load as modules:
+# `import` and `<script type="module">` fetch in CORS mode.
+SHARED_SCRIPTS = frozenset({"plexus.js"})
+
+
+def _static_routes(settings: Settings) -> list[web.AbstractRouteDef]:
     """One route per bundled file: `/` is index.html, the others keep their names."""
     routes: list[web.AbstractRouteDef] = []
     if not WEB_DIR.is_dir():
@@ -60,13 +68,26 @@ def _static_routes() -> list[web.AbstractRouteDef]:
             continue
         body = path.read_bytes()
         content_type = _CONTENT_TYPES[path.suffix]
+        shared = path.name in SHARED_SCRIPTS
 
-        def make(body: bytes = body, content_type: str = content_type) -> Any:
+        def make(
+            body: bytes = body, content_type: str = content_type, shared: bool = shared
+        ) -> Any:
             async def handler(request: web.Request) -> web.Response:
-                return web.Response(
-                    body=body,
-                    headers={"Content-Type": content_type, "Cache-Control": "no-cache"},
-                )
+                headers = {"Content-Type": content_type, "Cache-Control": "no-cache"}
+                if shared:
+                    headers["Vary"] = "Origin"
+                    origin = request.headers.get("Origin")
+                    if origin is not None and origin_allowed(
+                        origin,
+                        request.scheme,
+                        request.headers.get("Host"),
+                        settings.allowed_origins,
+                        settings.allowed_hosts,
+                    ):
+                        # The origin itself, not `*`: the answer depends on it (Vary).
+                        headers["Access-Control-Allow-Origin"] = origin
+                return web.Response(body=body, headers=headers)
 
             return handler
 
@@ -83,12 +104,31 @@ class Server:
         async with Server(Settings(port=0)) as server:
             print(server.url)
             await server.wait_closed()
+
+    Args:
+        settings: the server's settings (validated here).
+        engine: the broker, history and presence to use instead of the settings'.
+        hooks: the application's hooks (a module, or any object with
+            `on_connect`, `on_subscribe`, ...), instead of the `hooks` setting.
+        handle_signals: on SIGTERM, stop gracefully (every client gets 1001)
+            when the process has no SIGTERM handler of its own.
     """
 
-    def __init__(self, settings: Settings | None = None, *, engine: Engine | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        engine: Engine | None = None,
+        hooks: object = None,
+        handle_signals: bool = True,
+    ) -> None:
         self.settings = settings or Settings()
         self.settings.validate()
         self._engine = engine
+        self._hooks = hooks
+        self._handle_signals = handle_signals
+        self._signal_installed = False
+        self._stopping: asyncio.Task[None] | None = None
         self.node: Node | None = None
         self.endpoint: WebSocketEndpoint | None = None
         self._runner: web.AppRunner | None = None
@@ -145,7 +185,7 @@ class Server:
             ]
         )
         app.add_routes(HttpApi(self.node).routes())
-        app.add_routes(_static_routes())
+        app.add_routes(_static_routes(self.settings))
         return app
 
     def health(self) -> dict[str, Any]:
@@ -196,7 +236,7 @@ class Server:
         # 400s for requests it cannot parse included: no route, middleware or
         # signal sees those, so the default itself is replaced (process-wide).
         setattr(web_response, "SERVER_SOFTWARE", SERVER_HEADER)  # noqa: B010
-        self.node = Node(settings, self._engine or make_engine(settings))
+        self.node = Node(settings, self._engine or make_engine(settings), hooks=self._hooks)
         self.node.rpc_handlers.update(self._rpc)
         await self.node.start()
         self.endpoint = WebSocketEndpoint(self.node, Authenticator.from_settings(settings))
@@ -235,12 +275,45 @@ class Server:
             self._lean, sock=sock, ssl=self._ssl_context(), backlog=1024
         )
         self.started_at = time.time()
+        self._install_signal_handler()
         log.info(
             "listening on %s (WebSocket %s, engine %s)", self.url, self.ws_url, settings.ws_engine
         )
 
+    def _install_signal_handler(self) -> None:
+        """SIGTERM stops the server gracefully, unless the process handles it already.
+
+        Without this an embedded server died by the default action and its
+        clients saw 1006 (an abnormal close) instead of 1001 (reconnect).
+        """
+        if not self._handle_signals or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return  # the application (or its server, e.g. uvicorn) has its own
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
+        except (NotImplementedError, RuntimeError):  # no signals on this loop or platform
+            return
+        self._signal_installed = True
+
+    def _on_sigterm(self) -> None:
+        log.info("SIGTERM: shutting down")
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop_in_time())
+
+    async def _stop_in_time(self) -> None:
+        try:
+            await asyncio.wait_for(self.stop(), self.settings.shutdown_timeout)
+        except TimeoutError:
+            log.warning("shutdown took longer than %.1fs", self.settings.shutdown_timeout)
+            self._closed.set()
+
     async def stop(self) -> None:
         """Close every connection with 1001 and stop, within `shutdown_timeout`."""
+        if self._signal_installed:
+            self._signal_installed = False
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
         if self._runner is None:
             return
         runner, self._runner = self._runner, None
@@ -289,7 +362,7 @@ class Server:
 
 async def serve(settings: Settings) -> None:
     """Run a server until SIGINT or SIGTERM, then shut down gracefully."""
-    server = Server(settings)
+    server = Server(settings, handle_signals=False)  # both signals are handled here
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,4 +1,4 @@
-"""The `plexus` command: serve, publish, subscribe, token, bench."""
+"""The `plexus` command: serve, publish, subscribe, token, checkconfig, bench."""
 
 from __future__ import annotations
 
@@ -98,10 +98,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--user", required=True, help="the `sub` claim")
     token.add_argument("--ttl", default="1h", help="lifetime: 90, 45s, 30m, 1h, 2d [default: 1h]")
-    token.add_argument("--channel", help="make a subscription token for this channel")
+    token.add_argument(
+        "--channel",
+        action="append",
+        metavar="CHANNEL",
+        help="a channel of the `channels` claim, which the server subscribes the connection"
+        " to (repeat for several, e.g. --channel '#alice' --channel news)",
+    )
+    token.add_argument(
+        "--subscription", metavar="CHANNEL", help="make a subscription token for this channel"
+    )
+    token.add_argument("--aud", help="the `aud` claim (the server's jwt_audience)")
+    token.add_argument("--iss", help="the `iss` claim (the server's jwt_issuer)")
     token.add_argument("--info", help="JSON for the `info` claim")
     token.add_argument("--secret", help="HMAC secret [env: PLEXUS_JWT_SECRET]")
     token.add_argument("--config", metavar="FILE.toml", help="read jwt_secret from this file")
+    checkconfig = commands.add_parser(
+        "checkconfig",
+        help="validate a configuration file and print the effective settings",
+        description="Read FILE (TOML) with the PLEXUS_* environment on top, as `plexus serve`"
+        " would, check every setting (key files, hooks, the data directory), and print the"
+        " effective settings as TOML with secrets masked. Exit 2 with one line if one is bad.",
+    )
+    checkconfig.add_argument("file", metavar="FILE.toml")
     bench = commands.add_parser(
         "bench",
         help="check fan-out of a running server: throughput, latency, nothing lost",
@@ -131,9 +150,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEFAULT_URL = "ws://127.0.0.1:8000/ws"
+
+
 def _client_args(parser: argparse.ArgumentParser, timeout: float = 10.0) -> None:
     parser.add_argument(
-        "--url", default="ws://127.0.0.1:8000/ws", help="[default: ws://127.0.0.1:8000/ws]"
+        "--url",
+        default=os.environ.get("PLEXUS_URL") or DEFAULT_URL,
+        help=f"the server [env: PLEXUS_URL, default: {DEFAULT_URL}]",
     )
     parser.add_argument("--token", help="connection JWT")
     parser.add_argument(
@@ -146,13 +170,27 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
+def _check_deeply(settings: Any) -> None:
+    """What `load_settings` cannot check alone: key files, hooks, namespaces' switches, data_dir.
+
+    Raises:
+        ConfigError: naming the first bad setting, in one line.
+    """
+    from plexus.config import check_data_dir
+    from plexus.decisions import Decider
+    from plexus.decisions.jwt import Authenticator
+
+    Authenticator.from_settings(settings)
+    Decider(settings)
+    check_data_dir(settings)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from plexus.app import serve
-    from plexus.auth import Authenticator
-    from plexus.config import check_data_dir, load_settings
+    from plexus.config import load_settings
     from plexus.logs import setup_logging
 
-    overrides = {
+    overrides: dict[str, Any] = {
         "host": args.host,
         "port": args.port,
         "certfile": args.certfile,
@@ -166,10 +204,7 @@ def _serve(args: argparse.Namespace) -> int:
     }
     try:
         settings = load_settings(args.config or os.environ.get("PLEXUS_CONFIG"), None, overrides)
-        # Key files, secrets and the data directory are checked here too, so
-        # that a bad one is one line.
-        Authenticator.from_settings(settings)
-        check_data_dir(settings)
+        _check_deeply(settings)
     except ConfigError as exc:
         return _fail(f"invalid setting: {exc}")
     setup_logging(settings.log_level, settings.log_format)
@@ -322,9 +357,22 @@ async def _subscribe(args: argparse.Namespace) -> int:
         return 1
 
 
+def _checkconfig(args: argparse.Namespace) -> int:
+    from plexus.config import load_settings, settings_toml
+
+    try:
+        settings = load_settings(args.file)
+        _check_deeply(settings)
+    except ConfigError as exc:
+        return _fail(f"invalid setting: {exc}")
+    print(f"# {args.file}: valid. Effective settings (defaults < file < PLEXUS_* env):")
+    print(settings_toml(settings), end="")
+    return 0
+
+
 def _token(args: argparse.Namespace) -> int:
-    from plexus.auth import make_token, parse_duration
     from plexus.config import load_settings
+    from plexus.tokens import make_token, parse_duration
 
     secret = args.secret or os.environ.get("PLEXUS_JWT_SECRET")
     if secret is None and args.config:
@@ -334,10 +382,21 @@ def _token(args: argparse.Namespace) -> int:
             return _fail(f"invalid setting: {exc}")
     if not secret:
         return _fail("no secret: pass --secret, set PLEXUS_JWT_SECRET or jwt_secret in --config")
+    if args.subscription is not None and args.channel:
+        return _fail("--subscription makes a subscription token, which has no --channel claim")
     try:
         ttl = parse_duration(args.ttl)
         info = _parse_json(args.info) if args.info is not None else None
-        token = make_token(secret, user=args.user, ttl=ttl, channel=args.channel, info=info)
+        token = make_token(
+            secret,
+            user=args.user,
+            ttl=ttl,
+            channel=args.subscription,
+            channels=args.channel,
+            info=info,
+            audience=args.aud,
+            issuer=args.iss,
+        )
     except ValueError as exc:
         return _fail(str(exc))
     print(token)
@@ -355,6 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "token":
         return _token(args)
+    if args.command == "checkconfig":
+        return _checkconfig(args)
     if args.command == "bench":
         problem = _check_bench(args)
         if problem is not None:

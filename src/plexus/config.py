@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 import tomllib
 from collections.abc import Mapping
@@ -53,10 +54,15 @@ class NamespaceOptions:
     recovery: bool = False  # `subscribe` with `since` may recover missed messages
     private: bool = False  # subscribe needs a subscription token (and publish a subscription)
     publish_without_subscribe: bool = False  # private: clients may publish without subscribing
+    proxy_subscribe: bool = False  # the application decides each subscribe (proxy or hook)
+    proxy_publish: bool = False  # the application decides (and may transform) each publish
 
     def validate(self, name: str) -> None:
-        """Raise ConfigError naming the option if a value is out of range."""
-        where = f"namespaces.{name or 'default'}"
+        """Raise ConfigError naming the option if a value is out of range.
+
+        `name` is the namespace's key, or `#` for the `personal` table.
+        """
+        where = "personal" if name == PERSONAL else f"namespaces.{name or 'default'}"
         if self.history_size < 0:
             raise ConfigError(f"{where}.history_size: must be >= 0, got {self.history_size}")
         if self.history_ttl < 0:
@@ -87,6 +93,30 @@ def default_namespaces() -> dict[str, NamespaceOptions]:
             recovery=True,
         ),
     }
+
+
+# The key of the personal channels' (`#USER`) options among the namespaces' ones.
+PERSONAL = "#"
+
+
+def default_personal() -> NamespaceOptions:
+    """Options of `#USER` channels: notifications that wait for their user (a day, 100 each)."""
+    return NamespaceOptions(
+        anonymous=False,
+        history_size=100,
+        history_ttl=24 * 3600.0,
+        recovery=True,
+    )
+
+
+# Request headers of the WebSocket upgrade passed on to every proxy call.
+DEFAULT_PROXY_HEADERS = [
+    "Cookie",
+    "Authorization",
+    "User-Agent",
+    "X-Forwarded-For",
+    "Accept-Language",
+]
 
 
 @dataclass(slots=True)
@@ -154,8 +184,19 @@ class Settings:
     # server: the own-origin rule and the keyless API trust no other Host.
     allowed_hosts: list[str] = field(default_factory=list)
 
+    # The application decides (shared/spec/proxy.md): its URLs, or a hooks module.
+    proxy_connect_url: str | None = None
+    proxy_refresh_url: str | None = None
+    proxy_subscribe_url: str | None = None
+    proxy_publish_url: str | None = None
+    proxy_rpc_url: str | None = None
+    proxy_headers: list[str] = field(default_factory=lambda: list(DEFAULT_PROXY_HEADERS))
+    proxy_timeout: float = 3.0
+    hooks: str | None = None  # package.module with on_connect, on_subscribe, ...
+
     echo_endpoint: bool = False  # /echo for the Autobahn conformance suite only
     namespaces: dict[str, NamespaceOptions] = field(default_factory=default_namespaces)
+    personal: NamespaceOptions = field(default_factory=default_personal)
 
     def validate(self) -> None:
         """Raise ConfigError for the first invalid setting."""
@@ -261,6 +302,24 @@ class Settings:
                 raise ConfigError(f"allowed_hosts: {entry!r} is not a host name")
         for name, options in self.namespaces.items():
             options.validate(name)
+        self.personal.validate(PERSONAL)
+        if self.proxy_timeout <= 0 or self.proxy_timeout != self.proxy_timeout:
+            raise ConfigError(f"proxy_timeout: must be > 0, got {self.proxy_timeout}")
+        for call in ("connect", "refresh", "subscribe", "publish", "rpc"):
+            name = f"proxy_{call}_url"
+            url = getattr(self, name)
+            if url is not None and _HTTP_URL.fullmatch(url) is None:
+                raise ConfigError(f"{name}: {url!r} is not an http:// or https:// URL")
+        if self.hooks is not None and _MODULE.fullmatch(self.hooks) is None:
+            raise ConfigError(f"hooks: {self.hooks!r} is not a module name like package.module")
+
+    def all_namespaces(self) -> list[tuple[str, NamespaceOptions]]:
+        """Every options table with the name settings call it by (`namespaces.X`, `personal`)."""
+        tables = [
+            (f"namespaces.{name or 'default'}", opts) for name, opts in self.namespaces.items()
+        ]
+        tables.append(("personal", self.personal))
+        return tables
 
     def redis_urls(self) -> list[str]:
         """The Redis servers of `redis_url` (comma-separated), validated."""
@@ -288,6 +347,55 @@ class Settings:
         if found is None:
             found = self.namespaces.get("", NamespaceOptions())
         return found
+
+
+_HTTP_URL = re.compile(r"https?://[^\s/?#]+(?:[/?#]\S*)?", re.IGNORECASE)
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+# Settings whose values are secrets: `plexus checkconfig` shows them masked.
+SECRET_SETTINGS = frozenset({"jwt_secret", "api_keys"})
+_URL_PASSWORD = re.compile(r"(://[^/@\s]*?:)[^/@\s]*@")
+
+
+def _masked(name: str, value: Any) -> Any:
+    if value is None or value == "" or value == []:
+        return value
+    if name in SECRET_SETTINGS:
+        return ["***"] * len(value) if isinstance(value, list) else "***"
+    if isinstance(value, str) and "://" in value:
+        return _URL_PASSWORD.sub(r"\1***@", value)  # redis://:PASSWORD@host
+    return value
+
+
+def _toml_value(value: Any) -> str:
+    # JSON's strings, numbers, booleans and lists are TOML's too (TOML has no null).
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
+
+
+def settings_toml(settings: Settings) -> str:
+    """The settings as a TOML document, secrets masked (`plexus checkconfig`)."""
+    lines: list[str] = []
+    for item in dataclasses.fields(Settings):
+        name = item.name
+        if name in ("namespaces", "personal"):
+            continue
+        value = _masked(name, getattr(settings, name))
+        if value is None:
+            lines.append(f"# {name} = (unset)")
+        else:
+            lines.append(f"{name} = {_toml_value(value)}")
+    tables = [
+        (f"namespaces.{name or 'default'}", opts) for name, opts in settings.namespaces.items()
+    ]
+    tables.append(("personal", settings.personal))
+    for title, options in tables:
+        lines.append("")
+        lines.append(f"[{title}]")
+        for item in dataclasses.fields(NamespaceOptions):
+            lines.append(f"{item.name} = {_toml_value(getattr(options, item.name))}")
+    return "\n".join(lines) + "\n"
 
 
 # SqliteHistoryStore takes a path with one of these suffixes as the database
@@ -365,23 +473,26 @@ def _convert(name: str, raw: Any, kind: Any, *, from_text: bool) -> Any:
     raise ConfigError(f"{name}: expected {expected}, got {raw!r}")
 
 
+def _options_from(where: str, table: Any, options: NamespaceOptions) -> NamespaceOptions:
+    """`options` with the values of one TOML table of namespace options."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table")
+    hints = get_type_hints(NamespaceOptions)
+    allowed = {f.name for f in dataclasses.fields(NamespaceOptions)}
+    for opt, value in table.items():
+        if opt not in allowed:
+            raise ConfigError(f"{where}.{opt}: unknown option")
+        setattr(options, opt, _convert(f"{where}.{opt}", value, hints[opt], from_text=False))
+    return options
+
+
 def _namespaces_from(raw: Any) -> dict[str, NamespaceOptions]:
     if not isinstance(raw, Mapping):
         raise ConfigError("namespaces: expected a table of namespace tables")
     result = default_namespaces()
-    allowed = {f.name: f.type for f in dataclasses.fields(NamespaceOptions)}
-    hints = get_type_hints(NamespaceOptions)
     for ns_name, table in raw.items():
         key = "" if ns_name == "default" else str(ns_name)
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"namespaces.{ns_name}: expected a table")
-        options = NamespaceOptions()
-        for opt, value in table.items():
-            if opt not in allowed:
-                raise ConfigError(f"namespaces.{ns_name}.{opt}: unknown option")
-            converted = _convert(f"namespaces.{ns_name}.{opt}", value, hints[opt], from_text=False)
-            setattr(options, opt, converted)
-        result[key] = options
+        result[key] = _options_from(f"namespaces.{ns_name}", table, NamespaceOptions())
     return result
 
 
@@ -414,6 +525,9 @@ def load_settings(
         for key, value in data.items():
             if key == "namespaces":
                 settings.namespaces = _namespaces_from(value)
+            elif key == "personal":
+                # Over the defaults: `[personal] history_size = 500` keeps recovery on.
+                settings.personal = _options_from("personal", value, default_personal())
             elif key in types:
                 setattr(settings, key, _convert(key, value, types[key], from_text=False))
             else:
@@ -423,7 +537,7 @@ def load_settings(
         if not key.startswith(ENV_PREFIX) or key == "PLEXUS_CONFIG":
             continue
         name = key[len(ENV_PREFIX) :].lower()
-        if name == "namespaces" or name not in types:
+        if name in ("namespaces", "personal") or name not in types:
             continue
         setattr(settings, name, _convert(key, value, types[name], from_text=True))
     for key, value in (overrides or {}).items():

@@ -7,6 +7,7 @@ and a `closer`, and it writes frames into its bounded `Outbox`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -14,9 +15,23 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from plexus.auth import Authenticator, Credentials
 from plexus.channels import validate_channel
-from plexus.exceptions import AuthError, PermissionDenied, PlexusError
+from plexus.config import NamespaceOptions
+from plexus.decisions.calls import (
+    TOKEN_EXPIRED,
+    ConnectRequest,
+    Credentials,
+    Handshake,
+    PublishRequest,
+    RefreshRequest,
+    Refused,
+    Request,
+    RpcRequest,
+    SubscribeRequest,
+    credentials_from,
+)
+from plexus.decisions.jwt import Authenticator
+from plexus.exceptions import AuthError, PermissionDenied, PlexusError, Unavailable
 from plexus.hub import Subscription
 from plexus.models import Duplicate, Publication
 from plexus.node import Node, RpcCall
@@ -24,6 +39,7 @@ from plexus.outbox import Flusher, Outbox, Transport
 from plexus.protocol import commands as cmd
 from plexus.protocol.codec import CODECS, Codec
 from plexus.protocol.codes import CloseCode, ErrorCode
+from plexus.protocol.commands import check_payload
 from plexus.protocol.pushes import EncodedPush, publication_message
 from plexus.protocol.session import SessionState
 
@@ -53,15 +69,24 @@ def published(result: Publication | Duplicate) -> dict[str, Any]:
 # waits. Bounds the memory a client can pin by publishing faster than the
 # store commits.
 MAX_INFLIGHT_PUBLISHES = 64
+# Seconds before the refresh call is asked again when the application could
+# not answer it: the connection stays open meanwhile (closing everyone
+# while the application is down would only send them all to reconnect).
+REFRESH_RETRY = 10.0
+_ERROR_CODES = frozenset(ErrorCode)
 
 
 class Connection:
     """A client's session: identity, subscriptions, limits and output."""
 
     __slots__ = (
+        "_asking",
+        "_deciding",
         "_ending",
         "_expiry_timer",
         "_inflight",
+        "_refreshing",
+        "_subscribing",
         "auth",
         "client_id",
         "close_code",
@@ -69,6 +94,7 @@ class Connection:
         "codec",
         "codec_index",
         "credentials",
+        "handshake",
         "last_seen",
         "node",
         "opened_at",
@@ -91,6 +117,7 @@ class Connection:
         auth: Authenticator,
         credentials: Credentials | None = None,
         remote: str = "",
+        handshake: Handshake | None = None,
     ) -> None:
         settings = node.settings
         self.node = node
@@ -102,6 +129,9 @@ class Connection:
         self.credentials = credentials
         self.user = credentials.user if credentials else None
         self.remote = remote
+        # What the upgrade said that the application's calls pass on (None
+        # when nothing asks the application).
+        self.handshake = handshake
         self.opened_at = time.time()
         self.last_seen = time.monotonic()
         self.close_code: int | None = None
@@ -114,6 +144,10 @@ class Connection:
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._inflight: set[asyncio.Task[None]] | None = None
         self._ending: asyncio.Task[None] | None = None
+        self._refreshing: asyncio.Task[None] | None = None
+        self._subscribing: set[str] | None = None  # channels whose subscribe is under way
+        self._deciding = False  # `welcome` waits for the application's connect answer
+        self._asking: asyncio.Task[dict[str, Any]] | None = None  # that connect call
 
     # ----- output
 
@@ -132,6 +166,8 @@ class Connection:
         if self.close_code is None:
             self.close_code = code
             self.closer(code, reason)
+            if self._asking is not None:
+                self._asking.cancel()  # nobody is left to welcome
             if self.subscriptions:
                 self._ending = asyncio.get_running_loop().create_task(
                     self._end_subscriptions(), name=f"plexus-close-{self.client_id}"
@@ -141,6 +177,84 @@ class Connection:
         self.node.counters.slow_consumers += 1
         log.info("slow consumer %s: over %d buffered bytes", self.client_id, self.outbox.limit)
         self.close(CloseCode.SLOW_CONSUMER, "slow consumer: output buffer full")
+
+    # ----- opening
+
+    def begin(self) -> None:
+        """Greet the client now, unless the application decides first (then `start` does).
+
+        A connection without a JWT is the application's to decide when it
+        answers the connect call (proxy or hook).
+        """
+        if self.credentials is None and "connect" in self.node.decider.enabled:
+            self._deciding = True
+        else:
+            self._greet()
+
+    @property
+    def starting(self) -> bool:
+        """Whether `start` has work to do before the client's first command is handled."""
+        return self._deciding or bool(self.credentials and self.credentials.channels)
+
+    async def start(self) -> None:
+        """The application's connect decision (then `welcome`), then server-side subscriptions.
+
+        The transport awaits this before it handles the client's first
+        message; messages that arrive meanwhile wait behind it, in order.
+        """
+        if self._deciding:
+            self._deciding = False
+            if not await self._decide_connect():
+                return
+        await self.subscribe_granted()
+
+    def _greet(self) -> None:
+        self.node.add_peer(self)
+        self.send(self.welcome())
+        self.watch_expiry()
+
+    def request(self, kind: type[Request], **fields: Any) -> Any:
+        """A request of `kind` to the application, with this connection's own fields."""
+        handshake = self.handshake
+        return kind(
+            client=self.client_id,
+            protocol="msgpack" if self.codec.binary else "json",
+            user=self.user,
+            headers=handshake.headers if handshake is not None else {},
+            **fields,
+        )
+
+    async def _decide_connect(self) -> bool:
+        """Ask the application who this is; False when the connection was closed instead."""
+        handshake = self.handshake
+        request = self.request(ConnectRequest, data=handshake.data if handshake else None)
+        self._asking = asking = asyncio.ensure_future(self.node.decider.ask(request))
+        try:
+            result = await asking
+        except asyncio.CancelledError:
+            if asking.cancelled() and self.close_code is not None:
+                return False  # closed meanwhile (the shutdown): `close` cancelled the call
+            raise
+        except Refused as exc:
+            expired = exc.reason == TOKEN_EXPIRED
+            code = CloseCode.TOKEN_EXPIRED if expired else CloseCode.UNAUTHORIZED
+            self.close(code, exc.message)
+            return False
+        except Unavailable:
+            self.close(CloseCode.TRY_AGAIN_LATER, "application unavailable: try again later")
+            return False
+        finally:
+            self._asking = None
+        if self.close_code is not None:
+            return False
+        credentials = credentials_from(result)
+        if credentials.expires_at is not None and credentials.expires_at <= time.time():
+            self.close(CloseCode.TOKEN_EXPIRED, "session expired")
+            return False
+        self.credentials = credentials
+        self.user = credentials.user
+        self._greet()
+        return True
 
     def welcome(self) -> dict[str, Any]:
         """The `welcome` message sent on open."""
@@ -159,16 +273,62 @@ class Connection:
     # ----- token expiry
 
     def watch_expiry(self) -> None:
-        """Close with 4002 once the token expired and the grace period passed without `auth`."""
+        """Act when the identity expires.
+
+        A token: close with 4002 once the grace period passed without `auth`.
+        The application's connect answer: ask its refresh call at `expire_at`
+        (4002 when it says expired, or when nothing answers refresh).
+        """
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
             self._expiry_timer = None
-        expires = self.credentials.expires_at if self.credentials else None
-        if expires is None:
+        credentials = self.credentials
+        expires = credentials.expires_at if credentials else None
+        if credentials is None or expires is None:
             return
         loop = asyncio.get_running_loop()
-        delay = max(0.0, expires - time.time()) + self.node.settings.token_grace
-        self._expiry_timer = loop.call_later(delay, self._expired)
+        delay = max(0.0, expires - time.time())
+        if credentials.session:
+            self._expiry_timer = loop.call_later(delay, self._session_expired)
+        else:
+            delay += self.node.settings.token_grace
+            self._expiry_timer = loop.call_later(delay, self._expired)
+
+    def _session_expired(self) -> None:
+        self._expiry_timer = None
+        if self.close_code is not None:
+            return
+        if "refresh" not in self.node.decider.enabled:
+            self.close(CloseCode.TOKEN_EXPIRED, "session expired")
+            return
+        self._refreshing = asyncio.get_running_loop().create_task(
+            self._refresh(), name=f"plexus-refresh-{self.client_id}"
+        )
+
+    async def _refresh(self) -> None:
+        """Ask the application whether the session goes on, and until when."""
+        try:
+            result = await self.node.decider.ask(self.request(RefreshRequest))
+        except Refused as exc:
+            expired = exc.reason == TOKEN_EXPIRED
+            self.close(CloseCode.TOKEN_EXPIRED if expired else CloseCode.UNAUTHORIZED, exc.message)
+            return
+        except Unavailable:
+            # Logged by the decider; ask again later, the connection stays.
+            if self.close_code is None:
+                loop = asyncio.get_running_loop()
+                self._expiry_timer = loop.call_later(REFRESH_RETRY, self._session_expired)
+            return
+        finally:
+            self._refreshing = None
+        if self.close_code is not None or self.credentials is None:
+            return
+        expire_at = result.get("expire_at")
+        if result.get("expired") or expire_at is None or expire_at <= time.time():
+            self.close(CloseCode.TOKEN_EXPIRED, "session expired")
+            return
+        self.credentials = dataclasses.replace(self.credentials, expires_at=float(expire_at))
+        self.watch_expiry()
 
     def _expired(self) -> None:
         self._expiry_timer = None
@@ -208,9 +368,14 @@ class Connection:
                 self.close(outcome.close, "too many bad commands")
             return None
         if isinstance(command, cmd.Publish):
-            if not self._inflight and self.node.space(command.channel).inline:
+            space = self.node.space(command.channel)
+            if not self._inflight and space.inline:
                 self._publish_now(command)
                 return None
+            if space.options.proxy_publish:
+                # One at a time, in order: pipelined, a later publish could be
+                # answered by the application (and stored) before an earlier one.
+                return self._after_publishes(command)
             return self._pipeline(command)
         if self._inflight:
             return self._after_publishes(command)
@@ -249,12 +414,13 @@ class Connection:
         if command.id is not None:
             self.send(cmd.reply(command.id, published(result)))
 
-    def _check_publish(self, channel: str) -> None:
+    def _check_publish(self, channel: str) -> NamespaceOptions:
         options = self.node.check_publish(self.user, channel)
         # Writing into a private channel needs the right to read it.
         private = options.private and not options.publish_without_subscribe
         if private and channel not in self.subscriptions:
             raise PermissionDenied(f"{channel} is private: subscribe (with its token) first")
+        return options
 
     async def _pipeline(self, command: cmd.Publish) -> None:
         """Run a publish without waiting for it before reading the next command.
@@ -284,15 +450,21 @@ class Connection:
             else:
                 result = await self._run(command)
         except Exception as exc:
-            self._failed(command, exc)
+            self._failed(command, exc, granted=granted)
         else:
             if result is not None and command.id is not None:
                 self.send(cmd.reply(command.id, result))
 
-    def _failed(self, command: cmd.Command, exc: Exception) -> None:
-        """Answer a command that raised: its error code, or `internal` for a bug."""
-        if isinstance(exc, PlexusError):
-            code, message = exc.code, exc.message
+    def _failed(self, command: cmd.Command, exc: Exception, *, granted: bool = False) -> None:
+        """Answer a command that raised: its error code, or `internal` for a bug.
+
+        A `PlexusError` whose code is not one of the protocol's (an rpc
+        handler's own) is a bug too. Refusals by the application, every
+        error of an `rpc`, and subscriptions the server made (`granted`) are
+        not the client's protocol mistakes: they never count as bad commands.
+        """
+        if isinstance(exc, PlexusError) and isinstance(exc.code, str) and exc.code in _ERROR_CODES:
+            code, message = ErrorCode(exc.code), exc.message
         else:
             log.error(
                 "command %s of %s failed",
@@ -301,7 +473,8 @@ class Connection:
                 exc_info=exc,
             )
             code, message = ErrorCode.INTERNAL, "internal error"
-        outcome = self.state.failed(command.id, code, message, time.monotonic())
+        counted = not (granted or isinstance(exc, Refused) or isinstance(command, cmd.Rpc))
+        outcome = self.state.failed(command.id, code, message, time.monotonic(), counted=counted)
         if outcome.error is not None:
             self.node.counters.errors[outcome.error["code"]] += 1
             self.send(outcome.error)
@@ -312,11 +485,14 @@ class Connection:
     async def _run(self, command: cmd.Command) -> dict[str, Any] | None:
         node = self.node
         if isinstance(command, cmd.Publish):
-            self._check_publish(command.channel)
+            options = self._check_publish(command.channel)
+            data, raw = command.data, command.raw
+            if options.proxy_publish:
+                data, raw = await self._decide_publish(command)
             result = await node.publish(
                 command.channel,
-                command.data,
-                raw=command.raw,
+                data,
+                raw=raw,
                 client=self.client_id,
                 user=self.user,
                 key=command.idempotency_key,
@@ -339,13 +515,48 @@ class Connection:
         if isinstance(command, cmd.PresenceQuery):
             return await self._presence(command.channel)
         if isinstance(command, cmd.Rpc):
-            data = await node.call_rpc(
-                RpcCall(command.method, command.data, self.client_id, self.user)
-            )
-            return {"data": data}
+            return await self._rpc(command)
         if isinstance(command, cmd.Auth):
             return self._auth(command.token)
         raise PlexusError(f"unhandled command {type(command).__name__}", ErrorCode.UNKNOWN_TYPE)
+
+    async def _decide_publish(self, command: cmd.Publish) -> tuple[Any, bytes]:
+        """Ask the application; the data to store and deliver (its own, if it gave some)."""
+        result = await self.node.decider.ask(
+            self.request(PublishRequest, channel=command.channel, data=command.data)
+        )
+        if "data" not in result:
+            return command.data, command.raw
+        try:
+            return result["data"], check_payload(result["data"])
+        except PlexusError as exc:
+            log.warning("publish answer for %s is not a payload: %s", command.channel, exc.message)
+            raise Unavailable("the application's answer cannot be published") from None
+
+    async def _rpc(self, command: cmd.Rpc) -> dict[str, Any]:
+        """A Python handler's answer, else the application's (hook or proxy), else `not_found`."""
+        node = self.node
+        credentials = self.credentials
+        if node.has_rpc_handler(command.method) or "rpc" not in node.decider.enabled:
+            call = RpcCall(
+                command.method,
+                command.data,
+                self.client_id,
+                self.user,
+                credentials.claims if credentials else {},
+                credentials.info if credentials else None,
+            )
+            data = await node.call_rpc(call)
+        else:
+            request = self.request(RpcRequest, method=command.method, data=command.data)
+            data = (await node.decider.ask(request)).get("data")
+        # Checked here, where a failure is this command's `internal`: an answer
+        # that cannot be encoded would otherwise fail the whole connection.
+        try:
+            check_payload(data, "rpc answer")
+        except PlexusError as exc:
+            raise TypeError(f"rpc {command.method!r} answered {exc.message}") from None
+        return {"data": data}
 
     def _check_private(self, channel: str, token: str | None) -> None:
         if token is None:
@@ -364,27 +575,69 @@ class Connection:
         for channel in channels:
             await self.execute(cmd.Subscribe(None, channel), granted=True)
 
+    async def subscribe_server(self, channel: str) -> bool:
+        """Subscribe on the server's initiative (`/api/subscribe`); False if not made.
+
+        Reported like a subscription of the token's `channels` claim: the
+        `subscribed` push, or an `error` push without id. A connection already
+        subscribed (or subscribing) to `channel`, or closing, is skipped.
+        """
+        if self.close_code is not None or self._deciding:
+            return False
+        if channel in self.subscriptions or (self._subscribing and channel in self._subscribing):
+            return False
+        await self.execute(cmd.Subscribe(None, channel), granted=True)
+        return channel in self.subscriptions
+
+    def _check_subscribing(self, channel: str) -> None:
+        if channel in self.subscriptions or (self._subscribing and channel in self._subscribing):
+            raise PlexusError(f"already subscribed to {channel}", ErrorCode.ALREADY_SUBSCRIBED)
+
     async def _subscribe(self, command: cmd.Subscribe, *, granted: bool = False) -> None:
         channel = command.channel
-        if channel in self.subscriptions:
-            raise PlexusError(f"already subscribed to {channel}", ErrorCode.ALREADY_SUBSCRIBED)
+        self._check_subscribing(channel)
         limit = self.node.settings.max_subscriptions
         if len(self.subscriptions) >= limit:
             raise PermissionDenied(f"subscription limit reached ({limit} per connection)")
         options = self.node.check_read(self.user, channel)
-        if options.private and not granted:
-            self._check_private(channel, command.token)
         if command.has_info and options.client_info:
             info = command.info
         else:
             info = self.credentials.info if self.credentials else None
-        outcome = await self.node.subscribe(
-            self,
-            channel,
-            since=command.since,
-            info=info,
-            recovery_budget=max(0, self.outbox.limit - self.outbox.buffered),
-        )
+        if granted:
+            pass  # the token, the connect answer or the backend already said yes
+        elif options.private and command.token is not None:
+            self._check_private(channel, command.token)
+        elif options.proxy_subscribe:
+            since = command.since
+            result = await self.node.decider.ask(
+                self.request(
+                    SubscribeRequest,
+                    channel=channel,
+                    info=command.info if command.has_info else None,
+                    since=None if since is None else {"offset": since.offset, "epoch": since.epoch},
+                )
+            )
+            if "info" in result:
+                info = result["info"]
+            # The same channel may have been subscribed while the application thought.
+            self._check_subscribing(channel)
+        elif options.private:
+            self._check_private(channel, command.token)
+        subscribing = self._subscribing
+        if subscribing is None:
+            subscribing = self._subscribing = set()
+        subscribing.add(channel)
+        try:
+            outcome = await self.node.subscribe(
+                self,
+                channel,
+                since=command.since,
+                info=info,
+                recovery_budget=max(0, self.outbox.limit - self.outbox.buffered),
+            )
+        finally:
+            subscribing.discard(channel)
         sub = outcome.subscription
         if self.close_code is not None:
             # Closed while subscribing: undo so nothing dangles.
@@ -484,6 +737,8 @@ class Connection:
         """End every subscription after the socket closed."""
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
+        if self._refreshing is not None:
+            self._refreshing.cancel()
         if self._inflight:
             # Accepted publishes still finish: stored, fanned out, answered.
             await asyncio.wait(self._inflight)

@@ -71,14 +71,79 @@ class LatencyHistogram:
         self.counts[bisect_left(self.bounds, seconds)] += 1
         self.total += seconds
 
-    def family(self) -> HistogramMetricFamily:
-        """The samples in Prometheus form (cumulative buckets)."""
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative counts per upper bound, as Prometheus wants them."""
         buckets: list[tuple[str, float]] = []
         running = 0
         for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
             running += count
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
-        return HistogramMetricFamily(self.name, self.doc, buckets=buckets, sum_value=self.total)
+        return buckets
+
+    def family(self) -> HistogramMetricFamily:
+        """The samples in Prometheus form (cumulative buckets)."""
+        return HistogramMetricFamily(
+            self.name, self.doc, buckets=self.buckets(), sum_value=self.total
+        )
+
+
+class CallStats:
+    """The application's calls (proxies and hooks): how many, how they ended, how long.
+
+    Attributes:
+        calls: by (call, via, outcome): via `proxy` or `hook`; outcome
+            `accepted`, `refused` or `failed`.
+        errors: failed calls by (call, reason): `timeout`, `unreachable`,
+            `status` (non-2xx), `bad_answer`, `exception` (a hook raised).
+        latency: one histogram of seconds per call name.
+    """
+
+    __slots__ = ("calls", "errors", "latency")
+
+    def __init__(self) -> None:
+        self.calls: Counter[tuple[str, str, str]] = Counter()
+        self.errors: Counter[tuple[str, str]] = Counter()
+        self.latency: dict[str, LatencyHistogram] = {}
+
+    def observe(self, call: str, via: str, outcome: str, seconds: float) -> None:
+        """Count one call and its duration."""
+        self.calls[call, via, outcome] += 1
+        histogram = self.latency.get(call)
+        if histogram is None:
+            histogram = self.latency[call] = LatencyHistogram(
+                "plexus_decision_seconds", "", _DECISION_BUCKETS
+            )
+        histogram.observe(seconds)
+
+    def families(self) -> Iterator[Any]:
+        """The samples in Prometheus form."""
+        calls = CounterMetricFamily(
+            "plexus_decision_calls",
+            "Calls to the application (proxies and hooks) by call, via and outcome.",
+            labels=["call", "via", "outcome"],
+        )
+        for (call, via, outcome), count in sorted(self.calls.items()):
+            calls.add_metric([call, via, outcome], count)
+        yield calls
+        errors = CounterMetricFamily(
+            "plexus_decision_errors",
+            "Failed calls to the application by call and reason.",
+            labels=["call", "reason"],
+        )
+        for (call, reason), count in sorted(self.errors.items()):
+            errors.add_metric([call, reason], count)
+        yield errors
+        latency = HistogramMetricFamily(
+            "plexus_decision_seconds",
+            "Time calls to the application took, answer or failure.",
+            labels=["call"],
+        )
+        for call, histogram in sorted(self.latency.items()):
+            latency.add_metric([call], histogram.buckets(), histogram.total)
+        yield latency
+
+
+_DECISION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class _Collector(Collector):
@@ -87,14 +152,17 @@ class _Collector(Collector):
         counters: Counters,
         gauges: Callable[[], dict[str, int]],
         histograms: tuple[LatencyHistogram, ...],
+        decisions: CallStats,
     ) -> None:
         self._counters = counters
         self._gauges = gauges
         self._histograms = histograms
+        self._decisions = decisions
 
     def collect(self) -> Iterator[Any]:
         for histogram in self._histograms:
             yield histogram.family()
+        yield from self._decisions.families()
         c = self._counters
         for name, value in self._gauges().items():
             yield GaugeMetricFamily(f"plexus_{name}", f"Current number of {name}.", value=value)
@@ -139,8 +207,11 @@ class Metrics:
             "plexus_publish_seconds",
             "Time the engine took to store and fan out one message.",
         )
+        self.decisions = CallStats()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self.counters, gauges, (self.publish_latency,)))
+        self.registry.register(
+            _Collector(self.counters, gauges, (self.publish_latency,), self.decisions)
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -16,13 +16,14 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Collection
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from plexus.channels import namespace_of, personal_owner
 from plexus.cluster import Cluster
-from plexus.config import NamespaceOptions, Settings
+from plexus.config import PERSONAL, NamespaceOptions, Settings
+from plexus.decisions import Decider
 from plexus.engines.base import Engine, Health, Retention
 from plexus.exceptions import NotFound, PermissionDenied, PlexusError, Unauthorized
 from plexus.hub import Channel, Hub, Subscriber, Subscription
@@ -39,7 +40,10 @@ from plexus.protocol.codes import CloseCode
 from plexus.protocol.commands import Since
 from plexus.protocol.recovery import can_recover, merge_backlog
 from plexus.protocol.session import Limits
+from plexus.rpc import RpcCall, RpcHandler
 from plexus.supervisor import Supervisor
+
+__all__ = ["Node", "Peer", "RpcCall", "RpcHandler", "Space", "SubscribeOutcome"]
 
 log = logging.getLogger("plexus.node")
 
@@ -61,18 +65,9 @@ class Peer(Subscriber, Protocol):
         """End the subscription to `channel` on the server's initiative; False if there was none."""
         ...
 
-
-@dataclass(slots=True, frozen=True)
-class RpcCall:
-    """An `rpc` command as an application handler receives it."""
-
-    method: str
-    data: Any
-    client: str
-    user: str | None
-
-
-RpcHandler = Callable[[RpcCall], Awaitable[Any]]
+    async def subscribe_server(self, channel: str) -> bool:
+        """Subscribe to `channel` on the server's initiative; False if it was not made."""
+        ...
 
 
 @dataclass(slots=True)
@@ -88,7 +83,8 @@ class SubscribeOutcome:
 @dataclass(slots=True, frozen=True)
 class Space:
     """A namespace as the node uses it: its options, how its streams are kept,
-    and whether its publishes complete without I/O."""
+    and whether its publishes complete without I/O (never when the
+    application decides them)."""
 
     options: NamespaceOptions
     retention: Retention
@@ -115,7 +111,12 @@ class Node:
     """
 
     def __init__(
-        self, settings: Settings, engine: Engine, supervisor: Supervisor | None = None
+        self,
+        settings: Settings,
+        engine: Engine,
+        supervisor: Supervisor | None = None,
+        *,
+        hooks: object = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -153,9 +154,12 @@ class Node:
         )
         self.metrics = Metrics(self._gauges)
         self.counters = self.metrics.counters
+        # The application's decisions (proxies and hooks); checked before any I/O.
+        self.decider = Decider(settings, self.metrics.decisions, hooks)
         self.cluster = Cluster(self.name, self.broker, timeout=settings.redis_timeout)
         self.cluster.register("disconnect", self._disconnect_here)
         self.cluster.register("unsubscribe", self._unsubscribe_here)
+        self.cluster.register("subscribe", self._subscribe_here)
         self.broker.bind(self)
 
     # ----- lifecycle
@@ -177,6 +181,7 @@ class Node:
     async def close(self) -> None:
         """Close the engine (after the connections are gone)."""
         await self.cluster.close()
+        await self.decider.close()
         for handle in self._lingering.values():
             handle.cancel()
         self._lingering.clear()
@@ -261,6 +266,51 @@ class Node:
         answers = await self.cluster.call("unsubscribe", args)
         return sum(n for n in answers if isinstance(n, int))
 
+    def _peers_of(self, user: str | None, client: str | None) -> list[Peer]:
+        """This node's connections of `user`, or connection `client` (exactly one is given)."""
+        if (user is None) == (client is None):
+            raise ValueError("give exactly one of user and client")
+        if user is not None:
+            return list(self._users.get(user, ()))
+        peer = self.peers.get(client) if client is not None else None
+        return [] if peer is None else [peer]
+
+    async def subscribe_everywhere(
+        self, channel: str, *, user: str | None = None, client: str | None = None
+    ) -> int:
+        """`subscribe_server` on every node; return how many subscriptions were made."""
+        if (user is None) == (client is None):
+            raise ValueError("give exactly one of user and client")
+        answers = await self.cluster.call(
+            "subscribe", {"channel": channel, "user": user, "client": client}
+        )
+        return sum(n for n in answers if isinstance(n, int))
+
+    async def _subscribe_here(self, args: dict[str, Any]) -> int:
+        return await self.subscribe_server(
+            str(args["channel"]), user=args.get("user"), client=args.get("client")
+        )
+
+    async def subscribe_server(
+        self, channel: str, *, user: str | None = None, client: str | None = None
+    ) -> int:
+        """Subscribe `user`'s connections (or connection `client`) of this node to `channel`.
+
+        Exactly one of `user` and `client` is given. Each connection gets the
+        subscription as from its token's `channels` claim: the `subscribed`
+        push, or an `error` push without id when it may not read the channel.
+        One already subscribed, or closing, is skipped.
+
+        Returns:
+            How many subscriptions were made.
+        """
+        peers = self._peers_of(user, client)
+        made = 0
+        for peer in peers:
+            if await peer.subscribe_server(channel):
+                made += 1
+        return made
+
     async def _unsubscribe_here(self, args: dict[str, Any]) -> int:
         return await self.unsubscribe_server(
             str(args["channel"]), user=args.get("user"), client=args.get("client")
@@ -287,14 +337,7 @@ class Node:
         Returns:
             How many subscriptions ended.
         """
-        if (user is None) == (client is None):
-            raise ValueError("give exactly one of user and client")
-        if user is not None:
-            peers = list(self._users.get(user, ()))
-        elif client in self.peers:
-            peers = [self.peers[client]]
-        else:
-            peers = []
+        peers = self._peers_of(user, client)
         ended = 0
         for peer in peers:
             if await peer.end_subscription(channel, reason):
@@ -304,13 +347,16 @@ class Node:
     # ----- namespaces and permissions
 
     def space(self, channel: str) -> Space:
-        """The namespace `channel` is in, as the node uses it."""
-        name = namespace_of(channel)
-        if name not in self.settings.namespaces:
-            name = ""  # unknown namespaces use (and count against) the default's options
+        """The namespace `channel` is in, as the node uses it (`#USER` channels: `personal`)."""
+        if channel[:1] == PERSONAL and personal_owner(channel) is not None:
+            name = PERSONAL
+        else:
+            name = namespace_of(channel)
+            if name not in self.settings.namespaces:
+                name = ""  # unknown namespaces use (and count against) the default's options
         space = self._spaces.get(name)
         if space is None:
-            options = self.settings.namespace(name)
+            options = self.settings.personal if name == PERSONAL else self.settings.namespace(name)
             retention = Retention(
                 size=options.history_size,
                 ttl=options.history_ttl,
@@ -318,7 +364,8 @@ class Node:
                 max_channels=options.max_channels,
                 namespace=name,
             )
-            space = Space(options, retention, self.broker.inline_for(retention))
+            inline = self.broker.inline_for(retention) and not options.proxy_publish
+            space = Space(options, retention, inline)
             self._spaces[name] = space
         return space
 
@@ -349,7 +396,8 @@ class Node:
             raise PermissionDenied("only the server publishes to personal channels")
         if user is None and not options.anonymous:
             raise Unauthorized(f"publishing to {channel} needs an authenticated user")
-        if not options.allow_publish:
+        if not options.allow_publish and not options.proxy_publish:
+            # With proxy_publish the application's yes is the permission.
             raise PermissionDenied(f"clients may not publish to {channel}")
         return options
 
@@ -681,6 +729,10 @@ class Node:
     async def presence_of(self, channel: str) -> dict[str, ClientInfo]:
         """Present clients of `channel` (across nodes sharing the presence store)."""
         return await self.presence.get(channel)
+
+    def has_rpc_handler(self, method: str) -> bool:
+        """Whether a Python handler (or the default one) answers `method`."""
+        return method in self.rpc_handlers or self.default_rpc_handler is not None
 
     async def call_rpc(self, call: RpcCall) -> Any:
         """Run the application's handler for `call.method`."""

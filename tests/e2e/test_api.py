@@ -682,3 +682,74 @@ async def test_unknown_paths_and_methods_get_json_errors(api_server: Server) -> 
             assert (await response.json())["error"]["code"] == "bad_request"
         async with session.post(server.url + "/api/info") as response:
             assert response.status == 405
+
+
+# ----- /api/subscribe
+
+
+async def test_subscribe_by_user_and_by_client(api_server: Server, api: Api) -> None:
+    token = make_token(SECRET, user="alice")
+    alices = [await Client(api_server.ws_url, token=token, timeout=TIMEOUT).connect() for _ in "ab"]
+    bob = await Client(
+        api_server.ws_url, token=make_token(SECRET, user="bob"), timeout=TIMEOUT
+    ).connect()
+    try:
+        assert await api.ok("/api/subscribe", {"channel": "chat:s", "user": "alice"}) == {
+            "subscribed": 2
+        }
+        subs = [await alice.wait_subscription("chat:s", TIMEOUT) for alice in alices]
+        assert all(sub.server for sub in subs)
+        assert "chat:s" not in bob.subscriptions
+        await api.ok("/api/publish", {"channel": "chat:s", "data": "hi"})
+        for sub in subs:
+            assert (await sub.get(TIMEOUT, kind="message"))["data"] == "hi"
+        # Already subscribed: nothing made, nothing sent.
+        assert await api.ok("/api/subscribe", {"channel": "chat:s", "user": "alice"}) == {
+            "subscribed": 0
+        }
+        body = {"channel": "chat:t", "client": bob.client_id}
+        assert await api.ok("/api/subscribe", body) == {"subscribed": 1}
+        assert (await bob.wait_subscription("chat:t", TIMEOUT)).server
+        for nothing in (
+            {"channel": "chat:t", "client": "c-unknown"},
+            {"channel": "chat:t", "user": "nobody"},
+        ):
+            assert await api.ok("/api/subscribe", nothing) == {"subscribed": 0}
+        # A channel the user may not read: an error push to it, not counted,
+        # and never a bad command of the client's (it did nothing).
+        refused = {"channel": "#alice", "user": "bob"}
+        for _ in range(25):  # over bad_command_limit (20)
+            assert await api.ok("/api/subscribe", refused) == {"subscribed": 0}
+            error = await next_other(bob)
+            assert (error["type"], error["code"]) == ("error", "permission_denied")
+            assert "id" not in error
+        await bob.ping()
+        assert bob.close_code is None
+        # Its own subscription now: unsubscribe ends it like any other.
+        await alices[0].unsubscribe("chat:s")
+        assert "chat:s" not in alices[0].subscriptions
+    finally:
+        for client in (*alices, bob):
+            await client.close()
+
+
+async def test_subscribe_refuses_bad_input(api_server: Server, api: Api) -> None:
+    refused: list[tuple[Any, str]] = [
+        ({"user": "alice"}, "bad_request"),
+        ({"channel": "bad channel", "user": "alice"}, "invalid_channel"),
+        ({"channel": "chat:x", "user": "alice", "client": "c-1"}, "bad_request"),
+        ({"channel": "chat:x"}, "bad_request"),
+        ({"channel": "chat:x", "user": 5}, "bad_request"),
+        ({"channel": "chat:x", "client": ""}, "bad_request"),
+        (b'{"channel": "chat:x", "user": "alice"', "bad_request"),
+        (["chat:x", "alice"], "bad_request"),
+        ({"channel": "chat:x", "user": "alice", "pad": "x" * MAX_BODY}, "too_large"),
+    ]
+    for body, code in refused:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        status, found = await api.error("/api/subscribe", raw=raw)
+        assert (status, found) == ({"too_large": 413}.get(code, 400), code), body
+        if isinstance(body, dict) and code != "too_large":
+            assert not request_validator("/api/subscribe").is_valid(body), body
+    good = {"channel": "chat:x", "user": "alice"}
+    assert await api.error("/api/subscribe", good, headers={}) == (401, "unauthorized")

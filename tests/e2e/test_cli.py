@@ -103,7 +103,7 @@ def test_unreachable_server_is_one_line() -> None:
 
 def test_token_is_signed_with_the_secret() -> None:
     result = plexus(
-        "token", "--user", "alice", "--ttl", "1h", "--channel", "orders:1", "--secret", SECRET
+        "token", "--user", "alice", "--ttl", "1h", "--subscription", "orders:1", "--secret", SECRET
     )
     assert result.returncode == 0, result.stderr
     claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])

@@ -288,12 +288,13 @@ async def test_server_side_subscriptions_are_subscriptions_and_recover_across_a_
 ) -> None:
     server = await make_server(jwt_secret=SECRET)
     made: list[Subscription] = []
-    token = make_token(SECRET, user="alice", channels=["chat:news", "#alice"])
+    token = make_token(SECRET, user="alice", channels=["chat:news", "#alice", "bulletin"])
     client = await connect(clients, server.ws_url, token=token, on_subscribed=made.append)
     news = await client.wait_subscription("chat:news", TIMEOUT)
     alice = await client.wait_subscription("#alice", TIMEOUT)
-    assert [sub.channel for sub in made] == ["chat:news", "#alice"]
-    assert made == [news, alice]
+    bulletin = await client.wait_subscription("bulletin", TIMEOUT)
+    assert [sub.channel for sub in made] == ["chat:news", "#alice", "bulletin"]
+    assert made == [news, alice, bulletin]
     assert news.server
     assert alice.server
     assert news.result == {
@@ -309,21 +310,25 @@ async def test_server_side_subscriptions_are_subscriptions_and_recover_across_a_
 
     # Dropped; meanwhile the channels move on. On reconnect the server
     # subscribes again (from the token) at the current offsets: the client
-    # reads what it missed from history where there is history (chat:), and
-    # says so where there is none (#alice, default namespace).
-    alice_before = alice.position
+    # reads what it missed from history where there is history (chat:, and
+    # personal channels by default), and says so where there is none
+    # (bulletin, default namespace).
+    bulletin_before = bulletin.position
     peer(server, client).close(CloseCode.SLOW_CONSUMER, "test")
     await client.wait_closed(TIMEOUT)
     for n in range(2, 6):
         await publish(server, "chat:news", n)
     await publish(server, "#alice", "while away")
+    await publish(server, "bulletin", "while away")
     client.retry_now()
     assert [m["data"] for m in await messages(news, 4)] == [2, 3, 4, 5]
-    lost = await alice.get(TIMEOUT)
-    assert (lost["type"], lost["since"]) == ("lost", alice_before)
+    assert (await alice.get(TIMEOUT))["data"] == "while away"
+    lost = await bulletin.get(TIMEOUT)
+    assert (lost["type"], lost["since"]) == ("lost", bulletin_before)
     assert news.lost == []
-    assert client.subscriptions == {"chat:news": news, "#alice": alice}
-    assert len(made) == 2, "the same Subscriptions after the reconnect"
+    assert alice.lost == []
+    assert client.subscriptions == {"chat:news": news, "#alice": alice, "bulletin": bulletin}
+    assert len(made) == 3, "the same Subscriptions after the reconnect"
     assert client.other.empty(), "no already_subscribed (or other) error surfaced"
     # It waited for the server's own subscribes (a ping) instead of sending
     # its own that would be refused: no bad command counted against it.
@@ -412,3 +417,39 @@ async def test_an_unsubscribed_push_without_resubscribe_ends_the_stream(
     assert ended.value.reason == "kicked"
     assert "chat:end" not in client.subscriptions
     assert (await asyncio.wait_for(client.other.get(), TIMEOUT))["reason"] == "kicked"
+
+
+# ----- notifications that arrive
+
+
+async def test_a_notification_sent_while_the_user_was_offline_arrives_once_on_reconnect(
+    make_server: ServerFactory, clients: list[Client]
+) -> None:
+    """`#user` channels keep history with recovery by default (the `personal` options)."""
+    first = await make_server(history_backend="sqlite", jwt_secret=SECRET)
+
+    def get_token() -> str:
+        return make_token(SECRET, user="alice", channels=["#alice"])
+
+    client = await connect(clients, first.ws_url, get_token=get_token)
+    notes = await client.wait_subscription("#alice", TIMEOUT)
+    await publish(first, "#alice", {"notice": "one"})
+    assert (await notes.get(TIMEOUT, kind="message"))["data"] == {"notice": "one"}
+
+    # The server goes away (a deploy); alice has no connection anywhere when
+    # the backend notifies her, after the restart.
+    port = first.port
+    await first.stop()
+    assert await client.wait_closed(TIMEOUT) == CloseCode.GOING_AWAY
+    second = await make_server(history_backend="sqlite", jwt_secret=SECRET, port=port)
+    assert second.node is not None
+    assert second.node.peers == {}
+    await publish(second, "#alice", {"notice": "while you were away"})
+    await publish(second, "#alice", {"notice": "and this"})
+    client.retry_now()
+    missed = await messages(notes, 2)
+    assert [m["data"]["notice"] for m in missed] == ["while you were away", "and this"]
+    assert [m["offset"] for m in missed] == [2, 3]
+    assert notes.lost == []
+    assert client.subscriptions == {"#alice": notes}
+    await then_only(second, notes, "live")  # and nothing twice

@@ -812,7 +812,7 @@ async def test_probes_keep_an_idle_link_without_reconnecting(
         await node.stop()
 
 
-async def test_api_disconnect_and_unsubscribe_reach_every_node(
+async def test_api_disconnect_subscribe_and_unsubscribe_reach_every_node(
     redis_server: RedisServer, redis_prefix: str
 ) -> None:
     from plexus.auth import make_token
@@ -830,6 +830,12 @@ async def test_api_disconnect_and_unsubscribe_reach_every_node(
             await client.subscribe(CHANNEL)
             clients.append(client)
         alice_a, alice_b, bob_b = clients
+        # From node A: bob's connection on node B gets a subscription, then loses it.
+        status, body = await api_post(
+            a.url, "/api/subscribe", {"channel": "chat:extra", "user": "bob"}
+        )
+        assert (status, body) == (200, {"subscribed": 1})
+        assert (await bob_b.wait_subscription("chat:extra", TIMEOUT)).server
         # From node A: bob's subscription on node B ends, his connection stays.
         status, body = await api_post(
             a.url, "/api/unsubscribe", {"channel": CHANNEL, "user": "bob"}

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import threading
 from collections.abc import Iterator
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
@@ -95,9 +98,23 @@ def test_unsubscribe_needs_exactly_one_target(api: PlexusApi) -> None:
         api.unsubscribe("chat:x", user="a", client="b")
 
 
-def test_unencodable_data_is_refused_before_sending(api: PlexusApi) -> None:
-    with pytest.raises(TypeError):
-        api.publish("chat:x", {1, 2})
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        ({1, 2}, "data: set is not JSON-serialisable"),
+        ({"price": Decimal("9.99")}, "data.price: Decimal is not JSON-serialisable"),
+        ({"items": [1, {"at": datetime.date(2026, 1, 1)}]}, "data.items[1].at: date is not"),
+        ({"n": float("nan")}, "data.n: nan is not a JSON number"),
+        ({1: "x"}, "data: key 1 is int, not a string"),
+    ],
+)
+def test_unencodable_data_is_refused_before_sending(api: PlexusApi, data: Any, where: str) -> None:
+    for call in (lambda: api.publish("chat:x", data), lambda: api.broadcast(["chat:x"], data)):
+        with pytest.raises(ApiError) as caught:
+            call()
+        assert caught.value.code == "bad_request"
+        assert caught.value.status == 0, "refused here, never sent"
+        assert caught.value.message.startswith(where)
 
 
 async def test_async_publish_reaches_a_subscriber_and_unsubscribe_ends_it(

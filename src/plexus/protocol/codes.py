@@ -55,6 +55,7 @@ class CloseCode(IntEnum):
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # the application that decides connections is unavailable
     BAD_REQUESTS = 4000  # repeated bad commands: fix the client
     UNAUTHORIZED = 4001  # do not reconnect with the same token
     TOKEN_EXPIRED = 4002  # refresh the token, then reconnect

@@ -105,12 +105,18 @@ class SessionState:
                 return self.failed(command.id, ErrorCode.RATE_LIMITED, message, now)
         return Outcome(command=command)
 
-    def failed(self, cid: Any, code: ErrorCode, message: str, now: float) -> Outcome:
-        """Account for a command that failed with `code`; return the error and any close."""
+    def failed(
+        self, cid: Any, code: ErrorCode, message: str, now: float, *, counted: bool = True
+    ) -> Outcome:
+        """Account for a command that failed with `code`; return the error and any close.
+
+        `counted=False`: not a bad command whatever the code (the application
+        refused it, or an `rpc` handler answered an error).
+        """
         outcome = Outcome(error=error(cid, code.value, message))
         if code is ErrorCode.RATE_LIMITED:
             if self._rate_limited.hit(now):
                 outcome.close = CloseCode.RATE_LIMITED
-        elif code not in NOT_COUNTED_AS_BAD and self._bad.hit(now):
+        elif counted and code not in NOT_COUNTED_AS_BAD and self._bad.hit(now):
             outcome.close = CloseCode.BAD_REQUESTS
         return outcome

@@ -85,6 +85,7 @@ class HttpApi:
             "/api/presence": self.presence,
             "/api/channels": self.channels,
             "/api/disconnect": self.disconnect,
+            "/api/subscribe": self.subscribe,
             "/api/unsubscribe": self.unsubscribe,
         }
         table: list[web.AbstractRouteDef] = [
@@ -306,6 +307,24 @@ class HttpApi:
         body = await self._json(request)
         user = self._name(body, "user")
         return web.json_response({"disconnected": await self.node.disconnect_everywhere(user)})
+
+    def _target(self, body: dict[str, Any]) -> dict[str, str]:
+        """The `user` or the `client` of a body that must name exactly one."""
+        if ("user" in body) == ("client" in body):
+            raise BadRequest('give exactly one of "user" and "client"')
+        key = "user" if "user" in body else "client"
+        return {key: self._name(body, key)}
+
+    async def subscribe(self, request: web.Request) -> web.Response:
+        """`POST /api/subscribe {"channel", "user" | "client"}` -> `{"subscribed": N}`.
+
+        Subscribes the matching connections of every node on the server's
+        initiative; each gets the `subscribed` push.
+        """
+        body = await self._json(request)
+        channel = self._channel(body)
+        made = await self.node.subscribe_everywhere(channel, **self._target(body))
+        return web.json_response({"subscribed": made})
 
     async def unsubscribe(self, request: web.Request) -> web.Response:
         """`POST /api/unsubscribe {"channel", "user" | "client"}` -> `{"unsubscribed": N}`.

@@ -422,9 +422,10 @@ class LeanProtocol(Link, asyncio.Protocol):
             self._answer(http_error(refusal))
             return
         try:
-            token = URL(request.path).query.get("token", "")
+            query = URL(request.path).query
+            token, data = query.get("token", ""), query.get("data")
         except ValueError:
-            token = ""
+            token, data = "", None
         credentials, refused = endpoint.verify_token(token, echo=echo)
         ws.send_response(response)
         transport.write(b"".join(ws.data_to_send()))
@@ -435,9 +436,10 @@ class LeanProtocol(Link, asyncio.Protocol):
         ws.drop_handshake()
         transport.set_write_buffer_limits(high=listener.write_high_water)
         self.echo, self.ws = echo, ws
-        conn = endpoint.open(self, transport, ws.subprotocol, credentials)
-        if not echo and conn.credentials is not None and conn.credentials.channels:
-            self._task = asyncio.get_running_loop().create_task(self._run(granted=True))
+        handshake = endpoint.handshake(headers.raw_items(), data)
+        conn = endpoint.open(self, transport, ws.subprotocol, credentials, handshake)
+        if not echo and conn.starting:  # connect decision, server-side subscriptions
+            self._task = asyncio.get_running_loop().create_task(self._run(start=True))
         if len(head) > head_size:  # frames sent right behind the request
             self._receive(head[head_size:])
 
@@ -606,7 +608,7 @@ class LeanProtocol(Link, asyncio.Protocol):
             self._queue(action)
 
     async def _run(
-        self, waiting: Coroutine[Any, Any, None] | None = None, *, granted: bool = False
+        self, waiting: Coroutine[Any, Any, None] | None = None, *, start: bool = False
     ) -> None:
         """Finish a message that had to wait, then handle those queued behind it, in order.
 
@@ -616,8 +618,8 @@ class LeanProtocol(Link, asyncio.Protocol):
         conn = self.conn
         transport = self.transport
         try:
-            if granted:
-                await conn.subscribe_granted()
+            if start:
+                await conn.start()
             if waiting is not None:
                 await waiting
             while pending := self._pending:

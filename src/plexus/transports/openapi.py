@@ -296,6 +296,41 @@ _SCHEMAS: Final[dict[str, Any]] = {
         "required": ["channel"],
         "oneOf": [{"required": ["user"]}, {"required": ["client"]}],
     },
+    "SubscribeRequest": {
+        "type": "object",
+        "description": "The channel and exactly one of `user` and `client`.",
+        "properties": {
+            "channel": _ref("Channel"),
+            "user": {
+                "type": "string",
+                "minLength": 1,
+                "description": "Every connection of this user.",
+            },
+            "client": {
+                "type": "string",
+                "minLength": 1,
+                "description": "The connection with this client id (from `welcome`).",
+            },
+        },
+        "required": ["channel"],
+        "oneOf": [{"required": ["user"]}, {"required": ["client"]}],
+    },
+    "SubscribeResult": {
+        "type": "object",
+        "properties": {
+            "subscribed": {
+                "type": "integer",
+                "minimum": 0,
+                "description": (
+                    "Subscriptions made, on every node; each connection got the `subscribed`"
+                    " push. Connections already subscribed, or that may not read the channel"
+                    " (they got an `error` push), are not counted. 0 when nothing matched."
+                ),
+            }
+        },
+        "required": ["subscribed"],
+        "additionalProperties": False,
+    },
     "UnsubscribeResult": {
         "type": "object",
         "properties": {
@@ -376,6 +411,12 @@ _DOCUMENT: Final[dict[str, Any]] = {
             "Close every connection of a user on this node (close code 4001)",
             _ref("DisconnectRequest"),
             "DisconnectResult",
+        ),
+        "/api/subscribe": _post(
+            "subscribe",
+            "Subscribe the connections of a user, or one connection, to a channel (every node)",
+            _ref("SubscribeRequest"),
+            "SubscribeResult",
         ),
         "/api/unsubscribe": _post(
             "unsubscribe",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -31,6 +32,7 @@ from aiohttp.base_protocol import BaseProtocol
 
 from plexus.auth import Authenticator, Credentials
 from plexus.connection import Connection
+from plexus.decisions.calls import Handshake
 from plexus.exceptions import AuthError
 from plexus.node import Node
 from plexus.outbox import Flusher, Outbox, Transport
@@ -252,6 +254,7 @@ class WebSocketEndpoint:
         if not origin_allowed(
             origin, scheme, host, settings.allowed_origins, settings.allowed_hosts
         ):
+            log.info("refused origin %r (Host %r) from %s", origin, host, remote)
             return Refusal(403, "permission_denied", "origin not allowed")
         if settings.max_connections and len(self.connections) >= settings.max_connections:
             return Refusal(503, "unavailable", "connection limit of this node reached")
@@ -267,6 +270,10 @@ class WebSocketEndpoint:
             except AuthError as exc:
                 return None, exc
         return None, None
+
+    def handshake(self, headers: Iterable[tuple[str, str]], data: str | None) -> Handshake | None:
+        """What of the upgrade request the application's calls pass on (None: nothing asks)."""
+        return self.node.decider.handshake(headers, data)
 
     def refuse_token(self, transport: asyncio.Transport, refused: AuthError, remote: str) -> None:
         """Close a just-accepted WebSocket with 4001/4002 and no `welcome`.
@@ -284,11 +291,14 @@ class WebSocketEndpoint:
         transport: Transport,
         subprotocol: str | None,
         credentials: Credentials | None,
+        handshake: Handshake | None = None,
     ) -> Connection:
         """Make the connection of an accepted WebSocket, count it and greet it.
 
-        The engine then awaits `conn.subscribe_granted()` (unless `link.echo`)
-        before the peer's first message.
+        When `conn.starting` (and not `link.echo`) the engine then awaits
+        `conn.start()` before the peer's first message: the application's
+        connect decision, which `welcome` waits for, and the server-side
+        subscriptions.
         """
         conn = Connection(
             self.node,
@@ -299,14 +309,13 @@ class WebSocketEndpoint:
             auth=self.auth,
             credentials=credentials,
             remote=link.remote,
+            handshake=handshake,
         )
         link.conn = conn
         self.connections.add(conn)
         self._drained.clear()
         if not link.echo:
-            self.node.add_peer(conn)
-            conn.send(conn.welcome())
-            conn.watch_expiry()
+            conn.begin()
         log.info("open %s from %s user=%s", conn.client_id, link.remote, conn.user)
         return conn
 
@@ -395,6 +404,7 @@ async def _serve(
             charset="utf-8",
         )
     credentials, refused = endpoint.verify_token(request.query.get("token", ""), echo=echo)
+    handshake = endpoint.handshake(headers.items(), request.query.get("data"))
     ws = _Response(
         protocols=SUBPROTOCOLS,
         compress=False,
@@ -416,11 +426,11 @@ async def _serve(
     link = Link(endpoint)
     link.remote, link.echo, link.transport = remote, echo, transport
     transport.set_write_buffer_limits(high=write_high_water(endpoint.settings.max_queue_bytes))
-    conn = endpoint.open(link, _WsTransport(transport, ws), ws.ws_protocol, credentials)
+    conn = endpoint.open(link, _WsTransport(transport, ws), ws.ws_protocol, credentials, handshake)
     ws.outbox = conn.outbox
     try:
         if not echo:
-            await conn.subscribe_granted()
+            await conn.start()
         await _read(ws, link, request.protocol, writer)
     except Exception:
         link.crashed()
