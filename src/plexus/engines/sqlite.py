@@ -706,15 +706,11 @@ class SqliteBroker:
 
     async def nodes(self) -> list[dict[str, Any]]:
         """Only this node shares this engine."""
-        return [self._sink.info()] if self._sink is not None else []
+        return await self._local.nodes()
 
     async def send_nodes(self, payload: bytes, node: str | None = None) -> int:
-        """Only this node can be reached (on the next loop iteration, like from afar)."""
-        sink = self._sink
-        if sink is None or (node is not None and node != sink.name):
-            return 0
-        asyncio.get_running_loop().call_soon(sink.on_node_message, payload)
-        return 1
+        """Only this node can be reached."""
+        return await self._local.send_nodes(payload, node)
 
     def health(self) -> Health:
         """Down while the writer thread is dead or its last batch failed."""
