@@ -162,6 +162,26 @@ class Server:
             "uptime": round(time.time() - self.started_at, 3),
             "components": health["components"],
             "ready": health["ready"],
+            "state": self.state(),
+        }
+
+    def state(self) -> dict[str, Any]:
+        """What `/health` shows under `state`: entries held in memory, and asyncio tasks.
+
+        Counts only (no names), cheap enough for every health check: what an
+        operator watches for growth over months, and what the soak benchmark
+        and its test compare with a baseline.
+        """
+        if self.node is None:
+            return {}
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # no running loop: not serving
+            tasks = 0
+        return {
+            "tasks": tasks,
+            "node": self.node.state_size(),
+            "engine": self.node.engine_state(),
         }
 
     async def _health(self, request: web.Request) -> web.Response:

@@ -22,7 +22,7 @@ from typing import Any, Final, Protocol
 
 from plexus.channels import namespace_of, personal_owner
 from plexus.config import NamespaceOptions, Settings
-from plexus.engines.base import Engine, Health, Retention
+from plexus.engines.base import Engine, Health, Measured, Retention
 from plexus.exceptions import NotFound, PermissionDenied, PlexusError, Unauthorized
 from plexus.hub import Channel, Hub, Subscriber, Subscription
 from plexus.metrics import Metrics
@@ -713,5 +713,15 @@ class Node:
             "locks": len(self._locks),
             "lingering": len(self._lingering),
             "repairs": len(self._repairs),
+            "repair_again": len(self._repair_again),
+            "unsynced_gaps": len(self._unsynced_gaps),
             "tasks": len(self._tasks),
         }
+
+    def engine_state(self) -> dict[str, int]:
+        """How many entries the engine's parts hold in memory (those that tell: see `Measured`)."""
+        sizes: dict[str, int] = {}
+        for part in self._parts():
+            if isinstance(part, Measured):
+                sizes.update(part.state_size())
+        return sizes
