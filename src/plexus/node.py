@@ -122,7 +122,7 @@ class Node:
         self.history = engine.history
         self.presence = engine.presence
         self.supervisor = supervisor or Supervisor()
-        self.hub = Hub(on_gap=self._gap)
+        self.hub = Hub(on_gap=self._found_gap)
         self.peers: dict[str, Peer] = {}
         self._users: dict[str, set[Peer]] = {}
         self._spaces: dict[str, Space] = {}
@@ -405,6 +405,11 @@ class Node:
                 self._gap(channel)
 
     # ----- repairs
+
+    def _found_gap(self, channel: Channel) -> None:
+        """The hub saw a channel's offsets jump or its epoch change: count it, repair it."""
+        self.counters.gaps += 1
+        self._gap(channel)
 
     def _gap(self, channel: Channel) -> None:
         name = channel.name
