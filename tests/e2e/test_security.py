@@ -34,12 +34,11 @@ import plexus.app
 from plexus.app import Server
 from plexus.auth import make_token
 from plexus.client import Client, PlexusClientError
-from plexus.config import NamespaceOptions, default_namespaces, load_settings
+from plexus.config import NamespaceOptions, default_namespaces
 from plexus.connection import Connection
 from plexus.protocol.codec import MSGPACK_SUBPROTOCOL
 from tests.conftest import WS_ENGINE, ServerFactory
 from tests.helpers import (
-    ROOT,
     TIMEOUT,
     api_post,
     open_raw_ws,
@@ -1171,24 +1170,6 @@ async def test_unread_bodies_of_a_client_that_hung_up_leave_nothing(
     await wait_for(lambda: server.state()["tasks"] <= tasks)
     await bystander.check()
     await bystander.client.close()
-
-
-def test_hardened_example_config_is_valid(tmp_path: Path) -> None:
-    """The example in docs/security.md loads, and is as strict as it says."""
-    text = (ROOT / "docs" / "security.md").read_text(encoding="utf-8")
-    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
-    # The key and certificate files exist only on the real server.
-    for name in ("certfile", "keyfile", "jwt_jwks_file"):
-        example = "\n".join(line for line in example.splitlines() if not line.startswith(name))
-    config = tmp_path / "plexus.toml"
-    config.write_text(example, encoding="utf-8")
-    settings = load_settings(config, env={})
-    assert settings.allowed_origins == ["https://app.example.com"]
-    assert settings.jwt_audience == "plexus"
-    assert settings.jwt_issuer == "https://auth.example.com"
-    assert all(not settings.namespace(n).anonymous for n in ("", "chat", "orders", "other"))
-    assert settings.namespace("orders").private
-    assert not settings.echo_endpoint
 
 
 async def test_a_lone_bytes_map_is_bytes_for_every_client(
