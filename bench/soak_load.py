@@ -17,11 +17,12 @@ What one round does, all at once:
   `subscribed` channels of the default namespace (no history) are subscribed
   and left; `reads` unknown `chat:` channels are asked for their `history`.
   None of them may leave state behind.
-* **attacks** from issue 10, once each: a ping flood from a client that reads
-  late, a join/leave flood and a publish flood into a bystander's room, a
-  message in endless empty fragments, idle and half-sent HTTP requests, API
-  bodies that are oversized (declared and chunked), trickled, truncated or
-  never finished. Each must get its documented answer.
+* **attacks** from issue 10, once each (`bench/soak_attacks.py`): a ping
+  flood from a client that reads late, a join/leave flood and a publish flood
+  into a bystander's room, a message in endless empty fragments, idle and
+  half-sent HTTP requests, API bodies that are oversized (declared and
+  chunked), trickled, truncated or never finished. Each must get its
+  documented answer.
 * **bystanders**, one per room, stay connected through every round; the API
   publishes `api_messages` into each room per round. After the round each
   bystander must hold every offset of its room up to the room's top, with no
@@ -34,14 +35,13 @@ the server process and returns the server's `/health` `state`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,13 +49,14 @@ from typing import Any
 import aiohttp
 import orjson
 
+from bench.soak_attacks import PAD, Attacks, read_response, request_head, welcome
+
 ROOM_PREFIX = "chat:soak-"
 SOURCES = [f"127.0.0.{n}" for n in range(2, 10)]
 BROADCAST_BATCH = 500  # channels per /api/broadcast (the API takes up to 1000)
 # subscribe, unsubscribe and history draw on one bucket of `subscribe_burst`
 # (300 by default): a one-off worker connection sends fewer, then closes.
 WORKER_BUDGET = 290
-PAD = "p" * 64  # every published payload has the same size, so history memory stays flat
 
 
 @dataclass(frozen=True)
@@ -105,82 +106,6 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-# ----- raw WebSocket and HTTP, for what a library would not send
-
-
-def frame(payload: bytes, opcode: int = 0x1, *, fin: bool = True) -> bytes:
-    """One client frame, masked with the all-zero key (a valid mask: no XOR to do)."""
-    first = (0x80 if fin else 0) | opcode
-    n = len(payload)
-    if n < 126:
-        head = struct.pack("!BB", first, 0x80 | n)
-    elif n < 65536:
-        head = struct.pack("!BBH", first, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", first, 0x80 | 127, n)
-    return head + bytes(4) + payload
-
-
-async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """One server frame (unmasked): (opcode, payload)."""
-    first, second = await reader.readexactly(2)
-    n = second & 0x7F
-    if n == 126:
-        (n,) = struct.unpack("!H", await reader.readexactly(2))
-    elif n == 127:
-        (n,) = struct.unpack("!Q", await reader.readexactly(8))
-    return first & 0x0F, await reader.readexactly(n)
-
-
-async def raw_ws(
-    port: int, buffers: int | None = None
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A raw socket past the handshake and the `welcome`; `buffers`: small kernel buffers."""
-    sock = socket.socket()
-    if buffers is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
-    sock.setblocking(False)
-    try:
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    except BaseException:
-        sock.close()
-        raise
-    reader, writer = await asyncio.open_connection(sock=sock)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = await reader.readuntil(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 101 "):
-        writer.close()
-        raise ConnectionError(f"upgrade refused: {head[:40]!r}")
-    opcode, payload = await read_frame(reader)
-    if opcode != 0x1 or orjson.loads(payload)["type"] != "welcome":
-        writer.close()
-        raise ConnectionError("no welcome")
-    return reader, writer
-
-
-def request_head(method: str, path: str, headers: dict[str, str]) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """Status and body of one HTTP response with a Content-Length."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    length = 0
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "content-length":
-            length = int(value)
-    return int(lines[0].split(" ")[1]), await reader.readexactly(length)
 
 
 def cut(ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -444,9 +369,7 @@ class Soak:
     # ----- helpers
 
     async def _welcome(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        first = await ws.receive_json(timeout=self.timeout)
-        if first.get("type") != "welcome":
-            raise RuntimeError(f"expected welcome, got {first}")
+        await welcome(ws, self.timeout)
 
     async def _ask(self, ws: aiohttp.ClientWebSocketResponse, command: dict[str, Any]) -> Any:
         """Send `command` and return its answer (pushes before it are skipped)."""
@@ -601,229 +524,19 @@ class Soak:
     # ----- attacks
 
     async def _attacks(self, number: int, result: RoundResult) -> None:
-        room = self.rooms[number % len(self.rooms)]
-        attacks: list[tuple[str, Callable[[], Awaitable[str]]]] = [
-            ("ping flood", self._ping_flood),
-            ("join/leave flood", lambda: self._join_leave_flood(room)),
-            ("publish flood", lambda: self._publish_flood(room, result)),
-            ("endless fragments", self._endless_fragments),
-            ("half-sent heads", self._half_sent_heads),
-            ("idle keep-alive", self._idle_keepalive),
-            ("declared oversized body", self._declared_oversized),
-            ("chunked oversized body", self._chunked_oversized),
-            ("trickled body", lambda: self._trickled(room, result)),
-            ("truncated body, client gone", self._truncated_gone),
-            ("unfinished body", self._unfinished_body),
-        ]
+        def acked(room: str, offset: int) -> None:
+            self.acked[room].append(offset)
+            result.messages += 1
 
-        async def run(name: str, attack: Callable[[], Awaitable[str]]) -> None:
-            try:
-                outcome = await attack()
-            except Exception as exc:
-                outcome = f"{type(exc).__name__}: {exc}"
-            result.attacks[f"{name}: {outcome}"] += 1
-            if outcome not in EXPECTED[name]:
-                result.errors.append(f"attack {name}: {outcome} (expected {EXPECTED[name]})")
-
-        await asyncio.gather(*(run(name, attack) for name, attack in attacks))
-
-    async def _ping_flood(self) -> str:
-        """Pings from a client that reads nothing until it sent them all."""
-        reader, writer = await raw_ws(self.port, buffers=65536)
-        try:
-            count = self.plan.ping_flood
-            per_write = 1000
-            for start in range(0, count, per_write):
-                end = min(count, start + per_write)
-                writer.write(b"".join(frame(b"%08d" % i, 0x9) for i in range(start, end)))
-                async with asyncio.timeout(self.timeout):
-                    await writer.drain()
-            writer.write(frame(b'{"type":"ping","id":"end"}'))
-            last = b""
-            async with asyncio.timeout(self.timeout):
-                while True:
-                    opcode, payload = await read_frame(reader)
-                    if opcode == 0xA:
-                        last = payload
-                    elif opcode == 0x8:
-                        return f"close {int.from_bytes(payload[:2])}"
-                    elif opcode == 0x1 and orjson.loads(payload).get("id") == "end":
-                        break
-            return "last ping answered" if last == b"%08d" % (count - 1) else f"last pong {last!r}"
-        finally:
-            writer.close()
-
-    async def _join_leave_flood(self, room: str) -> str:
-        """Subscribe/unsubscribe pairs with 512 bytes of info into a bystander's room."""
-        assert self._sessions
-        ws = await self._sessions[-1].ws_connect(self.ws_url)
-        try:
-            await self._welcome(ws)
-            info = {"pad": "i" * 512}
-            for i in range(300):
-                await ws.send_bytes(
-                    orjson.dumps({"type": "subscribe", "id": 2 * i, "channel": room, "info": info})
-                )
-                await ws.send_bytes(
-                    orjson.dumps({"type": "unsubscribe", "id": 2 * i + 1, "channel": room})
-                )
-            limited = 0
-            async with asyncio.timeout(self.timeout):
-                async for msg in ws:
-                    if msg.type is aiohttp.WSMsgType.TEXT:
-                        limited += orjson.loads(msg.data).get("code") == "rate_limited"
-            return f"close {ws.close_code}" + (" after rate_limited" if limited else "")
-        finally:
-            await ws.close()
-
-    async def _publish_flood(self, room: str, result: RoundResult) -> str:
-        """Publishes at once into a bystander's room: the burst is stored, the rest refused."""
-        ws = await self._sessions[-2].ws_connect(self.ws_url)
-        try:
-            await self._welcome(ws)
-            for i in range(300):
-                data = {"flood": i, "pad": PAD}
-                await ws.send_bytes(
-                    orjson.dumps({"type": "publish", "id": i, "channel": room, "data": data})
-                )
-            limited = 0
-            async with asyncio.timeout(self.timeout):
-                async for msg in ws:
-                    if msg.type is not aiohttp.WSMsgType.TEXT:
-                        continue
-                    answer = orjson.loads(msg.data)
-                    if answer.get("type") == "reply":
-                        self.acked[room].append(answer["result"]["offset"])
-                        result.messages += 1
-                    limited += answer.get("code") == "rate_limited"
-            return f"close {ws.close_code}" + (" after rate_limited" if limited else "")
-        finally:
-            await ws.close()
-
-    async def _endless_fragments(self) -> str:
-        """One message begun, then more empty continuation frames than any message may have."""
-        reader, writer = await raw_ws(self.port)
-        try:
-            writer.write(frame(b'{"type":"ping",', 0x1, fin=False))
-            writer.write(frame(b"", 0x0, fin=False) * 5000 + frame(b'"id":1}', 0x0))
-            async with asyncio.timeout(self.timeout):
-                opcode, payload = await read_frame(reader)
-            if opcode == 0x8:
-                return f"close {int.from_bytes(payload[:2])}"
-            return orjson.loads(payload)["type"]
-        finally:
-            writer.close()
-
-    async def _closed_by_server(self, reader: asyncio.StreamReader) -> str:
-        """Wait for the server to close an idle socket (within `http_request_timeout` + margin)."""
-        async with asyncio.timeout(self.request_timeout + self.timeout):
-            with contextlib.suppress(ConnectionError):
-                while await reader.read(65536):
-                    pass
-        return "closed by the server"
-
-    async def _half_sent_heads(self) -> str:
-        """Sockets that send part of a request head and then nothing."""
-        sockets = [await asyncio.open_connection("127.0.0.1", self.port) for _ in range(8)]
-        try:
-            for k, (_, writer) in enumerate(sockets):
-                writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"[: 10 + 4 * k])
-            outcomes = {await self._closed_by_server(reader) for reader, _ in sockets}
-            return outcomes.pop() if len(outcomes) == 1 else str(sorted(outcomes))
-        finally:
-            for _, writer in sockets:
-                writer.close()
-
-    async def _idle_keepalive(self) -> str:
-        """A whole request, then the socket kept idle (keep-alive), with half a next one."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        try:
-            writer.write(request_head("GET", "/health", {}))
-            async with asyncio.timeout(self.timeout):
-                status, _ = await read_response(reader)
-            if status != 200:
-                return f"status {status}"
-            writer.write(b"GET /hea")
-            return await self._closed_by_server(reader)
-        finally:
-            writer.close()
-
-    async def _post_raw(self, head: bytes, body: bytes, *, then_close: bool = False) -> str:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        try:
-            writer.write(head + body)
-            await writer.drain()
-            if then_close:
-                return "sent"
-            async with asyncio.timeout(self.request_timeout + self.timeout):
-                status, answer = await read_response(reader)
-            return f"{status} {orjson.loads(answer)['error']['code']}"
-        finally:
-            writer.close()
-
-    def _json_head(self, path: str, extra: dict[str, str]) -> bytes:
-        return request_head("POST", path, {"Content-Type": "application/json", **extra})
-
-    async def _declared_oversized(self) -> str:
-        """A Content-Length over `max_body_size`: refused before any of it is read."""
-        head = self._json_head("/api/publish", {"Content-Length": str(self.plan.max_body_size + 1)})
-        return await self._post_raw(head, b"")
-
-    async def _chunked_oversized(self) -> str:
-        """A chunked body (no Content-Length) that goes over `max_body_size` while read."""
-        head = self._json_head("/api/publish", {"Transfer-Encoding": "chunked"})
-        pieces = [b'{"channel": "soak.big", "data": "'] + [b"x" * 4096] * (
-            self.plan.max_body_size // 4096 + 1
+        attacks = Attacks(
+            self.port,
+            self._sessions[-1],
+            timeout=self.timeout,
+            request_timeout=self.request_timeout,
+            pings=self.plan.ping_flood,
+            max_body_size=self.plan.max_body_size,
+            acked=acked,
         )
-        chunks = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces)
-        return await self._post_raw(head, chunks)
-
-    async def _trickled(self, room: str, result: RoundResult) -> str:
-        """A publish whose body arrives in three TCP segments: read whole, not cut."""
-        body = orjson.dumps({"channel": room, "data": {"trickled": "t" * 3000}})
-        head = self._json_head("/api/publish", {"Content-Length": str(len(body))})
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        try:
-            for part in (head + body[:10], body[10:2000], body[2000:]):
-                writer.write(part)
-                await writer.drain()
-                await asyncio.sleep(0.05)  # sleep-ok: each part in its own read of the server
-            async with asyncio.timeout(self.timeout):
-                status, answer = await read_response(reader)
-        finally:
-            writer.close()
-        if status != 200:
-            return f"status {status}"
-        self.acked[room].append(orjson.loads(answer)["offset"])
-        result.messages += 1
-        return "200"
-
-    async def _truncated_gone(self) -> str:
-        """Half the declared body, then the client goes away."""
-        head = self._json_head("/api/publish", {"Content-Length": "2000"})
-        return await self._post_raw(
-            head, b'{"channel": "soak.cut", "data": "' + b"c" * 900, then_close=True
-        )
-
-    async def _unfinished_body(self) -> str:
-        """Half the declared body, then nothing: 408 after `http_request_timeout`."""
-        head = self._json_head("/api/publish", {"Content-Length": "2000"})
-        return await self._post_raw(head, b'{"channel": "soak.cut", "data": "' + b"c" * 900)
-
-
-# What each attack may end in: the documented answer. Endless fragments are
-# closed 1009 by the lean engine; aiohttp's parser keeps nothing per empty
-# fragment and answers the message (`pong`).
-EXPECTED: dict[str, set[str]] = {
-    "ping flood": {"last ping answered", "close 4008"},
-    "join/leave flood": {"close 4029 after rate_limited"},
-    "publish flood": {"close 4029 after rate_limited"},
-    "endless fragments": {"close 1009", "pong"},
-    "half-sent heads": {"closed by the server"},
-    "idle keep-alive": {"closed by the server"},
-    "declared oversized body": {"413 too_large"},
-    "chunked oversized body": {"413 too_large"},
-    "trickled body": {"200"},
-    "truncated body, client gone": {"sent"},
-    "unfinished body": {"408 bad_request"},
-}
+        outcomes, errors = await attacks.run(self.rooms[number % len(self.rooms)])
+        result.attacks.update(outcomes)
+        result.errors.extend(errors)

@@ -16,7 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from bench.soak_load import EXPECTED, Plan, RoundResult, Soak
+from bench.soak_attacks import EXPECTED
+from bench.soak_load import Plan, RoundResult, Soak
 
 from tests.helpers import TIMEOUT, ServerProcess
 
