@@ -53,9 +53,16 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 
 async def raw_ws(
-    port: int, buffers: int | None = None
+    port: int, timeout: float, buffers: int | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A raw socket past the handshake and the `welcome`; `buffers`: small kernel buffers."""
+    async with asyncio.timeout(timeout):
+        return await _raw_ws(port, buffers)
+
+
+async def _raw_ws(
+    port: int, buffers: int | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     sock = socket.socket()
     if buffers is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
@@ -99,6 +106,14 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
         if name.strip().lower() == "content-length":
             length = int(value)
     return int(lines[0].split(" ")[1]), await reader.readexactly(length)
+
+
+async def connect(
+    session: aiohttp.ClientSession, url: str, timeout: float
+) -> aiohttp.ClientWebSocketResponse:
+    """A WebSocket to `url`, its handshake bounded by `timeout`."""
+    async with asyncio.timeout(timeout):
+        return await session.ws_connect(url)
 
 
 async def welcome(ws: aiohttp.ClientWebSocketResponse, timeout: float) -> None:
@@ -167,7 +182,9 @@ class Attacks:
 
         async def one(name: str, attack: Callable[[], Awaitable[str]]) -> None:
             try:
-                outcome = await attack()
+                # Each attack bounds its own waits; this bounds the whole of it.
+                async with asyncio.timeout(self.request_timeout + 3 * self.timeout):
+                    outcome = await attack()
             except Exception as exc:
                 outcome = f"{type(exc).__name__}: {exc}"
             outcomes[f"{name}: {outcome}"] += 1
@@ -179,7 +196,7 @@ class Attacks:
 
     async def _ping_flood(self) -> str:
         """Pings from a client that reads nothing until it sent them all."""
-        reader, writer = await raw_ws(self.port, buffers=65536)
+        reader, writer = await raw_ws(self.port, self.timeout, buffers=65536)
         try:
             count = self.pings
             per_write = 1000
@@ -205,7 +222,7 @@ class Attacks:
 
     async def _join_leave_flood(self, room: str) -> str:
         """Subscribe/unsubscribe pairs with 512 bytes of info into a bystander's room."""
-        ws = await self.session.ws_connect(self.ws_url)
+        ws = await connect(self.session, self.ws_url, self.timeout)
         try:
             await welcome(ws, self.timeout)
             info = {"pad": "i" * 512}
@@ -227,7 +244,7 @@ class Attacks:
 
     async def _publish_flood(self, room: str) -> str:
         """Publishes at once into a bystander's room: the burst is stored, the rest refused."""
-        ws = await self.session.ws_connect(self.ws_url)
+        ws = await connect(self.session, self.ws_url, self.timeout)
         try:
             await welcome(ws, self.timeout)
             for i in range(300):
@@ -250,7 +267,7 @@ class Attacks:
 
     async def _endless_fragments(self) -> str:
         """One message begun, then more empty continuation frames than any message may have."""
-        reader, writer = await raw_ws(self.port)
+        reader, writer = await raw_ws(self.port, self.timeout)
         try:
             writer.write(frame(b'{"type":"ping",', 0x1, fin=False))
             writer.write(frame(b"", 0x0, fin=False) * 5000 + frame(b'"id":1}', 0x0))

@@ -49,7 +49,14 @@ from typing import Any
 import aiohttp
 import orjson
 
-from bench.soak_attacks import PAD, Attacks, read_response, request_head, welcome
+from bench.soak_attacks import (
+    PAD,
+    Attacks,
+    connect,
+    read_response,
+    request_head,
+    welcome,
+)
 
 ROOM_PREFIX = "chat:soak-"
 SOURCES = [f"127.0.0.{n}" for n in range(2, 10)]
@@ -244,7 +251,7 @@ class Soak:
             connector = aiohttp.TCPConnector(local_addr=(source, 0), limit=0)
             self._sessions.append(aiohttp.ClientSession(connector=connector))
         for room in self.rooms:
-            ws = await self._sessions[0].ws_connect(self.ws_url)
+            ws = await connect(self._sessions[0], self.ws_url, self.timeout)
             await self._welcome(ws)
             reply = await self._ask(ws, {"type": "subscribe", "id": 1, "channel": room})
             self.bystanders.append(Bystander(room, ws, reply["result"]["offset"]))
@@ -346,14 +353,14 @@ class Soak:
     async def _closed_request(self, request: bytes) -> tuple[int, bytes]:
         """One request on a socket of its own, returned once the server has closed it
         (`Connection: close`: its EOF is the server's close), so it is not counted."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        try:
-            writer.write(request)
-            async with asyncio.timeout(self.timeout):
+        async with asyncio.timeout(self.timeout):
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            try:
+                writer.write(request)
                 status, body = await read_response(reader)
                 await reader.read()  # until the server's FIN
-        finally:
-            writer.close()
+            finally:
+                writer.close()
         if status != 200:
             raise RuntimeError(f"{request[:20]!r} answered {status}")
         return status, body
@@ -414,7 +421,7 @@ class Soak:
     async def _churn_client(self, number: int, i: int, result: RoundResult) -> None:
         room = self.rooms[i % len(self.rooms)]
         session = self._sessions[i % len(self._sessions)]
-        ws = await session.ws_connect(self.ws_url)
+        ws = await connect(session, self.ws_url, self.timeout)
         try:
             await self._welcome(ws)
             await self._ask(ws, {"type": "subscribe", "id": 0, "channel": room, "info": {"n": i}})
@@ -487,7 +494,7 @@ class Soak:
         self, session: aiohttp.ClientSession, jobs: list[tuple[str, str]], result: RoundResult
     ) -> None:
         """Pipeline every command of `jobs` on one connection, then check every answer."""
-        ws = await session.ws_connect(self.ws_url)
+        ws = await connect(session, self.ws_url, self.timeout)
         try:
             await self._welcome(ws)
             sent = 0
