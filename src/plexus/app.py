@@ -94,6 +94,8 @@ class _LingerEndsWithSocket(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         handler = self._handler
         # aiohttp's own state, read before connection_lost forgets the task.
+        # Were they renamed, nothing would be cancelled (aiohttp's behaviour),
+        # and test_unread_bodies_of_a_client_that_hung_up_leave_nothing fails.
         task: asyncio.Task[None] | None = getattr(handler, "_task_handler", None)
         lingering = not getattr(handler, "_request_in_progress", True)
         handler.connection_lost(exc)
