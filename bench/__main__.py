@@ -5,6 +5,7 @@ Examples:
     python -m bench fanout --subs 1000,5000       # one workload, chosen sizes
     python -m bench --server plexus roundtrip     # Plexus alone
     python -m bench maxconn --max-conns 19000     # the long one, not in the defaults
+    python -m bench soak --quick                  # the soak (its own options: soak --help)
 """
 
 from __future__ import annotations
@@ -190,6 +191,13 @@ def version(cmd: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if "soak" in given:
+        # One server through rounds of churn and attacks: a run of its own
+        # (bench/soak.py), not a side-by-side comparison with the peers.
+        from bench import soak
+
+        return soak.main([arg for arg in given if arg != "soak"])
     args = parse_args(argv)
     runs = plan(args)
     if not runs:

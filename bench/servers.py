@@ -37,7 +37,9 @@ PR_SET_PDEATHSIG = 1
 # redis-server: the measured node (subscribers connect there) and a second
 # node where the fan-out workloads publish, so the measured node delivers
 # what another node published.
-KINDS = ("plexus", "plexus-sqlite", "plexus-redis", "node", "floor")
+# `plexus-default` is Plexus with its built-in settings (no bench config, rate
+# limits on, the default engine): what the soak runs.
+KINDS = ("plexus", "plexus-sqlite", "plexus-redis", "plexus-default", "node", "floor")
 FLOOR_PEER = BENCH_DIR / "peers" / "floor.py"
 
 
@@ -157,6 +159,11 @@ def start(
             PLEXUS_DATA_DIR=str(tmpdir),
             PLEXUS_CONFIG=str(PLEXUS_CONFIG),
         )
+        cmd = [*plexus_command(), "serve", "--port", "0"]
+    elif kind == "plexus-default":
+        tmpdir = Path(tempfile.mkdtemp(prefix="plexus-soak-"))
+        env = {k: v for k, v in env.items() if not k.startswith("PLEXUS_")}
+        env["PLEXUS_DATA_DIR"] = str(tmpdir)
         cmd = [*plexus_command(), "serve", "--port", "0"]
     else:
         raise ValueError(f"unknown server kind {kind!r}; expected one of {KINDS}")

@@ -24,7 +24,7 @@ from plexus.channels import namespace_of, personal_owner
 from plexus.cluster import Cluster
 from plexus.config import PERSONAL, NamespaceOptions, Settings
 from plexus.decisions import Decider
-from plexus.engines.base import Engine, Health, Retention
+from plexus.engines.base import Engine, Health, Measured, Retention
 from plexus.exceptions import NotFound, PermissionDenied, PlexusError, Unauthorized
 from plexus.hub import Channel, Hub, Subscriber, Subscription
 from plexus.metrics import Metrics
@@ -124,7 +124,7 @@ class Node:
         self.history = engine.history
         self.presence = engine.presence
         self.supervisor = supervisor or Supervisor()
-        self.hub = Hub(on_gap=self._gap)
+        self.hub = Hub(on_gap=self._found_gap)
         self.peers: dict[str, Peer] = {}
         self._users: dict[str, set[Peer]] = {}
         self._spaces: dict[str, Space] = {}
@@ -486,6 +486,11 @@ class Node:
 
     # ----- repairs
 
+    def _found_gap(self, channel: Channel) -> None:
+        """The hub saw a channel's offsets jump or its epoch change: count it, repair it."""
+        self.counters.gaps += 1
+        self._gap(channel)
+
     def _gap(self, channel: Channel) -> None:
         name = channel.name
         if name in self._repairs:
@@ -797,5 +802,15 @@ class Node:
             "locks": len(self._locks),
             "lingering": len(self._lingering),
             "repairs": len(self._repairs),
+            "repair_again": len(self._repair_again),
+            "unsynced_gaps": len(self._unsynced_gaps),
             "tasks": len(self._tasks),
         }
+
+    def engine_state(self) -> dict[str, int]:
+        """How many entries the engine's parts hold in memory (those that tell: see `Measured`)."""
+        sizes: dict[str, int] = {}
+        for part in self._parts():
+            if isinstance(part, Measured):
+                sizes.update(part.state_size())
+        return sizes

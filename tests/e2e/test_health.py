@@ -150,3 +150,44 @@ async def test_ready_is_503_while_the_server_stops(make_server: ServerFactory) -
     await stopping
     with pytest.raises(aiohttp.ClientError):
         await get(server, "/ready")
+
+
+@pytest.mark.parametrize("engine", ["memory", "sqlite"])
+async def test_health_state_counts_what_the_server_holds(
+    make_server: ServerFactory, engine: str
+) -> None:
+    """`state` in /health grows with a subscription and is back to its baseline after it."""
+    server = await make_server(engine=engine)
+    _, before = await get(server, "/health")
+    state = before["state"]
+    assert state["tasks"] > 0
+    assert state["node"]["peers"] == 0
+    assert state["engine"]["streams"] == 0
+    assert state["engine"]["presence_channels"] == 0
+    async with Client(server.ws_url, timeout=TIMEOUT) as client:
+        await client.subscribe("chat:room")
+        await client.subscribe("plain")
+        _, during = await get(server, "/health")
+        node, held = during["state"]["node"], during["state"]["engine"]
+        assert (node["peers"], node["hub_channels"], node["joined"]) == (1, 2, 2)
+        assert held["presence_channels"] == 1  # chat keeps presence
+        assert held["subscribed"] == 2
+        # The memory engine keeps both streams; SQLite keeps the one without history
+        # in memory and knows the position of the other.
+        if engine == "memory":
+            assert held["streams"] == 2
+        else:
+            assert (held["streams"], held["pinned"], held["positions"]) == (1, 2, 1)
+        await client.unsubscribe("plain")
+    assert server.endpoint is not None
+    endpoint = server.endpoint
+    await wait_for(lambda: not endpoint.connections)
+    _, after = await get(server, "/health")
+    node, held = after["state"]["node"], after["state"]["engine"]
+    assert not any(node.values()), node
+    assert (held["streams"], held["subscribed"], held["presence_channels"]) == (
+        0 if engine == "sqlite" else 1,
+        0,
+        0,
+    )
+    assert after["state"]["tasks"] == state["tasks"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from plexus.models import ClientInfo, Duplicate, HistoryPage, Presence, Publication, StreamPosition
 from plexus.supervisor import Supervisor
@@ -45,6 +45,20 @@ class Retention:
     def keeps_history(self) -> bool:
         """True when messages are stored (and recovery is possible)."""
         return self.size > 0
+
+
+@runtime_checkable
+class Measured(Protocol):
+    """A part of an engine that can tell how much state it holds in memory.
+
+    Optional: `Node.engine_state` (and so `/health`) reports the parts that
+    implement it. Each entry counts items of one map or set, so that a soak
+    can check that nothing grows with the number of channels ever used.
+    """
+
+    def state_size(self) -> dict[str, int]:
+        """Entries per map or set, by a name unique across the engine's parts."""
+        ...
 
 
 class EventSink(Protocol):

@@ -485,3 +485,7 @@ class MemoryPresenceStore:
     def health(self) -> Health:
         """Always ok."""
         return {"status": "ok", "channels": len(self._channels)}
+
+    def state_size(self) -> dict[str, int]:
+        """How much state this store holds (for tests and the soak benchmark)."""
+        return {"presence_channels": len(self._channels)}
