@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web, web_response
 
 from plexus import __version__
+from plexus.admin import AdminSite
 from plexus.auth import Authenticator
 from plexus.config import Settings
 from plexus.engines import make_engine
@@ -91,6 +92,7 @@ class Server:
         self._engine = engine
         self.node: Node | None = None
         self.endpoint: WebSocketEndpoint | None = None
+        self.admin: AdminSite | None = None
         self._runner: web.AppRunner | None = None
         # The listening socket is ours; aiohttp gets the requests it serves.
         self._listener: asyncio.Server | None = None
@@ -145,6 +147,9 @@ class Server:
             ]
         )
         app.add_routes(HttpApi(self.node).routes())
+        if self.settings.admin_enabled:  # else /admin is 404, like any unknown path
+            self.admin = AdminSite(self.node)
+            self.admin.install(app)
         app.add_routes(_static_routes())
         return app
 

@@ -100,8 +100,17 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", default="1h", help="lifetime: 90, 45s, 30m, 1h, 2d [default: 1h]")
     token.add_argument("--channel", help="make a subscription token for this channel")
     token.add_argument("--info", help="JSON for the `info` claim")
-    token.add_argument("--secret", help="HMAC secret [env: PLEXUS_JWT_SECRET]")
-    token.add_argument("--config", metavar="FILE.toml", help="read jwt_secret from this file")
+    token.add_argument(
+        "--secret", help="HMAC secret [env: PLEXUS_JWT_SECRET, or PLEXUS_ADMIN_SECRET with --admin]"
+    )
+    token.add_argument(
+        "--config", metavar="FILE.toml", help="read jwt_secret (admin_secret) from this file"
+    )
+    token.add_argument(
+        "--admin",
+        action="store_true",
+        help="make a login token for the admin page at /admin, signed with admin_secret",
+    )
     bench = commands.add_parser(
         "bench",
         help="check fan-out of a running server: throughput, latency, nothing lost",
@@ -326,18 +335,27 @@ def _token(args: argparse.Namespace) -> int:
     from plexus.auth import make_token, parse_duration
     from plexus.config import load_settings
 
-    secret = args.secret or os.environ.get("PLEXUS_JWT_SECRET")
+    setting = "admin_secret" if args.admin else "jwt_secret"
+    variable = f"PLEXUS_{setting.upper()}"
+    secret = args.secret or os.environ.get(variable)
     if secret is None and args.config:
         try:
-            secret = load_settings(args.config, env={}).jwt_secret
+            secret = getattr(load_settings(args.config, env={}), setting)
         except ConfigError as exc:
             return _fail(f"invalid setting: {exc}")
     if not secret:
-        return _fail("no secret: pass --secret, set PLEXUS_JWT_SECRET or jwt_secret in --config")
+        return _fail(f"no secret: pass --secret, set {variable} or {setting} in --config")
+    if args.admin and (args.channel is not None or args.info is not None):
+        return _fail("--admin makes a login token: --channel and --info do not apply")
     try:
         ttl = parse_duration(args.ttl)
-        info = _parse_json(args.info) if args.info is not None else None
-        token = make_token(secret, user=args.user, ttl=ttl, channel=args.channel, info=info)
+        if args.admin:
+            from plexus.admin.session import make_admin_token
+
+            token = make_admin_token(secret, args.user, ttl)
+        else:
+            info = _parse_json(args.info) if args.info is not None else None
+            token = make_token(secret, user=args.user, ttl=ttl, channel=args.channel, info=info)
     except ValueError as exc:
         return _fail(str(exc))
     print(token)
