@@ -569,8 +569,18 @@ async def test_tail_shows_what_is_published_while_it_is_open(
     # The tail is nobody: not in presence, not counted as a subscriber.
     status, page = await admin.get("/admin/api/channel", name=channel)
     assert (page["subscribers"], page["present"]) == (1, 1)
-    status, view = await admin.get("/admin/api/overview")
+    subscribed_by = time.time()
+    view: dict[str, Any] = {}
+
+    async def sampled() -> bool:  # a sample of a second after carol subscribed
+        nonlocal view
+        status, view = await admin.get("/admin/api/overview")
+        assert status == 200
+        return bool(view["series"]) and view["series"][-1]["t"] > subscribed_by
+
+    await wait_for_async(sampled)
     assert view["totals"]["subscriptions"] == 1
+    assert view["series"][-1]["subscriptions"] == 1
     # Polling again with the last sequence number: nothing new.
     status, again = await admin.get(
         "/admin/api/tail", channel=channel, tail=first["tail"], after=str(seq)

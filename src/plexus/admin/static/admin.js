@@ -9,7 +9,8 @@
 const OVERVIEW_EVERY = 1000;
 const CHANNEL_EVERY = 2000;
 const TAIL_EVERY = 1000;
-const SERIES_SECONDS = 600; // what the charts show (the server keeps as much)
+const SERIES_SECONDS = 600; // what the charts show at most (the server keeps as much)
+const MIN_SPAN = 60; // seconds: a young server's charts still have a time scale
 const TAIL_ROWS = 200; // rows kept on screen
 const SVG = 'http://www.w3.org/2000/svg';
 
@@ -343,16 +344,19 @@ function renderOverview(data) {
   show(el.channelsEmpty, data.channels.length === 0);
 }
 
-// A line chart of the last SERIES_SECONDS: one polyline per series, drawn in
-// a 600x150 box stretched to the card's width. data-* attributes expose what
-// is drawn (for tests and for screen readers' sake, with the legend).
+// A line chart of what is kept (up to SERIES_SECONDS, at least MIN_SPAN):
+// one polyline per series, drawn in a 600x150 box stretched to the card's
+// width. data-* attributes expose what is drawn (for tests; the legend says
+// the latest values in words).
 function chart(figure, points, lines, digits) {
   const svg = figure.querySelector('svg');
   const legend = figure.querySelector('.legend');
   const width = 600;
   const height = 150;
   const now = points.length ? points[points.length - 1].t : Math.floor(Date.now() / 1000);
-  const start = now - SERIES_SECONDS;
+  const first = points.length ? points[0].t : now;
+  const span = Math.min(SERIES_SECONDS, Math.max(MIN_SPAN, now - first));
+  const start = now - span;
   let max = 0;
   for (const line of lines) {
     for (const p of points) {
@@ -378,7 +382,8 @@ function chart(figure, points, lines, digits) {
     for (const p of points) {
       const v = p[line.key];
       if (typeof v !== 'number') continue;
-      const x = ((p.t - start) / SERIES_SECONDS) * width;
+      if (p.t < start) continue;
+      const x = ((p.t - start) / span) * (width - 4); // room for the last dot
       const y = height - (top ? (v / top) * (height - 4) : 0) - 2;
       coords.push(`${x.toFixed(1)},${y.toFixed(1)}`);
       last = v;
@@ -388,6 +393,15 @@ function chart(figure, points, lines, digits) {
     polyline.setAttribute('points', coords.join(' '));
     polyline.dataset.series = line.key;
     svg.append(polyline);
+    if (coords.length) {
+      // The latest value as a dot, visible even when it is the only point: a
+      // round cap on a zero-length stroke stays round in the stretched box.
+      const [x, y] = coords[coords.length - 1].split(',');
+      const dot = document.createElementNS(SVG, 'path');
+      dot.setAttribute('class', `dot s${index}`);
+      dot.setAttribute('d', `M${x} ${y}h0`);
+      svg.append(dot);
+    }
     legend.append(make('span', `k${index}`, `${line.name} ${number(last, digits)}`));
     if (index === 0) {
       figure.dataset.last = last === null ? '' : String(last);
@@ -396,6 +410,7 @@ function chart(figure, points, lines, digits) {
   });
   figure.dataset.max = String(max);
   figure.querySelector('.ymax').textContent = `max ${number(top, digits)}`;
+  figure.querySelector('.span').textContent = span >= 120 ? `last ${Math.round(span / 60)} min` : `last ${span} s`;
 }
 
 function niceCeiling(value) {
