@@ -186,6 +186,18 @@ def test_sampler_keeps_ten_minutes_and_sends_the_last_few() -> None:
     assert [row[1] for row in recent] == list(range(SAMPLES_KEPT + 11))[-RECENT_SAMPLES:]
 
 
+def test_sampler_starts_over_when_the_clock_is_set_back() -> None:
+    sampler = Sampler(LatencyHistogram("t", "t"), NOW)
+    counts = {"subscriptions": 0, "published": 0, "deliveries": 0, "slow_consumers": 0}
+    for second in range(3):
+        sampler.take(NOW + second, connections=second, **counts)
+    assert len(sampler.rows(full=True)) == 2
+    assert sampler.take(NOW - 3600, connections=9, **counts) is None  # a new baseline
+    found = sampler.take(NOW - 3599, connections=9, **counts)
+    assert found is not None
+    assert sampler.rows(full=True) == [found.row()]
+
+
 class Conn:
     """A hub subscriber that keeps the frames it is given."""
 

@@ -93,6 +93,8 @@ class Sampler:
         second = int(now)
         if last is None or now <= last_time:
             return None
+        if self.samples and second < self.samples[-1].t - 60:
+            self.samples.clear()  # the clock was set back: start over rather than wait
         if self.samples and self.samples[-1].t >= second:
             return None
         elapsed = now - last_time

@@ -264,14 +264,14 @@ document.addEventListener('visibilitychange', () => {
 function openOverview() {
   setView('overview');
   state.channel = null;
-  let full = true;
+  let lastPoll = 0;
   poll(OVERVIEW_EVERY, async () => {
     // The whole kept series on the first poll, or after a pause (a hidden
-    // tab): afterwards the last few seconds, merged by second.
-    const newest = Math.max(0, ...state.series.keys());
-    if (Date.now() / 1000 - newest > 4) full = true;
+    // tab, a slow answer): afterwards the last few seconds, merged by second.
+    // Only this browser's clock is compared with itself: the server's may differ.
+    const full = Date.now() - lastPoll > 4000;
     const data = await api(`/admin/api/overview${full ? '?full=1' : ''}`);
-    full = false;
+    lastPoll = Date.now();
     renderOverview(data);
   });
 }
@@ -287,7 +287,7 @@ function renderOverview(data) {
   $('total-slow').textContent = number(totals.slow_consumers);
 
   for (const point of data.series) state.series.set(point.t, point);
-  const horizon = Math.floor(Date.now() / 1000) - SERIES_SECONDS;
+  const horizon = Math.max(0, ...state.series.keys()) - SERIES_SECONDS; // the server's clock
   for (const t of state.series.keys()) if (t < horizon) state.series.delete(t);
   const points = [...state.series.values()].sort((a, b) => a.t - b.t);
   chart($('chart-connections'), points, [{ key: 'connections', name: 'connections' }], 0);
