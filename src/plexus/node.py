@@ -244,14 +244,6 @@ class Node:
             peer.close(CloseCode.UNAUTHORIZED, reason)
         return len(peers)
 
-    def disconnect_client(self, client: str, reason: str = "disconnected by the server") -> int:
-        """Close connection `client` with 4001 if it is this node's; return 1 if it was."""
-        peer = self.peers.get(client)
-        if peer is None:
-            return 0
-        peer.close(CloseCode.UNAUTHORIZED, reason)
-        return 1
-
     async def disconnect_everywhere(
         self, user: str | None = None, *, client: str | None = None
     ) -> int:
@@ -264,9 +256,12 @@ class Node:
         return sum(n for n in answers if isinstance(n, int))
 
     async def _disconnect_here(self, args: dict[str, Any]) -> int:
-        if args.get("client") is not None:
-            return self.disconnect_client(str(args["client"]))
-        return self.disconnect_user(str(args["user"]))
+        if args.get("client") is None:
+            return self.disconnect_user(str(args["user"]))
+        peer = self.peers.get(str(args["client"]))
+        if peer is not None:
+            peer.close(CloseCode.UNAUTHORIZED, "disconnected by the server")
+        return 0 if peer is None else 1
 
     async def unsubscribe_everywhere(
         self, channel: str, *, user: str | None = None, client: str | None = None

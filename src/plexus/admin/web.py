@@ -164,7 +164,9 @@ class AdminSite:
                 f"send the body as application/json (Content-Type was {request.content_type})"
             )
 
-    def _guard(self, handler: Handler, *, session: bool = True) -> Any:
+    def _guard(
+        self, handler: Handler, *, session: bool = True
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def guarded(request: web.Request) -> web.StreamResponse:
             try:
                 self._check_browser(request)
