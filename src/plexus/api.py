@@ -188,6 +188,12 @@ def _unsubscribe_body(channel: str, user: str | None, client: str | None) -> dic
     return {"channel": channel, "client": client}
 
 
+def _disconnect_body(user: str | None, client: str | None) -> dict[str, Any]:
+    if (user is None) == (client is None):
+        raise ValueError("give exactly one of user and client")
+    return {"user": user} if user is not None else {"client": client}
+
+
 def _history_body(
     channel: str, since: Mapping[str, Any] | None, limit: int | None
 ) -> dict[str, Any]:
@@ -333,9 +339,10 @@ class PlexusApi(_Base):
         active: dict[str, dict[str, Any]] = self._do(_call("/api/channels", {}))["channels"]
         return active
 
-    def disconnect(self, user: str) -> int:
-        """Close every connection of `user` (4001); return how many."""
-        return int(self._do(_call("/api/disconnect", {"user": user}))["disconnected"])
+    def disconnect(self, user: str | None = None, *, client: str | None = None) -> int:
+        """Close every connection of `user`, or connection `client` (4001); return how many."""
+        body = _disconnect_body(user, client)
+        return int(self._do(_call("/api/disconnect", body))["disconnected"])
 
     def unsubscribe(
         self, channel: str, *, user: str | None = None, client: str | None = None
@@ -450,9 +457,10 @@ class AsyncPlexusApi(_Base):
         active: dict[str, dict[str, Any]] = (await self._do(_call("/api/channels", {})))["channels"]
         return active
 
-    async def disconnect(self, user: str) -> int:
-        """Close every connection of `user` (4001); return how many."""
-        return int((await self._do(_call("/api/disconnect", {"user": user})))["disconnected"])
+    async def disconnect(self, user: str | None = None, *, client: str | None = None) -> int:
+        """Close every connection of `user`, or connection `client` (4001); return how many."""
+        body = _disconnect_body(user, client)
+        return int((await self._do(_call("/api/disconnect", body)))["disconnected"])
 
     async def unsubscribe(
         self, channel: str, *, user: str | None = None, client: str | None = None

@@ -24,6 +24,7 @@ from aiohttp import web, web_response
 from aiohttp.web_protocol import RequestHandler
 
 from plexus import __version__
+from plexus.admin import AdminSite
 from plexus.config import Settings
 from plexus.decisions.jwt import Authenticator
 from plexus.engines import make_engine
@@ -184,6 +185,7 @@ class Server:
         self._stopping: asyncio.Task[None] | None = None
         self.node: Node | None = None
         self.endpoint: WebSocketEndpoint | None = None
+        self.admin: AdminSite | None = None
         self._runner: web.AppRunner | None = None
         # The listening socket is ours; aiohttp gets the requests it serves.
         self._listener: asyncio.Server | None = None
@@ -238,6 +240,9 @@ class Server:
             ]
         )
         app.add_routes(HttpApi(self.node).routes())
+        if self.settings.admin_enabled:  # else /admin is 404, like any unknown path
+            self.admin = AdminSite(self.node)
+            self.admin.install(app)
         app.add_routes(_static_routes(self.settings))
         return app
 

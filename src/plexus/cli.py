@@ -111,8 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--aud", help="the `aud` claim (the server's jwt_audience)")
     token.add_argument("--iss", help="the `iss` claim (the server's jwt_issuer)")
     token.add_argument("--info", help="JSON for the `info` claim")
-    token.add_argument("--secret", help="HMAC secret [env: PLEXUS_JWT_SECRET]")
-    token.add_argument("--config", metavar="FILE.toml", help="read jwt_secret from this file")
+    token.add_argument(
+        "--secret", help="HMAC secret [env: PLEXUS_JWT_SECRET, or PLEXUS_ADMIN_SECRET with --admin]"
+    )
+    token.add_argument(
+        "--config", metavar="FILE.toml", help="read jwt_secret (admin_secret) from this file"
+    )
+    token.add_argument(
+        "--admin",
+        action="store_true",
+        help="make a login token for the admin page at /admin, signed with admin_secret",
+    )
     checkconfig = commands.add_parser(
         "checkconfig",
         help="validate a configuration file and print the effective settings",
@@ -374,29 +383,42 @@ def _token(args: argparse.Namespace) -> int:
     from plexus.config import load_settings
     from plexus.tokens import make_token, parse_duration
 
-    secret = args.secret or os.environ.get("PLEXUS_JWT_SECRET")
+    setting = "admin_secret" if args.admin else "jwt_secret"
+    variable = f"PLEXUS_{setting.upper()}"
+    secret = args.secret or os.environ.get(variable)
     if secret is None and args.config:
         try:
-            secret = load_settings(args.config, env={}).jwt_secret
+            secret = getattr(load_settings(args.config, env={}), setting)
         except ConfigError as exc:
             return _fail(f"invalid setting: {exc}")
     if not secret:
-        return _fail("no secret: pass --secret, set PLEXUS_JWT_SECRET or jwt_secret in --config")
+        return _fail(f"no secret: pass --secret, set {variable} or {setting} in --config")
+    claims = (args.channel, args.info, args.subscription, args.aud, args.iss)
+    if args.admin and any(value is not None for value in claims):
+        return _fail(
+            "--admin makes a login token: --channel, --subscription, --info, --aud and --iss"
+            " do not apply"
+        )
     if args.subscription is not None and args.channel:
         return _fail("--subscription makes a subscription token, which has no --channel claim")
     try:
         ttl = parse_duration(args.ttl)
-        info = _parse_json(args.info) if args.info is not None else None
-        token = make_token(
-            secret,
-            user=args.user,
-            ttl=ttl,
-            channel=args.subscription,
-            channels=args.channel,
-            info=info,
-            audience=args.aud,
-            issuer=args.iss,
-        )
+        if args.admin:
+            from plexus.admin.session import make_admin_token
+
+            token = make_admin_token(secret, args.user, ttl)
+        else:
+            info = _parse_json(args.info) if args.info is not None else None
+            token = make_token(
+                secret,
+                user=args.user,
+                ttl=ttl,
+                channel=args.subscription,
+                channels=args.channel,
+                info=info,
+                audience=args.aud,
+                issuer=args.iss,
+            )
     except ValueError as exc:
         return _fail(str(exc))
     print(token)

@@ -64,8 +64,17 @@ class Cluster:
         """Let other nodes run `action` here as `name`."""
         self.actions[name] = action
 
-    async def call(self, action: str, args: dict[str, Any], node: str | None = None) -> list[Any]:
+    async def call(
+        self,
+        action: str,
+        args: dict[str, Any],
+        node: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[Any]:
         """Run `action` on node `node` (None: on every node) and return the answers.
+
+        Waits at most `timeout` seconds (default: the cluster's) for them.
 
         Raises:
             Unavailable: the engine cannot reach the nodes, or too many calls are in flight.
@@ -84,7 +93,9 @@ class Cluster:
             call.expected = await self.messages.send_nodes(payload, node)
             if len(call.answers) < call.expected:
                 try:
-                    await asyncio.wait_for(call.future, self.timeout)
+                    await asyncio.wait_for(
+                        call.future, self.timeout if timeout is None else timeout
+                    )
                 except TimeoutError:
                     log.warning(
                         "cluster %s: %d of %d nodes answered in time",

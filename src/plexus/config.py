@@ -26,6 +26,8 @@ ENGINES = {
     "sqlite": ("memory", "sqlite", "memory"),
     "redis": ("redis", "redis", "redis"),
 }
+ADMIN_PASSWORD_MIN = 12
+ADMIN_SECRET_MIN_BYTES = 32
 # The WebSocket engines: aiohttp's WebSocketResponse, or Plexus's own asyncio
 # protocol around websockets' sans-I/O core (transports/lean.py).
 WS_ENGINES = ("aiohttp", "lean")
@@ -194,6 +196,11 @@ class Settings:
     proxy_timeout: float = 3.0
     hooks: str | None = None  # package.module with on_connect, on_subscribe, ...
 
+    # The admin page at /admin: off unless one of these two is set.
+    admin_password: str | None = None  # at least ADMIN_PASSWORD_MIN characters
+    admin_secret: str | None = None  # signs admin sessions and tokens (>= 32 bytes)
+    admin_session_ttl: float = 8 * 3600.0  # seconds an admin session lasts
+
     echo_endpoint: bool = False  # /echo for the Autobahn conformance suite only
     namespaces: dict[str, NamespaceOptions] = field(default_factory=default_namespaces)
     personal: NamespaceOptions = field(default_factory=default_personal)
@@ -300,6 +307,22 @@ class Settings:
         for entry in self.allowed_hosts:
             if entry != "*" and parse_authority(entry) is None:
                 raise ConfigError(f"allowed_hosts: {entry!r} is not a host name")
+        if self.admin_password is not None and len(self.admin_password) < ADMIN_PASSWORD_MIN:
+            # The length only: the value itself is never printed.
+            raise ConfigError(
+                f"admin_password: must be at least {ADMIN_PASSWORD_MIN} characters,"
+                f" got {len(self.admin_password)}"
+            )
+        if (
+            self.admin_secret is not None
+            and len(self.admin_secret.encode()) < ADMIN_SECRET_MIN_BYTES
+        ):
+            raise ConfigError(
+                f"admin_secret: must be at least {ADMIN_SECRET_MIN_BYTES} bytes,"
+                f" got {len(self.admin_secret.encode())}"
+            )
+        if self.admin_session_ttl <= 0:
+            raise ConfigError(f"admin_session_ttl: must be > 0, got {self.admin_session_ttl}")
         for name, options in self.namespaces.items():
             options.validate(name)
         self.personal.validate(PERSONAL)
@@ -335,6 +358,11 @@ class Settings:
         if len(set(urls)) != len(urls):
             raise ConfigError("redis_url: the same server is listed twice")
         return urls
+
+    @property
+    def admin_enabled(self) -> bool:
+        """True when `/admin` is served (a password or a secret is set)."""
+        return self.admin_password is not None or self.admin_secret is not None
 
     @property
     def tls(self) -> bool:

@@ -53,6 +53,12 @@ class Unavailable(PlexusError):
     code = ErrorCode.UNAVAILABLE
 
 
+class RateLimited(PlexusError):
+    """Too many attempts; the caller should wait before trying again."""
+
+    code = ErrorCode.RATE_LIMITED
+
+
 class NotFound(PlexusError):
     """No handler serves the requested RPC method."""
 

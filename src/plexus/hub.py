@@ -77,10 +77,13 @@ class Channel:
     there, in arrival order.
     """
 
-    __slots__ = ("epoch", "held", "last", "name", "overflowed", "snapshot", "subs")
+    __slots__ = ("epoch", "held", "last", "messages", "name", "overflowed", "snapshot", "subs")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        # Publications fanned out here since the channel was tracked: one
+        # increment per message (never per delivery), for the admin page's rates.
+        self.messages = 0
         self.subs: dict[str, Subscription] = {}
         # Fan-out iterates a tuple that membership changes replace, so a
         # subscriber removed during fan-out (a slow consumer) cannot break it.
@@ -255,6 +258,7 @@ class Hub:
             channel.overflowed = True
 
     def _fan_out(self, channel: Channel, pub: Publication) -> int:
+        channel.messages += 1
         subs = channel.snapshot
         if subs is None:
             subs = channel.snapshot = tuple(channel.subs.values())

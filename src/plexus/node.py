@@ -38,6 +38,7 @@ from plexus.models import (
 )
 from plexus.protocol.codes import CloseCode
 from plexus.protocol.commands import Since
+from plexus.protocol.pushes import EncodedPush
 from plexus.protocol.recovery import can_recover, merge_backlog
 from plexus.protocol.session import Limits
 from plexus.rpc import RpcCall, RpcHandler
@@ -248,13 +249,24 @@ class Node:
             peer.close(CloseCode.UNAUTHORIZED, reason)
         return len(peers)
 
-    async def disconnect_everywhere(self, user: str) -> int:
-        """Close every connection of `user` on every node with 4001; return how many."""
-        answers = await self.cluster.call("disconnect", {"user": user})
+    async def disconnect_everywhere(
+        self, user: str | None = None, *, client: str | None = None
+    ) -> int:
+        """Close every connection of `user`, or connection `client`, on every node with
+        4001; return how many. Exactly one of `user` and `client` is given."""
+        if (user is None) == (client is None):
+            raise ValueError("give exactly one of user and client")
+        args = {"user": user} if user is not None else {"client": client}
+        answers = await self.cluster.call("disconnect", args)
         return sum(n for n in answers if isinstance(n, int))
 
     async def _disconnect_here(self, args: dict[str, Any]) -> int:
-        return self.disconnect_user(str(args["user"]))
+        if args.get("client") is None:
+            return self.disconnect_user(str(args["user"]))
+        peer = self.peers.get(str(args["client"]))
+        if peer is not None:
+            peer.close(CloseCode.UNAUTHORIZED, "disconnected by the server")
+        return 0 if peer is None else 1
 
     async def unsubscribe_everywhere(
         self, channel: str, *, user: str | None = None, client: str | None = None
@@ -696,6 +708,33 @@ class Node:
             "recovered": recovered,
         }
         return SubscribeOutcome(result, sub, events, len(missed))
+
+    async def watch(self, sub: Subscription) -> None:
+        """Add an internal subscriber (the admin page's tail of a channel).
+
+        It receives the channel's live messages and join/leave events from
+        every node, like a client's subscription, but it is nobody in
+        presence, announces no join, and recovers nothing: it gets what is
+        fanned out here from the moment it is added.
+        """
+        channel = sub.channel
+        self.hub.add(sub)
+        try:
+            await self._join(channel, self.space(channel).retention)
+        except BaseException:
+            if self.hub.remove(sub):
+                await self._leave(channel)
+            raise
+        backlog, sub.backlog = sub.backlog or [], None
+        for event in backlog:  # fanned out while the join was under way
+            if isinstance(event, Publication):
+                sub.floor = max(sub.floor, event.offset)
+            sub.push(EncodedPush(event).frame(sub.codec_index))
+
+    async def unwatch(self, sub: Subscription) -> None:
+        """Remove a subscriber added by `watch`."""
+        if self.hub.remove(sub):
+            await self._leave(sub.channel)
 
     async def unsubscribe(self, sub: Subscription) -> None:
         """End `sub`: remove it locally, from presence, and announce the leave."""

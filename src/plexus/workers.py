@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -66,6 +67,11 @@ class Workers:
         self.stopping = threading.Event()
         base = settings.node_name or f"{socket.gethostname()}-{os.getpid()}"
         self.base_name = base
+        self.env: dict[str, str] = {}
+        if settings.admin_enabled and settings.admin_secret is None:
+            # The kernel spreads requests over the workers: an admin session
+            # must hold on each, so they sign with one key made here.
+            self.env["PLEXUS_ADMIN_SECRET"] = secrets.token_urlsafe(32)
 
     def _reserve_port(self) -> socket.socket:
         # Binding port 0 with SO_REUSEPORT picks the port every worker then
@@ -80,6 +86,7 @@ class Workers:
     def _spawn(self, worker: _Worker) -> None:
         env = {
             **os.environ,
+            **self.env,
             "PLEXUS_WORKERS": "1",
             "PLEXUS_REUSE_PORT": "1",
             "PLEXUS_NODE_NAME": f"{self.base_name}-w{worker.index}",

@@ -293,6 +293,20 @@ async def test_channels(api_server: Server, api: Api) -> None:
 
 async def test_disconnect(api: Api) -> None:
     assert await api.ok("/api/disconnect", {"user": "nobody"}) == {"disconnected": 0}
+    assert await api.ok("/api/disconnect", {"client": "c-nobody"}) == {"disconnected": 0}
+
+
+async def test_disconnect_one_client(api_server: Server, api: Api) -> None:
+    first = await subscriber(api_server, "chat:d", user="dave")
+    second = await subscriber(api_server, "chat:d", user="dave")
+    try:
+        answer = await api.ok("/api/disconnect", {"client": first.client_id})
+        assert answer == {"disconnected": 1}
+        assert await first.wait_closed(TIMEOUT) == 4001
+        await second.ping()  # the same user's other connection stays
+    finally:
+        await first.close()
+        await second.close()
 
 
 async def test_unsubscribe_by_user(api_server: Server, api: Api) -> None:
@@ -504,6 +518,8 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("/api/disconnect", {}, "bad_request"),
     ("/api/disconnect", {"user": ""}, "bad_request"),
     ("/api/disconnect", {"user": 5}, "bad_request"),
+    ("/api/disconnect", {"client": ""}, "bad_request"),
+    ("/api/disconnect", {"user": "a", "client": "b"}, "bad_request"),
 ]
 
 

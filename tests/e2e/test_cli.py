@@ -112,9 +112,31 @@ def test_token_is_signed_with_the_secret() -> None:
     assert 3500 < claims["exp"] - claims["iat"] <= 3600
 
 
+def test_admin_token_is_signed_with_the_admin_secret() -> None:
+    admin_secret = "a" * 40
+    result = plexus(
+        "token",
+        "--admin",
+        "--user",
+        "ops",
+        "--ttl",
+        "10m",
+        env={"PLEXUS_ADMIN_SECRET": admin_secret},
+    )
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(
+        result.stdout.strip(), admin_secret, algorithms=["HS256"], audience="plexus-admin"
+    )
+    assert claims["sub"] == "ops"
+    assert claims["exp"] - claims["iat"] == 600
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
+        (["--admin", "--user", "a"], "no secret: pass --secret, set PLEXUS_ADMIN_SECRET"),
+        (["--admin", "--user", "a", "--secret", SECRET, "--channel", "x"], "do not apply"),
+        (["--admin", "--user", "a", "--secret", "short"], "32 bytes"),
         (["--user", "a", "--secret", "short"], "32 bytes"),
         (["--user", "a", "--secret", SECRET, "--ttl", "soon"], "invalid duration"),
         (["--user", "a", "--secret", SECRET, "--info", "{bad"], "not valid JSON"),
@@ -122,7 +144,7 @@ def test_token_is_signed_with_the_secret() -> None:
     ],
 )
 def test_token_refuses_bad_input(args: list[str], needle: str) -> None:
-    result = plexus("token", *args, env={"PLEXUS_JWT_SECRET": ""})
+    result = plexus("token", *args, env={"PLEXUS_JWT_SECRET": "", "PLEXUS_ADMIN_SECRET": ""})
     assert result.returncode == 2
     assert needle in result.stderr
     assert "Traceback" not in result.stderr

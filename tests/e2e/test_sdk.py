@@ -51,6 +51,7 @@ def test_sync_admin_calls(api: PlexusApi) -> None:
     assert api.presence("chat:sdk-a") == {}
     assert isinstance(api.channels(), dict)
     assert api.disconnect("nobody") == 0
+    assert api.disconnect(client="c-nobody") == 0
     assert api.unsubscribe("chat:sdk-a", user="nobody") == 0
     assert "version" in api.info()
 
@@ -91,11 +92,15 @@ def test_sync_unreachable_server_is_unavailable() -> None:
     assert caught.value.status == 0
 
 
-def test_unsubscribe_needs_exactly_one_target(api: PlexusApi) -> None:
+def test_unsubscribe_and_disconnect_need_exactly_one_target(api: PlexusApi) -> None:
     with pytest.raises(ValueError, match="exactly one"):
         api.unsubscribe("chat:x")
     with pytest.raises(ValueError, match="exactly one"):
         api.unsubscribe("chat:x", user="a", client="b")
+    with pytest.raises(ValueError, match="exactly one"):
+        api.disconnect()
+    with pytest.raises(ValueError, match="exactly one"):
+        api.disconnect("a", client="b")
 
 
 @pytest.mark.parametrize(

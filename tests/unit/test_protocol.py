@@ -26,6 +26,7 @@ from plexus.protocol.codec import (
     build_frame,
     close_frame,
     codec_for,
+    frame_payload,
     json_loads_with_bytes,
     to_json_compatible,
 )
@@ -44,6 +45,12 @@ def test_build_frame_matches_rfc6455_reader(size: int) -> None:
     assert frame.opcode is Opcode.BINARY
     assert frame.fin
     assert frame.data == payload
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
+def test_frame_payload_undoes_build_frame(size: int) -> None:
+    payload = b"p" * size
+    assert frame_payload(build_frame(payload, OP_TEXT)) == payload
 
 
 def test_close_frame_carries_code_and_reason() -> None:

@@ -52,6 +52,12 @@ def build_frame(payload: bytes, opcode: int) -> bytes:
     return header + payload
 
 
+def frame_payload(frame: bytes) -> bytes:
+    """The payload of a frame made by `build_frame` (for consumers that are not sockets)."""
+    length = frame[1] & 0x7F
+    return frame[2 if length < 126 else 4 if length == 126 else 10 :]
+
+
 def close_frame(code: int, reason: str = "") -> bytes:
     """Return a close frame carrying `code` and a UTF-8 `reason` (cut to fit 125 bytes)."""
     encoded = reason.encode("utf-8")

@@ -189,6 +189,15 @@ class HttpApi:
             raise BadRequest(f"request body incomplete: {exc}") from None
         return b"".join(chunks)
 
+    async def read_json(self, request: web.Request) -> dict[str, Any]:
+        """The request's body as a JSON object (`max_body_size`, `http_request_timeout`).
+
+        Raises:
+            BadRequest: the body is not a JSON object (or did not arrive whole).
+            TooLarge: the body is over `max_body_size`.
+        """
+        return await self._json(request)
+
     async def _json(self, request: web.Request) -> dict[str, Any]:
         body = await self._read_body(request)
         if not body:
@@ -236,7 +245,10 @@ class HttpApi:
 
     async def publish(self, request: web.Request) -> web.Response:
         """`POST /api/publish {"channel","data"}` -> `{"offset"}`."""
-        body = await self._json(request)
+        return web.json_response(await self.run_publish(await self._json(request)))
+
+    async def run_publish(self, body: dict[str, Any]) -> dict[str, Any]:
+        """What `/api/publish` does with its body (the admin page's publish too)."""
         channel = self._channel(body)
         if "data" not in body:
             raise BadRequest('"data" is required')
@@ -244,7 +256,7 @@ class HttpApi:
         result = await self.node.publish(
             channel, body["data"], raw=raw, key=parse_idempotency_key(body)
         )
-        return web.json_response(published(result))
+        return published(result)
 
     async def broadcast(self, request: web.Request) -> web.Response:
         """`POST /api/broadcast {"channels": [...], "data"}` -> `{"results": [...]}`."""
@@ -303,10 +315,18 @@ class HttpApi:
         )
 
     async def disconnect(self, request: web.Request) -> web.Response:
-        """`POST /api/disconnect {"user"}` -> `{"disconnected": N}` (closes with 4001)."""
-        body = await self._json(request)
-        user = self._name(body, "user")
-        return web.json_response({"disconnected": await self.node.disconnect_everywhere(user)})
+        """`POST /api/disconnect {"user" | "client"}` -> `{"disconnected": N}` (4001)."""
+        return web.json_response(await self.run_disconnect(await self._json(request)))
+
+    async def run_disconnect(self, body: dict[str, Any]) -> dict[str, Any]:
+        """What `/api/disconnect` does with its body (the admin page's disconnect too)."""
+        if ("user" in body) == ("client" in body):
+            raise BadRequest('give exactly one of "user" and "client"')
+        if "user" in body:
+            closed = await self.node.disconnect_everywhere(self._name(body, "user"))
+        else:
+            closed = await self.node.disconnect_everywhere(client=self._name(body, "client"))
+        return {"disconnected": closed}
 
     def _target(self, body: dict[str, Any]) -> dict[str, str]:
         """The `user` or the `client` of a body that must name exactly one."""
@@ -329,10 +349,13 @@ class HttpApi:
     async def unsubscribe(self, request: web.Request) -> web.Response:
         """`POST /api/unsubscribe {"channel", "user" | "client"}` -> `{"unsubscribed": N}`.
 
-        Ends the matching subscriptions of this node; each connection gets the
+        Ends the matching subscriptions of every node; each connection gets the
         `unsubscribed` push and stays open.
         """
-        body = await self._json(request)
+        return web.json_response(await self.run_unsubscribe(await self._json(request)))
+
+    async def run_unsubscribe(self, body: dict[str, Any]) -> dict[str, Any]:
+        """What `/api/unsubscribe` does with its body (the admin page's unsubscribe too)."""
         channel = self._channel(body)
         if ("user" in body) == ("client" in body):
             raise BadRequest('give exactly one of "user" and "client"')
@@ -341,7 +364,7 @@ class HttpApi:
         else:
             who = self._name(body, "client")
             ended = await self.node.unsubscribe_everywhere(channel, client=who)
-        return web.json_response({"unsubscribed": ended})
+        return {"unsubscribed": ended}
 
     async def info(self, request: web.Request) -> web.Response:
         """`GET /api/info` -> version and counters of this node, and every live node."""

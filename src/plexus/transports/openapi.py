@@ -262,8 +262,20 @@ _SCHEMAS: Final[dict[str, Any]] = {
     },
     "DisconnectRequest": {
         "type": "object",
-        "properties": {"user": {"type": "string", "minLength": 1}},
-        "required": ["user"],
+        "description": "Exactly one of `user` and `client`.",
+        "properties": {
+            "user": {
+                "type": "string",
+                "minLength": 1,
+                "description": "Every connection of this user.",
+            },
+            "client": {
+                "type": "string",
+                "minLength": 1,
+                "description": "The connection with this client id (from `welcome`).",
+            },
+        },
+        "oneOf": [{"required": ["user"]}, {"required": ["client"]}],
     },
     "DisconnectResult": {
         "type": "object",
@@ -271,7 +283,7 @@ _SCHEMAS: Final[dict[str, Any]] = {
             "disconnected": {
                 "type": "integer",
                 "minimum": 0,
-                "description": "Connections of the user on this node, closed with 4001.",
+                "description": "Connections closed with 4001, on every node.",
             }
         },
         "required": ["disconnected"],
@@ -338,7 +350,7 @@ _SCHEMAS: Final[dict[str, Any]] = {
                 "type": "integer",
                 "minimum": 0,
                 "description": (
-                    "Subscriptions ended on this node; each connection got the `unsubscribed`"
+                    "Subscriptions ended on every node; each connection got the `unsubscribed`"
                     " push. 0 when nothing matched (not an error)."
                 ),
             }
@@ -408,7 +420,7 @@ _DOCUMENT: Final[dict[str, Any]] = {
         ),
         "/api/disconnect": _post(
             "disconnect",
-            "Close every connection of a user on this node (close code 4001)",
+            "Close every connection of a user, or one connection, on every node (close code 4001)",
             _ref("DisconnectRequest"),
             "DisconnectResult",
         ),
@@ -420,7 +432,7 @@ _DOCUMENT: Final[dict[str, Any]] = {
         ),
         "/api/unsubscribe": _post(
             "unsubscribe",
-            "End the subscriptions to a channel of a user or a connection on this node",
+            "End the subscriptions to a channel of a user or a connection on every node",
             _ref("UnsubscribeRequest"),
             "UnsubscribeResult",
         ),
