@@ -209,7 +209,7 @@ class Connection:
         await self.subscribe_granted()
 
     def _greet(self) -> None:
-        self.node.add_peer(self)
+        self.node.directory.add(self)
         self.send(self.welcome())
         self.watch_expiry()
 
@@ -729,7 +729,7 @@ class Connection:
         self.credentials = credentials
         self.user = credentials.user
         if old != self.user:
-            self.node.change_user(self, old)
+            self.node.directory.change_user(self, old)
         self.watch_expiry()
         return {"user": self.user}
 
@@ -745,7 +745,7 @@ class Connection:
         if self._ending is not None:
             await self._ending
         await self._end_subscriptions()
-        self.node.remove_peer(self)
+        self.node.directory.remove(self)
 
     async def _end_subscriptions(self) -> None:
         subs = list(self.subscriptions.values())

@@ -18,15 +18,16 @@ import socket
 import time
 from collections.abc import Awaitable, Collection
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from plexus.channels import namespace_of, personal_owner
 from plexus.cluster import Cluster
 from plexus.config import PERSONAL, NamespaceOptions, Settings
 from plexus.decisions import Decider
+from plexus.directory import Directory, Peer
 from plexus.engines.base import Engine, Health, Measured, Retention
 from plexus.exceptions import NotFound, PermissionDenied, PlexusError, Unauthorized
-from plexus.hub import Channel, Hub, Subscriber, Subscription
+from plexus.hub import Channel, Hub, Subscription
 from plexus.metrics import Metrics
 from plexus.models import (
     ClientInfo,
@@ -36,7 +37,6 @@ from plexus.models import (
     Publication,
     StreamPosition,
 )
-from plexus.protocol.codes import CloseCode
 from plexus.protocol.commands import Since
 from plexus.protocol.pushes import EncodedPush
 from plexus.protocol.recovery import can_recover, merge_backlog
@@ -53,22 +53,6 @@ log = logging.getLogger("plexus.node")
 REPAIR_LIMIT: Final = 10_000
 REPAIR_BACKOFF_MAX: Final = 5.0
 INSUFFICIENT_STATE: Final = "insufficient_state"
-
-
-class Peer(Subscriber, Protocol):
-    """A connected client as the node sees it."""
-
-    def close(self, code: CloseCode, reason: str) -> None: ...
-
-    async def end_subscription(
-        self, channel: str, reason: str, *, resubscribe: bool = False
-    ) -> bool:
-        """End the subscription to `channel` on the server's initiative; False if there was none."""
-        ...
-
-    async def subscribe_server(self, channel: str) -> bool:
-        """Subscribe to `channel` on the server's initiative; False if it was not made."""
-        ...
 
 
 @dataclass(slots=True)
@@ -126,8 +110,6 @@ class Node:
         self.presence = engine.presence
         self.supervisor = supervisor or Supervisor()
         self.hub = Hub(on_gap=self._found_gap)
-        self.peers: dict[str, Peer] = {}
-        self._users: dict[str, set[Peer]] = {}
         self._spaces: dict[str, Space] = {}
         # Channels the broker delivers to this node, and the lock that orders
         # each channel's broker subscribe and unsubscribe.
@@ -158,9 +140,9 @@ class Node:
         # The application's decisions (proxies and hooks); checked before any I/O.
         self.decider = Decider(settings, self.metrics.decisions, hooks)
         self.cluster = Cluster(self.name, self.broker, timeout=settings.redis_timeout)
-        self.cluster.register("disconnect", self._disconnect_here)
-        self.cluster.register("unsubscribe", self._unsubscribe_here)
-        self.cluster.register("subscribe", self._subscribe_here)
+        # The connections, and the server's actions on them on every node.
+        self.directory = Directory(self.cluster)
+        self.peers = self.directory.peers
         self.broker.bind(self)
 
     # ----- lifecycle
@@ -212,149 +194,6 @@ class Node:
             "ready": not down,
             "components": components,
         }
-
-    # ----- peers
-
-    def add_peer(self, peer: Peer) -> None:
-        """Register a connected client."""
-        self.peers[peer.client_id] = peer
-        if peer.user is not None:
-            self._users.setdefault(peer.user, set()).add(peer)
-
-    def remove_peer(self, peer: Peer) -> None:
-        """Forget a client (its subscriptions are ended separately)."""
-        self.peers.pop(peer.client_id, None)
-        if peer.user is not None:
-            peers = self._users.get(peer.user)
-            if peers is not None:
-                peers.discard(peer)
-                if not peers:
-                    del self._users[peer.user]
-
-    def change_user(self, peer: Peer, old: str | None) -> None:
-        """Move `peer` in the user index after re-authentication."""
-        if old is not None:
-            peers = self._users.get(old)
-            if peers is not None:
-                peers.discard(peer)
-                if not peers:
-                    del self._users[old]
-        if peer.user is not None:
-            self._users.setdefault(peer.user, set()).add(peer)
-
-    def disconnect_user(self, user: str, reason: str = "disconnected by the server") -> int:
-        """Close every connection of `user` with 4001; return how many."""
-        peers = list(self._users.get(user, ()))
-        for peer in peers:
-            peer.close(CloseCode.UNAUTHORIZED, reason)
-        return len(peers)
-
-    async def disconnect_everywhere(
-        self, user: str | None = None, *, client: str | None = None
-    ) -> int:
-        """Close every connection of `user`, or connection `client`, on every node with
-        4001; return how many. Exactly one of `user` and `client` is given."""
-        if (user is None) == (client is None):
-            raise ValueError("give exactly one of user and client")
-        args = {"user": user} if user is not None else {"client": client}
-        answers = await self.cluster.call("disconnect", args)
-        return sum(n for n in answers if isinstance(n, int))
-
-    async def _disconnect_here(self, args: dict[str, Any]) -> int:
-        if args.get("client") is None:
-            return self.disconnect_user(str(args["user"]))
-        peer = self.peers.get(str(args["client"]))
-        if peer is not None:
-            peer.close(CloseCode.UNAUTHORIZED, "disconnected by the server")
-        return 0 if peer is None else 1
-
-    async def unsubscribe_everywhere(
-        self, channel: str, *, user: str | None = None, client: str | None = None
-    ) -> int:
-        """`unsubscribe_server` on every node; return how many subscriptions ended."""
-        if (user is None) == (client is None):
-            raise ValueError("give exactly one of user and client")
-        args = {"channel": channel, "user": user, "client": client}
-        answers = await self.cluster.call("unsubscribe", args)
-        return sum(n for n in answers if isinstance(n, int))
-
-    def _peers_of(self, user: str | None, client: str | None) -> list[Peer]:
-        """This node's connections of `user`, or connection `client` (exactly one is given)."""
-        if (user is None) == (client is None):
-            raise ValueError("give exactly one of user and client")
-        if user is not None:
-            return list(self._users.get(user, ()))
-        peer = self.peers.get(client) if client is not None else None
-        return [] if peer is None else [peer]
-
-    async def subscribe_everywhere(
-        self, channel: str, *, user: str | None = None, client: str | None = None
-    ) -> int:
-        """`subscribe_server` on every node; return how many subscriptions were made."""
-        if (user is None) == (client is None):
-            raise ValueError("give exactly one of user and client")
-        answers = await self.cluster.call(
-            "subscribe", {"channel": channel, "user": user, "client": client}
-        )
-        return sum(n for n in answers if isinstance(n, int))
-
-    async def _subscribe_here(self, args: dict[str, Any]) -> int:
-        return await self.subscribe_server(
-            str(args["channel"]), user=args.get("user"), client=args.get("client")
-        )
-
-    async def subscribe_server(
-        self, channel: str, *, user: str | None = None, client: str | None = None
-    ) -> int:
-        """Subscribe `user`'s connections (or connection `client`) of this node to `channel`.
-
-        Exactly one of `user` and `client` is given. Each connection gets the
-        subscription as from its token's `channels` claim: the `subscribed`
-        push, or an `error` push without id when it may not read the channel.
-        One already subscribed, or closing, is skipped.
-
-        Returns:
-            How many subscriptions were made.
-        """
-        peers = self._peers_of(user, client)
-        made = 0
-        for peer in peers:
-            if await peer.subscribe_server(channel):
-                made += 1
-        return made
-
-    async def _unsubscribe_here(self, args: dict[str, Any]) -> int:
-        return await self.unsubscribe_server(
-            str(args["channel"]), user=args.get("user"), client=args.get("client")
-        )
-
-    async def unsubscribe_server(
-        self,
-        channel: str,
-        *,
-        user: str | None = None,
-        client: str | None = None,
-        reason: str = "unsubscribed by the server",
-    ) -> int:
-        """End the subscriptions to `channel` of `user`'s connections, or of connection `client`.
-
-        Exactly one of `user` and `client` is given. Each subscription ends
-        exactly as the client's own `unsubscribe` command ends it (presence
-        forgets it, the other subscribers get its `leave`), then its connection
-        gets the `unsubscribed` push, queued after whatever was already waiting
-        for it. The connection stays open and may subscribe again. Only this
-        node's connections are reached; one that is closing or not subscribed
-        to `channel` is skipped.
-
-        Returns:
-            How many subscriptions ended.
-        """
-        peers = self._peers_of(user, client)
-        ended = 0
-        for peer in peers:
-            if await peer.end_subscription(channel, reason):
-                ended += 1
-        return ended
 
     # ----- namespaces and permissions
 
@@ -825,7 +664,7 @@ class Node:
         """Counters for /health and /api/info."""
         return {
             "connections": len(self.peers),
-            "users": len(self._users),
+            "users": self.directory.users,
             "channels": len(self.hub.channels()),
             "subscriptions": self.hub.subscriber_count(),
             "uptime": round(time.time() - self.started_at, 3),
@@ -835,7 +674,7 @@ class Node:
         """How many entries the node's own maps hold (for tests and the soak benchmark)."""
         return {
             "peers": len(self.peers),
-            "users": len(self._users),
+            "users": self.directory.users,
             "hub_channels": len(self.hub.tracked()),
             "joined": len(self._joined),
             "locks": len(self._locks),

@@ -607,6 +607,9 @@ class Bystanders:
         self.start_offsets: list[int] = []
         self.seq = 0
         self._task: asyncio.Task[None] | None = None
+        # Stops the publisher between two publishes: cancelling it could lose
+        # one in flight after its `seq` was counted.
+        self._stop = asyncio.Event()
 
     async def __aenter__(self) -> Bystanders:
         for encoding in ("json", "msgpack"):
@@ -635,16 +638,17 @@ class Bystanders:
             assert response.status == 200, await response.text()
 
     async def _publish_forever(self) -> None:
-        while True:
+        while not self._stop.is_set():
             await self.publish()
-            await asyncio.sleep(0.01)  # sleep-ok: paces background traffic, synchronises nothing
+            with contextlib.suppress(TimeoutError):
+                # Paces background traffic; wakes at once when told to stop.
+                await asyncio.wait_for(self._stop.wait(), 0.01)
 
     async def verify(self) -> int:
         """Stop publishing, send a last message, and check what each bystander got."""
         assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        self._stop.set()
+        await asyncio.wait_for(self._task, TIMEOUT)
         await self.publish()
         last = self.seq
         for client, offset in zip(self.clients, self.start_offsets, strict=True):

@@ -320,12 +320,7 @@ class HttpApi:
 
     async def run_disconnect(self, body: dict[str, Any]) -> dict[str, Any]:
         """What `/api/disconnect` does with its body (the admin page's disconnect too)."""
-        if ("user" in body) == ("client" in body):
-            raise BadRequest('give exactly one of "user" and "client"')
-        if "user" in body:
-            closed = await self.node.disconnect_everywhere(self._name(body, "user"))
-        else:
-            closed = await self.node.disconnect_everywhere(client=self._name(body, "client"))
+        closed = await self.node.directory.disconnect_everywhere(**self._target(body))
         return {"disconnected": closed}
 
     def _target(self, body: dict[str, Any]) -> dict[str, str]:
@@ -343,7 +338,7 @@ class HttpApi:
         """
         body = await self._json(request)
         channel = self._channel(body)
-        made = await self.node.subscribe_everywhere(channel, **self._target(body))
+        made = await self.node.directory.subscribe_everywhere(channel, **self._target(body))
         return web.json_response({"subscribed": made})
 
     async def unsubscribe(self, request: web.Request) -> web.Response:
@@ -357,13 +352,7 @@ class HttpApi:
     async def run_unsubscribe(self, body: dict[str, Any]) -> dict[str, Any]:
         """What `/api/unsubscribe` does with its body (the admin page's unsubscribe too)."""
         channel = self._channel(body)
-        if ("user" in body) == ("client" in body):
-            raise BadRequest('give exactly one of "user" and "client"')
-        if "user" in body:
-            ended = await self.node.unsubscribe_everywhere(channel, user=self._name(body, "user"))
-        else:
-            who = self._name(body, "client")
-            ended = await self.node.unsubscribe_everywhere(channel, client=who)
+        ended = await self.node.directory.unsubscribe_everywhere(channel, **self._target(body))
         return {"unsubscribed": ended}
 
     async def info(self, request: web.Request) -> web.Response:
