@@ -857,3 +857,50 @@ async def test_api_disconnect_subscribe_and_unsubscribe_reach_every_node(
             await client.close()
         await a.stop()
         await b.stop()
+
+
+async def test_channels_spread_over_two_redis_servers(tmp_path: Path) -> None:
+    """`redis_url` lists two servers: each channel lives on the one its name hashes
+    to (keys and pub/sub), nodes agree on it, and join/leave cross nodes too."""
+    from plexus.engines.redis.wire import Keys, shard_of
+
+    first = RedisServer(tmp_path / "r1").start()
+    second = RedisServer(tmp_path / "r2").start()
+    servers = [first, second]
+    urls = f"{first.url},{second.url}"
+    a = b = None
+    try:
+        a = await start_node(first, "two", "A", redis_url=urls)
+        b = await start_node(first, "two", "B", redis_url=urls)
+        channels = [f"chat:spread-{n}" for n in range(12)]
+        assert {shard_of(c, 2) for c in channels} == {0, 1}
+        async with (
+            Client(a.ws_url, timeout=TIMEOUT, reconnect=False) as on_a,
+            Client(b.ws_url, timeout=TIMEOUT, reconnect=False) as on_b,
+        ):
+            subs = {c: await on_a.subscribe(c) for c in channels}
+            for n, channel in enumerate(channels):
+                assert await on_b.publish(channel, {"n": n}) == 1
+            for n, channel in enumerate(channels):
+                got = await subs[channel].get(TIMEOUT, kind="message")
+                assert (got["data"], got["offset"]) == ({"n": n}, 1)
+            keys = Keys("two")
+            for channel in channels:
+                home = servers[shard_of(channel, 2)]
+                away = servers[1 - shard_of(channel, 2)]
+                assert home.command("EXISTS", keys.meta(channel)) == 1
+                assert away.command("EXISTS", keys.meta(channel)) == 0
+                assert home.command("PUBSUB", "NUMSUB", keys.pubsub(channel))[1] == 1
+            # join/leave of a client on node B reach a subscriber on node A.
+            joined = await on_b.subscribe(channels[0], info={"name": "b"})
+            join = await subs[channels[0]].get(TIMEOUT, kind="join")
+            assert (join["client"], join["info"]) == (on_b.client_id, {"name": "b"})
+            await joined.unsubscribe()
+            leave = await subs[channels[0]].get(TIMEOUT, kind="leave")
+            assert leave["client"] == on_b.client_id
+    finally:
+        for node in (a, b):
+            if node is not None:
+                await node.stop()
+        first.kill()
+        second.kill()
