@@ -64,9 +64,13 @@ def namespaces() -> dict[str, NamespaceOptions]:
 
     `vault:*` is private and keeps presence and history: there a refused
     `presence` or `history` can only be refused for being private.
+    `dropbox:*` is private but lets clients publish without subscribing.
     """
     spaces = default_namespaces()
     spaces["secret"] = NamespaceOptions(private=True, allow_publish=True)
+    spaces["dropbox"] = NamespaceOptions(
+        private=True, allow_publish=True, publish_without_subscribe=True
+    )
     spaces["vault"] = NamespaceOptions(
         private=True, allow_publish=True, presence=True, history_size=10, recovery=True
     )
@@ -619,6 +623,42 @@ ATTACKS = [
         ("reply",),
     ),
     # --- publish permissions
+    Attack(
+        "anonymous publish into a private channel",
+        lambda c: command_as(c, None, {"type": "publish", "channel": "secret:room", "data": 1}),
+        ("error", "permission_denied"),
+    ),
+    Attack(
+        "publish into a private channel without subscribing to it",
+        lambda c: command_as(c, ALICE, {"type": "publish", "channel": "secret:room", "data": 1}),
+        ("error", "permission_denied"),
+    ),
+    Attack(
+        "publish into a private channel after unsubscribing",
+        lambda c: command_as(
+            c,
+            ALICE,
+            subscribe("secret:room", token=token(channel="secret:room")),
+            {"type": "unsubscribe", "channel": "secret:room"},
+            {"type": "publish", "channel": "secret:room", "data": 1},
+        ),
+        ("error", "permission_denied"),
+    ),
+    Attack(
+        "publish into a private channel once subscribed with its token",
+        lambda c: command_as(
+            c,
+            ALICE,
+            subscribe("secret:room", token=token(channel="secret:room")),
+            {"type": "publish", "channel": "secret:room", "data": 1},
+        ),
+        ("reply",),
+    ),
+    Attack(
+        "publish into a private namespace that allows it without subscribing",
+        lambda c: command_as(c, ALICE, {"type": "publish", "channel": "dropbox:in", "data": 1}),
+        ("reply",),
+    ),
     Attack(
         "publish where clients may not",
         lambda c: command_as(c, ALICE, {"type": "publish", "channel": "news", "data": 1}),
