@@ -898,3 +898,57 @@ async def test_recovery_too_big_for_the_output_buffer_is_refused_not_closed(
         got = [(await sub.get(TIMEOUT))["offset"] for _ in range(6)]
         assert got == [96, 97, 98, 99, 100, 101]
         await client.ping()
+
+
+class MeasuredHistory:
+    """A history store that records how many payload bytes each read returned."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.pages: list[tuple[int | None, int]] = []  # (max_bytes asked, payload bytes read)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def read(self, channel: str, **kwargs: Any) -> HistoryPage:
+        page: HistoryPage = await self._store.read(channel, **kwargs)
+        self.pages.append((kwargs.get("max_bytes"), sum(len(p.raw) for p in page.publications)))
+        return page
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_recovery_reads_no_more_than_the_client_can_take(
+    make_server: ServerFactory, backend: str
+) -> None:
+    """A resubscribe far behind a big history is refused (`recovered: false`) after
+    reading at most what fits the client's output buffer, not the whole backlog:
+    a client cannot make the server read and encode megabytes per attempt."""
+    spaces = default_namespaces()
+    spaces["big"] = NamespaceOptions(allow_publish=True, history_size=5000, recovery=True)
+    limit = 256 * 1024
+    server = await make_server(history_backend=backend, namespaces=spaces, max_queue_bytes=limit)
+    assert server.node is not None
+    channel = "big:backlog"
+    for n in range(400):  # ~3.2 MB of history, twelve times what the client can take
+        await publish_api(server, channel, {"n": n, "pad": "x" * 8000})
+    epoch = (await api_post(server.url, "/api/history", {"channel": channel, "limit": 0}))[1][
+        "epoch"
+    ]
+    measured = MeasuredHistory(server.node.history)
+    server.node.history = measured
+    async with Client(server.ws_url, timeout=TIMEOUT, reconnect=False) as client:
+        for _ in range(5):  # every attempt is bounded, not only the first
+            sub = await client.subscribe(channel, since={"offset": 0, "epoch": epoch})
+            assert sub.recovered is False
+            assert sub.result["offset"] == 400
+            await client.unsubscribe(channel)
+        recovery_reads = [page for page in measured.pages if page[0] is not None]
+        assert len(recovery_reads) == 5
+        for budget, read in recovery_reads:
+            assert budget is not None
+            assert budget <= limit
+            assert read <= budget
+        # What fits is still recovered whole.
+        sub = await client.subscribe(channel, since={"offset": 398, "epoch": epoch})
+        assert sub.recovered is True
+        assert [(await sub.get(TIMEOUT))["offset"] for _ in range(2)] == [399, 400]
