@@ -44,6 +44,7 @@ from plexus.protocol.codec import (
     codec_for,
 )
 from plexus.protocol.codes import CloseCode
+from plexus.protocol.wire import websocket_format
 from plexus.transports.origin import origin_allowed
 
 log = logging.getLogger("plexus.ws")
@@ -293,7 +294,7 @@ class WebSocketEndpoint:
         conn = Connection(
             self.node,
             transport,
-            codec_for(subprotocol),
+            websocket_format(codec_for(subprotocol)),
             self.flusher,
             closer=link.send_close,
             auth=self.auth,
