@@ -30,7 +30,7 @@ from plexus.metrics import CONTENT_TYPE
 from plexus.node import Node, RpcHandler
 from plexus.transports.http_api import HttpApi
 from plexus.transports.lean import LeanListener
-from plexus.transports.websocket import WebSocketEndpoint
+from plexus.transports.link import Endpoint
 
 log = logging.getLogger("plexus")
 
@@ -90,7 +90,7 @@ class Server:
         self.settings.validate()
         self._engine = engine
         self.node: Node | None = None
-        self.endpoint: WebSocketEndpoint | None = None
+        self.endpoint: Endpoint | None = None
         self._runner: web.AppRunner | None = None
         # The listening socket is ours; aiohttp gets the requests it serves.
         self._listener: asyncio.Server | None = None
@@ -134,9 +134,11 @@ class Server:
         if self.node is None or self.endpoint is None:
             raise RuntimeError("build_app() runs inside start()")
         app = web.Application(client_max_size=self.settings.max_body_size)
-        app.add_routes([web.get("/ws", self.endpoint.handle)])
+        # transports/lean.py takes WebSocket upgrades; aiohttp sees one only on
+        # a keep-alive socket it served before, and gives it back.
+        app.add_routes([web.get("/ws", self._upgrade)])
         if self.settings.echo_endpoint:
-            app.add_routes([web.get("/echo", self.endpoint.handle_echo)])
+            app.add_routes([web.get("/echo", self._upgrade)])
         app.add_routes(
             [
                 web.get("/health", self._health),
@@ -163,6 +165,11 @@ class Server:
             "components": health["components"],
             "ready": health["ready"],
         }
+
+    async def _upgrade(self, request: web.Request) -> web.StreamResponse:
+        if self._lean is None:
+            raise web.HTTPServiceUnavailable()
+        return self._lean.upgrade(request)
 
     async def _health(self, request: web.Request) -> web.Response:
         # 200 while the process serves, whatever its components say.
@@ -199,7 +206,7 @@ class Server:
         self.node = Node(settings, self._engine or make_engine(settings))
         self.node.rpc_handlers.update(self._rpc)
         await self.node.start()
-        self.endpoint = WebSocketEndpoint(self.node, Authenticator.from_settings(settings))
+        self.endpoint = Endpoint(self.node, Authenticator.from_settings(settings))
         self.endpoint.start()
         self._runner = web.AppRunner(
             self.build_app(),
@@ -225,9 +232,9 @@ class Server:
         sock.listen(1024)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
-        # Both engines: the listener counts every socket against
-        # max_connections_per_ip and bounds the time to send a request head;
-        # with the aiohttp engine it hands every request to aiohttp.
+        # The listener counts every socket against max_connections_per_ip,
+        # bounds the time to send a request head, takes WebSocket upgrades and
+        # hands every other request to aiohttp.
         http = self._runner.server
         assert http is not None  # set by setup()
         self._lean = LeanListener(self.endpoint, http, tls=settings.tls)
@@ -236,7 +243,10 @@ class Server:
         )
         self.started_at = time.time()
         log.info(
-            "listening on %s (WebSocket %s, engine %s)", self.url, self.ws_url, settings.ws_engine
+            "listening on %s (WebSocket %s, compression %s)",
+            self.url,
+            self.ws_url,
+            settings.compression,
         )
 
     async def stop(self) -> None:
