@@ -19,6 +19,7 @@ from typing import Final, Protocol
 
 from plexus.models import Presence, Publication, StreamPosition
 from plexus.protocol.pushes import EncodedPush
+from plexus.protocol.wire import FORMATS
 
 Event = Publication | Presence
 
@@ -65,6 +66,7 @@ class Subscription:
         # Copied from the connection so fan-out touches one object per subscriber.
         self.push = conn.push_frame
         self.format_index = conn.format_index
+        FORMATS[conn.format_index].use()  # pushes now make room for its frames
         self.channel = channel
         self.info = info
         self.floor = 0

@@ -70,13 +70,14 @@ def test_join_carries_info_and_leave_does_not() -> None:
     [Publication("chat:a", b"\x00\xff", 3, "ep", 9, "c-1", "alice"), Presence("join", "c", ALICE)],
 )
 def test_encoded_push_builds_each_frame_once(event: Publication | Presence) -> None:
+    MSGPACK_WS.use()  # a server with JSON and MessagePack subscribers
     push = EncodedPush(event)
     assert push.event is event
     expected = (
         publication_message(event) if isinstance(event, Publication) else presence_message(event)
     )
     # Nothing encoded before it is asked for.
-    assert push.frames == [None] * len(FORMATS)
+    assert set(push.frames) <= {None}
     assert push.payloads == [None] * len(CODECS)
     as_json = push.frame(JSON_WS.index)
     assert push.frame(JSON_WS.index) is as_json  # built once, then shared
@@ -108,3 +109,15 @@ def test_a_compressed_format_reuses_the_encoding_and_compresses_once() -> None:
     inflater = zlib.decompressobj(-15)
     assert inflater.decompress(compressed[2:] + b"\x00\x00\xff\xff") == payload
     assert parse_frame(plain).data == payload
+
+
+def test_a_push_makes_room_for_the_formats_subscribers_use() -> None:
+    """Fan-out indexes the frame cache unchecked: every subscriber's format must fit."""
+    deflate9 = websocket_format(MSGPACK, 9)
+    assert deflate9.index == len(FORMATS) - 1  # the last one registered
+    pub = Publication("chat:a", {"text": "hi " * 60}, 3, "ep", 9, "c-1", "alice")
+    assert len(EncodedPush(pub).frames) <= deflate9.index  # nobody uses it yet
+    push = EncodedPush(pub)
+    assert push.frame(deflate9.index)[0] == 0xC2  # asked for anyway: room is made
+    deflate9.use()
+    assert len(EncodedPush(pub).frames) == len(FORMATS)

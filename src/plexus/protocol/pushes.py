@@ -8,7 +8,7 @@ import orjson
 
 from plexus.models import Presence, Publication
 from plexus.protocol.codec import CODECS
-from plexus.protocol.wire import FORMATS
+from plexus.protocol.wire import FORMATS, in_use
 
 
 def publication_message(pub: Publication) -> dict[str, Any]:
@@ -72,17 +72,24 @@ class EncodedPush:
 
     def __init__(self, event: Publication | Presence) -> None:
         self.event = event
-        # frames[i] is the frame for FORMATS[i], None until first asked for.
-        self.frames: list[bytes | None] = [None] * len(FORMATS)
+        # frames[i] is the frame for FORMATS[i], None until first asked for
+        # (room for the formats of every subscriber: `WireFormat.use`).
+        self.frames: list[bytes | None] = [None] * in_use()
         # payloads[i] is the message encoded by CODECS[i].
         self.payloads: list[bytes | None] = [None] * len(CODECS)
 
     def frame(self, index: int) -> bytes:
         """The ready-to-write frame for the wire format `FORMATS[index]`."""
-        frame = self.frames[index]
+        frames = self.frames
+        if index >= len(frames):  # a format no subscriber had when this was made
+            frames.extend([None] * (index + 1 - len(frames)))
+        frame = frames[index]
         if frame is None:
             wire = FORMATS[index]
-            frame = self.frames[index] = wire.frame(self.payload(wire.codec_index))
+            payload = self.payloads[wire.codec_index]
+            if payload is None:
+                payload = self.payload(wire.codec_index)
+            frame = frames[index] = wire.frame(payload)
         return frame
 
     def payload(self, codec_index: int) -> bytes:

@@ -65,6 +65,14 @@ class WireFormat:
         self.index = -1
         self.ping = ping
 
+    def use(self) -> None:
+        """A subscriber of this format exists: pushes make room for its frames.
+
+        Fan-out indexes a push's frame cache without checking its length.
+        """
+        global _in_use
+        _in_use = max(_in_use, self.index + 1)
+
     def frame(self, payload: bytes) -> bytes:
         """Wrap one encoded message (what `codec.encode` returns) for the wire."""
         raise NotImplementedError
@@ -88,6 +96,10 @@ class WebSocketFormat(WireFormat):
 
     def frame(self, payload: bytes) -> bytes:
         return build_frame(payload, self.opcode)
+
+    def message(self, message: dict[str, Any]) -> bytes:
+        # One call less than the general case: every reply takes this path.
+        return build_frame(self.codec.encode(message), self.opcode)
 
 
 class Deflater:
@@ -138,6 +150,14 @@ class DeflateFormat(WireFormat):
 
 
 FORMATS: Final[list[WireFormat]] = []
+# One more than the highest index of a format any subscriber used so far:
+# pushes size their frame cache to it (most servers use the first two).
+_in_use = 0
+
+
+def in_use() -> int:
+    """How many formats (from the first) a push must have room for."""
+    return _in_use
 
 
 def register(wire: WireFormat) -> WireFormat:
@@ -154,9 +174,11 @@ MSGPACK_WS: Final = register(WebSocketFormat(MSGPACK))
 # One deflater per window size, shared by the JSON and MessagePack formats of
 # that size (a message is compressed by one of them at a time).
 DEFLATERS: Final = {bits: Deflater(bits) for bits in DEFLATE_WINDOW_BITS}
+# The default window (what browsers get) first: the fewer formats in use, the
+# smaller each push's frame cache.
 _DEFLATE_FORMATS: Final = {
-    (codec.name, bits): register(DeflateFormat(codec, deflater))
-    for bits, deflater in DEFLATERS.items()
+    (codec.name, bits): register(DeflateFormat(codec, DEFLATERS[bits]))
+    for bits in sorted(DEFLATE_WINDOW_BITS, reverse=True)
     for codec in CODECS
 }
 

@@ -233,7 +233,10 @@ class FrameReader:
                         return
                     payload = apply_mask(data[start:stop], data[start - 4 : start])
                     if first == 0x81:
-                        receiver.on_message(_text(payload))
+                        try:
+                            receiver.on_message(payload.decode())
+                        except UnicodeDecodeError as exc:
+                            raise Failure(INVALID_DATA, f"invalid UTF-8: {exc.reason}") from None
                     else:
                         receiver.on_message(payload)
                     pos = stop

@@ -219,7 +219,9 @@ class LeanListener:
 
         An upgrade reaches aiohttp only on a keep-alive socket it already
         served a request on: the socket is taken back and the upgrade done
-        here, as on a new socket. Anything else is answered 426.
+        here, as on a new socket (frames a client sent before the answer to
+        its upgrade would stay with aiohttp; clients wait for the answer).
+        Anything else is answered 426.
         """
         transport = request.transport
         handed = transport.get_protocol() if transport is not None else None
