@@ -7,7 +7,7 @@ APT_STAMP := $(VENV)/.apt-installed
 # `make serve` leaves the address to the settings (PLEXUS_HOST, PLEXUS_PORT, a
 # config file: defaults 127.0.0.1:8000); `make serve PORT=9000` still works.
 
-.PHONY: serve test install system-deps js-deps lint typecheck pytest pytest-aiohttp jstest autobahn-env bench mutation clean
+.PHONY: serve test install system-deps js-deps lint typecheck pytest jstest autobahn-env bench mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,12 +57,7 @@ autobahn-env:
 pytest: install system-deps js-deps autobahn-env
 	$(BIN)/python -m pytest -q
 
-# The end-to-end and browser tests again, against the other WebSocket engine
-# (setting `ws_engine`, default lean; the conformance suite runs against both).
-pytest-aiohttp: install system-deps js-deps
-	PLEXUS_WS_ENGINE=aiohttp $(BIN)/python -m pytest -q tests/e2e tests/browser
-
-test: lint typecheck jstest pytest pytest-aiohttp
+test: lint typecheck jstest pytest
 
 bench: install
 	$(BIN)/python -m bench

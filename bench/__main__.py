@@ -23,7 +23,7 @@ from typing import Any
 from bench import report, servers, workloads
 from bench.loadgen import LoadGen
 
-DEFAULT_WORKLOADS = ("fanout", "steady", "roundtrip", "idle", "history")
+DEFAULT_WORKLOADS = ("fanout", "steady", "roundtrip", "idle", "history", "compression")
 # Not in the defaults: `maxconn` is long; `scaleout` and `durable` need redis-server.
 ALL_WORKLOADS = (*DEFAULT_WORKLOADS, "maxconn", "scaleout", "durable")
 
@@ -127,7 +127,9 @@ def plan(args: argparse.Namespace) -> list[Run]:
             def idl(ctx: workloads.Context, kind: str) -> Any:
                 return workloads.idle(ctx, kind, args.idle_conns)
 
-            each(f"idle conns={args.idle_conns}", idl)
+            # Plexus with compression on too, to clients that offer it.
+            with_deflate = [*kinds, "plexus-deflate"] if "plexus" in kinds else kinds
+            each(f"idle conns={args.idle_conns}", idl, with_deflate)
         elif name == "maxconn":
 
             def mx(ctx: workloads.Context, kind: str) -> Any:
@@ -164,6 +166,26 @@ def plan(args: argparse.Namespace) -> list[Run]:
 
             group = f"durable clients={args.rt_clients} publish {rt_duration:g}s"
             each(group, dur, ["plexus", "plexus-sqlite", "plexus-redis"])
+        elif name == "compression":
+            # Chat-like JSON to subscribers that offer permessage-deflate, each
+            # server without and with compression.
+            for subs in args.subs or [1000]:
+                deliveries = args.deliveries or (100_000 if quick else 500_000)
+                messages = args.messages or max(20, deliveries // subs)
+
+                def comp(
+                    ctx: workloads.Context, kind: str, s: int = subs, m: int = messages
+                ) -> Any:
+                    return workloads.fanout(
+                        ctx, kind, s, m, channel="bench:chat", workload="compression", chat=True
+                    )
+
+                deflating = {
+                    "plexus": ["plexus", "plexus-deflate"],
+                    "node": ["node", "node-deflate"],
+                }
+                group = f"compression subs={subs} messages={messages} chat JSON"
+                each(group, comp, [k for kind in kinds for k in deflating.get(kind, [])])
         elif name == "history" and "plexus" in kinds:
             for subs in args.history_subs or [1000]:
                 # As long as fanout's: shorter runs measured mostly noise.

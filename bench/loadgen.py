@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import os
+import random
 import sys
 import threading
 import time
@@ -54,6 +55,27 @@ def source_addresses(count: int, first: int = 2) -> list[str]:
 def pad_for(size: int) -> str:
     """Padding that brings a `{"ts":..,"seq":..,"pad":..}` payload to about `size` bytes."""
     return "x" * max(0, size - 40)
+
+
+_VOCABULARY = (
+    "the a to and of I you it is in that we for on this are was with be have not "
+    "at so just but can will what about do all like my your if get know one up out "
+    "meeting tomorrow today lunch see great thanks ok sure sounds good morning team "
+    "release deploy bug fix review please check later call now time back new build "
+    "slides coffee weekend plan room link doc update done working looks nice agree"
+)
+_WORDS = _VOCABULARY.split()
+
+
+def chat_data(seq: int) -> dict[str, Any]:
+    """A chat line as the bundled chat app publishes it: a nick and 5 to 20 words.
+
+    What compression meets in practice: short text, repeated keys, no padding.
+    Seeded by `seq`, so every server is sent the same lines.
+    """
+    rng = random.Random(seq)
+    words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 20)))
+    return {"nick": f"user{rng.randint(1, 40)}", "text": words.capitalize() + rng.choice(".!?")}
 
 
 @dataclass
@@ -153,6 +175,7 @@ class Worker:
                         self.counters,
                         source=sources[(base + i) % len(sources)],
                         timeout=cmd.get("timeout", 30.0),
+                        deflate=cmd.get("deflate", False),
                     )
                     if channel is not None:
                         await subscribe(conn, channel)
@@ -206,6 +229,7 @@ class Worker:
             "last_ns": counters.last_ns,
             "order_errors": counters.order_errors,
             "closes": dict(counters.closed),
+            "wire_bytes": counters.wire_bytes,
         }
         if counters.latency:
             result["latencies"] = counters.latencies.tobytes()
@@ -219,13 +243,17 @@ class Worker:
         conn = self.conns[0]
         channel, count, window = cmd["channel"], cmd["count"], cmd.get("window", 100)
         pad = pad_for(cmd.get("size", 100))
+        chat = bool(cmd.get("chat"))
         done: asyncio.Future[None] = self.loop.create_future()
         state = PublishState()
 
         def send_next() -> None:
             seq = state.sent
             state.sent = seq + 1
-            data = {"ts": time.time_ns(), "seq": seq, "pad": pad}
+            if chat:
+                data = {"ts": time.time_ns(), "seq": seq, **chat_data(seq)}
+            else:
+                data = {"ts": time.time_ns(), "seq": seq, "pad": pad}
             conn.send_frame(
                 client_frame(
                     orjson.dumps({"type": "publish", "channel": channel, "data": data, "id": seq})
@@ -410,6 +438,8 @@ async def subscribe(conn: WSConn, channel: str, timeout: float = 10.0) -> None:
         conn.on_json = None
     if msg.get("type") != "reply":
         raise ConnectionError(f"subscribe refused: {msg}")
+    # Only pushes of the channel follow: compressed ones are counted, not inflated.
+    conn.subscribed = True
 
 
 def worker_main(pipe: Connection, index: int, cpus: list[int] | None) -> None:

@@ -62,6 +62,15 @@ METRICS["scaleout"] = [
     ("others_cpu_util", "other CPU use (publishing node, redis, softirq)", "{:.2f}"),
 ]
 METRICS["durable"] = METRICS["roundtrip"][:4]
+METRICS["compression"] = [
+    ("cpu_s_per_1m", "server CPU s / 1M deliveries (lower better)", "{:.2f}"),
+    ("wire_bytes_per_delivery", "bytes on the wire / delivery (lower better)", "{:.1f}"),
+    ("deliveries_per_s", "deliveries/s (higher better)", "{:,.0f}"),
+    ("server_rss_mb", "server RSS MB", "{:.1f}"),
+    ("server_sys_frac", "kernel share of server CPU", "{:.2f}"),
+    ("client_cpu_util", "load client CPU utilisation", "{:.2f}"),
+    ("others_cpu_util", "other CPU use (softirq, noise)", "{:.2f}"),
+]
 METRICS["maxconn"] = [
     ("held", "connections held (higher better)", "{:,.0f}"),
     ("still_serving", "accepts one more after", "{}"),
@@ -77,6 +86,9 @@ PAIRS = (
     ("floor", "node"),
     ("plexus-sqlite", "plexus"),
     ("plexus-redis", "plexus"),
+    ("plexus-deflate", "plexus"),
+    ("node-deflate", "node"),
+    ("plexus-deflate", "node-deflate"),
 )
 
 
@@ -121,7 +133,15 @@ def table(results: Iterable[Result]) -> str:
         if repeats > 1:
             group += f"  (median of {repeats} runs)"
         first = next(iter(by_server.values()))
-        known = ("plexus", "plexus-sqlite", "plexus-redis", "node", "floor")
+        known = (
+            "plexus",
+            "plexus-sqlite",
+            "plexus-redis",
+            "plexus-deflate",
+            "node",
+            "node-deflate",
+            "floor",
+        )
         servers = [s for s in known if s in by_server]
         pairs = [p for p in PAIRS if p[0] in by_server and p[1] in by_server]
         head = f"{'':48}" + "".join(f"{s:>16}" for s in servers)

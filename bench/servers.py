@@ -37,9 +37,20 @@ PR_SET_PDEATHSIG = 1
 # redis-server: the measured node (subscribers connect there) and a second
 # node where the fan-out workloads publish, so the measured node delivers
 # what another node published.
+# `plexus-deflate` and `node-deflate` negotiate permessage-deflate (Plexus with
+# `compression = "on"`, Node ws with its defaults and no size threshold).
 # `plexus-default` is Plexus with its built-in settings (no bench config, rate
 # limits on, the default engine): what the soak runs.
-KINDS = ("plexus", "plexus-sqlite", "plexus-redis", "plexus-default", "node", "floor")
+KINDS = (
+    "plexus",
+    "plexus-sqlite",
+    "plexus-redis",
+    "plexus-deflate",
+    "plexus-default",
+    "node",
+    "node-deflate",
+    "floor",
+)
 FLOOR_PEER = BENCH_DIR / "peers" / "floor.py"
 
 
@@ -146,18 +157,21 @@ def start(
         return _start_redis_pair(log_dir, cpus, env_extra, timeout)
     env = dict(os.environ)
     tmpdir: Path | None = None
-    if kind == "node":
+    if kind in ("node", "node-deflate"):
         ensure_node_peer()
         cmd = ["node", str(NODE_PEER / "server.js"), "0"]
+        if kind == "node-deflate":
+            env["PERMESSAGE_DEFLATE"] = "1"
     elif kind == "floor":
         cmd = [sys.executable, str(FLOOR_PEER), "0"]
-    elif kind in ("plexus", "plexus-sqlite", "plexus-redis-node"):
+    elif kind in ("plexus", "plexus-sqlite", "plexus-redis-node", "plexus-deflate"):
         tmpdir = Path(tempfile.mkdtemp(prefix="plexus-bench-"))
         env.update(
             PLEXUS_PUBLISH_RATE="0",
             PLEXUS_HISTORY_BACKEND="sqlite" if kind == "plexus-sqlite" else "memory",
             PLEXUS_DATA_DIR=str(tmpdir),
             PLEXUS_CONFIG=str(PLEXUS_CONFIG),
+            PLEXUS_COMPRESSION="on" if kind == "plexus-deflate" else "off",
         )
         cmd = [*plexus_command(), "serve", "--port", "0"]
     elif kind == "plexus-default":

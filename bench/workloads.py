@@ -91,8 +91,12 @@ class Session:
         stop_after_failures: int = 0,
         timeout: float = 300.0,
         port: int | None = None,
+        deflate: bool = False,
     ) -> tuple[int, list[str]]:
-        """Open `n` connections spread over `workers` (subscribed to `channel` if given)."""
+        """Open `n` connections spread over `workers` (subscribed to `channel` if given).
+
+        `deflate`: the connections offer permessage-deflate, as browsers do.
+        """
         ids = workers if workers is not None else self.ctx.sub_workers
         shares = split(n, len(ids))
         cmds: dict[int, Reply] = {}
@@ -111,6 +115,7 @@ class Session:
                 "concurrency": max(4, 96 // len(ids)),
                 "timeout": 30.0,
                 "stop_after_failures": stop_after_failures,
+                "deflate": deflate,
             }
         answers = self.ctx.loadgen.call(
             cmds, timeout, _progress(self.ctx, "connected", n, f"{self.kind}: connecting")
@@ -199,17 +204,25 @@ def fanout(
     via: str = "ws",
     channel: str = "bench:fanout",
     workload: str = "fanout",
+    *,
+    chat: bool = False,
 ) -> Result:
-    """Burst: `subs` subscribers on one channel, `messages` published as fast as possible."""
+    """Burst: `subs` subscribers on one channel, `messages` published as fast as possible.
+
+    `chat`: chat-like messages (a nick and a line of words) instead of `size`
+    bytes of padding, to subscribers that offer permessage-deflate (the
+    `compression` workload).
+    """
     ctx.label = f"{workload} subs={subs} {kind}"
     s = Session(ctx, kind)
     try:
-        connected, errors = s.connect(subs, channel)
+        connected, errors = s.connect(subs, channel, deflate=chat)
         if connected < subs:
             raise RuntimeError(f"only {connected}/{subs} subscribers connected: {errors[:3]}")
         pub_port = s.server.publisher_port or s.server.port
         s.connect(1, None, [ctx.pub_worker], port=pub_port)
         base = {"op": "burst", "channel": channel, "size": size, "via": via, "window": 100}
+        base["chat"] = chat
         base.update(host="127.0.0.1", port=pub_port, timeout=120.0)
         warm = min(50, messages)
         ctx.status(f"{kind}: warm-up")
@@ -242,6 +255,7 @@ def fanout(
             "client_cpu_s": client_cpu,
             "client_cpu_util": client_cpu / s.phase_wall,
             "server_rss_mb": rss / 2**20,
+            "wire_bytes_per_delivery": sum(a["wire_bytes"] for a in answers) / max(1, deliveries),
             "publish_errors": pub["errors"],
             "first_error": pub["first_error"],
             **delivery,
@@ -383,13 +397,20 @@ def idle(ctx: Context, kind: str, conns: int, workload: str = "idle") -> Result:
     ctx.label = f"{workload} conns={conns} {kind}"
     s = Session(ctx, kind)
     try:
+        # Against `*-deflate` servers the connections offer permessage-deflate.
+        deflate = kind.endswith("-deflate")
         warm = 200
-        s.connect(warm, None)  # load lazy code paths; kept open so nothing freed is reused
+        # Load lazy code paths; kept open so nothing freed is reused.
+        s.connect(warm, None, deflate=deflate)
         time.sleep(0.5)
         rss0 = s.server.rss_bytes()
         t0 = time.monotonic()
         connected, errors = s.connect(
-            conns, None, stop_after_failures=50 if workload == "maxconn" else 0, timeout=900.0
+            conns,
+            None,
+            stop_after_failures=50 if workload == "maxconn" else 0,
+            timeout=900.0,
+            deflate=deflate,
         )
         connect_s = time.monotonic() - t0
         time.sleep(1.0)

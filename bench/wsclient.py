@@ -9,7 +9,13 @@ copy). Anything else (welcome, reply, error, pong) is decoded with orjson and
 handed to the owner through `on_json`.
 
 Scope (loopback benchmarking, not a general client):
-  * no extensions (permessage-deflate is never offered), no subprotocol;
+  * permessage-deflate only when asked (`deflate=True`): then offered as a
+    browser offers it. Compressed frames are inflated (with one inflater per
+    message, or one per connection when the server keeps its context) until
+    the connection is `subscribed`; after that every compressed text frame is
+    a push of the channel, counted without inflating it, like uncompressed
+    pushes are counted without decoding them. Commands are sent
+    uncompressed; no subprotocol;
   * client frames are masked with the all-zero key, which RFC 6455 permits on
     the wire (the mask bit is set, the key is 0) and which makes masking free;
   * server pings are answered, a close frame is echoed and the socket aborted.
@@ -23,6 +29,7 @@ import hashlib
 import os
 import struct
 import time
+import zlib
 from array import array
 from collections.abc import Callable
 from typing import Any, Final, cast
@@ -66,10 +73,12 @@ class Counters:
         "messages",
         "order_errors",
         "target",
+        "wire_bytes",
     )
 
     def __init__(self) -> None:
         self.messages = 0
+        self.wire_bytes = 0  # bytes received after the handshake (what crossed the wire)
         self.target = 0
         self.done: asyncio.Future[None] | None = None
         self.latency = False
@@ -85,6 +94,7 @@ class Counters:
         self.latencies = array("q")
         self.last_ns = 0
         self.order_errors = 0
+        self.wire_bytes = 0
 
     def note_close(self, code: int) -> None:
         self.closed[code] = self.closed.get(code, 0) + 1
@@ -99,8 +109,16 @@ class WSConn(asyncio.Protocol):
     `count` and the shared `Counters`.
     """
 
-    def __init__(self, host: str, port: int, path: str, counters: Counters) -> None:
+    def __init__(
+        self, host: str, port: int, path: str, counters: Counters, *, deflate: bool = False
+    ) -> None:
         self.host = host
+        self.deflate = deflate
+        # Negotiated permessage-deflate: the server's window, and its inflater
+        # when the server keeps its context (None: a new one per message).
+        self._inflate_bits = 0
+        self._inflater: Any = None
+        self._server_takeover = False
         self.port = port
         self.path = path
         self.counters = counters
@@ -112,6 +130,7 @@ class WSConn(asyncio.Protocol):
         self.last_offset = 0
         self.client_id = ""
         self.closed = False
+        self.subscribed = False  # only the channel's pushes arrive from now on
         self._handshaken = False
         self._key = base64.b64encode(os.urandom(16))
         self._buf = b""
@@ -126,8 +145,11 @@ class WSConn(asyncio.Protocol):
         request = (
             f"GET {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
             "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {self._key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            f"Sec-WebSocket-Key: {self._key.decode()}\r\nSec-WebSocket-Version: 13\r\n"
         )
+        if self.deflate:
+            request += "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        request += "\r\n"
         self.transport.write(request.encode())
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -138,6 +160,7 @@ class WSConn(asyncio.Protocol):
             self.ready.set_exception(exc or ConnectionError("connection closed before welcome"))
 
     def data_received(self, data: bytes) -> None:
+        self.counters.wire_bytes += len(data)
         if self._buf:
             data = self._buf + data
             self._buf = b""
@@ -161,8 +184,16 @@ class WSConn(asyncio.Protocol):
         accept = b""
         for line in lines[1:]:
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"sec-websocket-accept":
+            name = name.strip().lower()
+            if name == b"sec-websocket-accept":
                 accept = value.strip()
+            elif name == b"sec-websocket-extensions" and b"permessage-deflate" in value:
+                params = [p.strip() for p in value.split(b";")]
+                self._inflate_bits = 15
+                for param in params:
+                    if param.startswith(b"server_max_window_bits="):
+                        self._inflate_bits = int(param.split(b"=")[1])
+                self._server_takeover = b"server_no_context_takeover" not in params
         if len(status) < 2 or status[1] != b"101" or accept != expected:
             self._fail(ConnectionError(f"bad upgrade response: {lines[0]!r}"))
             return
@@ -216,6 +247,11 @@ class WSConn(asyncio.Protocol):
                             counters.done.set_result(None)
                     continue
                 self._text(data[start:end])
+            elif b0 == 0xC1 and self._inflate_bits:  # a compressed text message
+                if self.subscribed:
+                    self._counted()
+                else:
+                    self._whole_text(self._inflate(data[start:end]))
             else:
                 self._other(b0, data[start:end])
             if self.closed:
@@ -249,6 +285,15 @@ class WSConn(asyncio.Protocol):
                     self._whole_text(whole)
         elif opcode == 0x1:  # final text frame with RSV bits set: never offered, treat as text
             self._whole_text(payload)
+
+    def _inflate(self, payload: bytes) -> bytes:
+        inflater = self._inflater
+        if inflater is None:
+            inflater = zlib.decompressobj(-self._inflate_bits)
+            if self._server_takeover:
+                self._inflater = inflater
+        out: bytes = inflater.decompress(payload + b"\x00\x00\xff\xff")
+        return out
 
     def _whole_text(self, payload: bytes) -> None:
         if MESSAGE_MARK in payload:
@@ -311,13 +356,17 @@ async def connect(
     path: str = "/ws",
     source: str | None = None,
     timeout: float = 10.0,
+    deflate: bool = False,
 ) -> WSConn:
-    """Open one connection and wait for the server's `welcome`."""
+    """Open one connection (offering permessage-deflate if `deflate`); wait for `welcome`."""
     loop = asyncio.get_running_loop()
     local = (source, 0) if source else None
     _, conn = await asyncio.wait_for(
         loop.create_connection(
-            lambda: WSConn(host, port, path, counters), host, port, local_addr=local
+            lambda: WSConn(host, port, path, counters, deflate=deflate),
+            host,
+            port,
+            local_addr=local,
         ),
         timeout,
     )

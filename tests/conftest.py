@@ -56,11 +56,6 @@ if (3, 11) <= sys.version_info < (3, 11, 8):
 ServerFactory = Callable[..., Awaitable[Server]]
 ClientFactory = Callable[..., Awaitable[Client]]
 
-# The WebSocket engine under test: `PLEXUS_WS_ENGINE=aiohttp pytest` runs the
-# whole suite against the aiohttp engine (the default is the setting's). It is
-# also the setting's own variable, so servers started as processes match.
-WS_ENGINE = os.environ.get("PLEXUS_WS_ENGINE", Settings().ws_engine)
-
 
 @pytest.fixture
 async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
@@ -73,7 +68,6 @@ async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
             "history_backend": "memory",
             "data_dir": str(tmp_path / "data"),
             "publish_rate": 0.0,
-            "ws_engine": WS_ENGINE,
         }
         values.update(overrides)
         server = Server(Settings(**values))

@@ -34,8 +34,8 @@ from plexus.metrics import CONTENT_TYPE
 from plexus.node import Node, RpcHandler
 from plexus.transports.http_api import HttpApi
 from plexus.transports.lean import LeanListener
+from plexus.transports.link import Endpoint
 from plexus.transports.origin import origin_allowed
-from plexus.transports.websocket import WebSocketEndpoint
 
 log = logging.getLogger("plexus")
 
@@ -184,7 +184,7 @@ class Server:
         self._signal_installed = False
         self._stopping: asyncio.Task[None] | None = None
         self.node: Node | None = None
-        self.endpoint: WebSocketEndpoint | None = None
+        self.endpoint: Endpoint | None = None
         self.admin: AdminSite | None = None
         self._runner: web.AppRunner | None = None
         # The listening socket is ours; aiohttp gets the requests it serves.
@@ -229,9 +229,11 @@ class Server:
         if self.node is None or self.endpoint is None:
             raise RuntimeError("build_app() runs inside start()")
         app = web.Application(client_max_size=self.settings.max_body_size)
-        app.add_routes([web.get("/ws", self.endpoint.handle)])
+        # transports/lean.py takes WebSocket upgrades; aiohttp sees one only on
+        # a keep-alive socket it served before, and gives it back.
+        app.add_routes([web.get("/ws", self._upgrade)])
         if self.settings.echo_endpoint:
-            app.add_routes([web.get("/echo", self.endpoint.handle_echo)])
+            app.add_routes([web.get("/echo", self._upgrade)])
         app.add_routes(
             [
                 web.get("/health", self._health),
@@ -282,6 +284,11 @@ class Server:
             "engine": self.node.engine_state(),
         }
 
+    async def _upgrade(self, request: web.Request) -> web.StreamResponse:
+        if self._lean is None:
+            raise web.HTTPServiceUnavailable()
+        return self._lean.upgrade(request)
+
     async def _health(self, request: web.Request) -> web.Response:
         # 200 while the process serves, whatever its components say.
         return web.json_response(self.health())
@@ -317,7 +324,7 @@ class Server:
         self.node = Node(settings, self._engine or make_engine(settings), hooks=self._hooks)
         self.node.rpc_handlers.update(self._rpc)
         await self.node.start()
-        self.endpoint = WebSocketEndpoint(self.node, Authenticator.from_settings(settings))
+        self.endpoint = Endpoint(self.node, Authenticator.from_settings(settings))
         self.endpoint.start()
         self._runner = web.AppRunner(
             self.build_app(),
@@ -344,9 +351,9 @@ class Server:
         sock.listen(1024)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
-        # Both engines: the listener counts every socket against
-        # max_connections_per_ip and bounds the time to send a request head;
-        # with the aiohttp engine it hands every request to aiohttp.
+        # The listener counts every socket against max_connections_per_ip,
+        # bounds the time to send a request head, takes WebSocket upgrades and
+        # hands every other request to aiohttp.
         server = self._runner.server
         assert server is not None  # set by setup()
 
@@ -360,7 +367,10 @@ class Server:
         self.started_at = time.time()
         self._install_signal_handler()
         log.info(
-            "listening on %s (WebSocket %s, engine %s)", self.url, self.ws_url, settings.ws_engine
+            "listening on %s (WebSocket %s, compression %s)",
+            self.url,
+            self.ws_url,
+            settings.compression,
         )
 
     def _install_signal_handler(self) -> None:

@@ -28,9 +28,6 @@ ENGINES = {
 }
 ADMIN_PASSWORD_MIN = 12
 ADMIN_SECRET_MIN_BYTES = 32
-# The WebSocket engines: aiohttp's WebSocketResponse, or Plexus's own asyncio
-# protocol around websockets' sans-I/O core (transports/lean.py).
-WS_ENGINES = ("aiohttp", "lean")
 
 
 @dataclass(slots=True)
@@ -135,7 +132,9 @@ class Settings:
     ping_interval: float = 25.0
     pong_timeout: float = 10.0
     shutdown_timeout: float = 5.0
-    ws_engine: str = "lean"  # lean | aiohttp: which code serves WebSocket connections
+    ws_engine: str = "lean"  # retired: "lean" is the only WebSocket engine left
+    compression: str = "off"  # off | on: permessage-deflate when the client offers it
+    compression_client_takeover: bool = False  # clients may keep their deflate context
 
     max_message_size: int = 64 * 1024
     max_queue_bytes: int = 1024 * 1024
@@ -246,10 +245,13 @@ class Settings:
             raise ConfigError(
                 f"log_level: must be debug|info|warning|error, got {self.log_level!r}"
             )
-        if self.ws_engine not in WS_ENGINES:
+        if self.ws_engine != "lean":
             raise ConfigError(
-                f"ws_engine: must be {' or '.join(WS_ENGINES)}, got {self.ws_engine!r}"
+                f'ws_engine: the {self.ws_engine!r} engine was retired; "lean" is the only'
+                " WebSocket engine (remove the setting)"
             )
+        if self.compression not in ("off", "on"):
+            raise ConfigError(f"compression: must be off or on, got {self.compression!r}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
         if self.engine:

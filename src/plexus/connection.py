@@ -1,7 +1,8 @@
 """One client connection: runs its commands against the node and queues its output.
 
-Independent of the socket library: the WebSocket transport hands it payloads
-and a `closer`, and it writes frames into its bounded `Outbox`.
+Independent of the transport: the transport hands it payloads, a `closer` and
+the connection's wire format (`protocol/wire.py`), and it writes frames of that
+format into its bounded `Outbox`.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ from plexus.models import Duplicate, Publication
 from plexus.node import Node, RpcCall
 from plexus.outbox import Flusher, Outbox, Transport
 from plexus.protocol import commands as cmd
-from plexus.protocol.codec import CODECS, Codec
 from plexus.protocol.codes import CloseCode, ErrorCode
 from plexus.protocol.commands import check_payload
 from plexus.protocol.pushes import EncodedPush, publication_message
 from plexus.protocol.session import SessionState
+from plexus.protocol.wire import WireFormat
 
 log = logging.getLogger("plexus.connection")
 
@@ -92,8 +93,8 @@ class Connection:
         "close_code",
         "closer",
         "codec",
-        "codec_index",
         "credentials",
+        "format_index",
         "handshake",
         "last_seen",
         "node",
@@ -104,13 +105,14 @@ class Connection:
         "state",
         "subscriptions",
         "user",
+        "wire",
     )
 
     def __init__(
         self,
         node: Node,
         transport: Transport,
-        codec: Codec,
+        wire: WireFormat,
         flusher: Flusher,
         *,
         closer: Closer,
@@ -122,8 +124,9 @@ class Connection:
         settings = node.settings
         self.node = node
         self.client_id = new_client_id()
-        self.codec = codec
-        self.codec_index = CODECS.index(codec)
+        self.wire = wire
+        self.codec = codec = wire.codec
+        self.format_index = wire.index
         self.closer = closer
         self.auth = auth
         self.credentials = credentials
@@ -153,7 +156,7 @@ class Connection:
 
     def send(self, message: dict[str, Any]) -> None:
         """Encode and queue one message for this client only."""
-        self.outbox.push(self.codec.frame(message))
+        self.outbox.push(self.wire.message(message))
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Close the connection with `code` (idempotent).
@@ -645,7 +648,7 @@ class Connection:
             return
         self.subscriptions[channel] = sub
         events = outcome.events
-        frames = [EncodedPush(event).frame(self.codec_index) for event in events]
+        frames = [EncodedPush(event).frame(self.format_index) for event in events]
         missed = outcome.missed
         if missed and sum(map(len, frames[:missed])) > self.outbox.limit - self.outbox.buffered:
             # Pushing them would close the client as a slow consumer, and so

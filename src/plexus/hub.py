@@ -1,7 +1,8 @@
 """The local registry: which connections of this process subscribe to which channel.
 
-Fan-out happens here: one event is encoded at most once per encoding and the
-same frame is pushed to every subscriber's outbox, without awaiting anyone.
+Fan-out happens here: one event is built at most once per wire format (JSON or
+MessagePack, compressed or not: `protocol/wire.py`) and the same frame is
+pushed to every subscriber's outbox, without awaiting anyone.
 
 The hub also keeps, per channel, the last position this node delivered, and
 checks every publication against it: `offset == last + 1` is delivered, an
@@ -18,6 +19,7 @@ from typing import Final, Protocol
 
 from plexus.models import Presence, Publication, StreamPosition
 from plexus.protocol.pushes import EncodedPush
+from plexus.protocol.wire import FORMATS
 
 Event = Publication | Presence
 
@@ -36,7 +38,9 @@ class Subscriber(Protocol):
     def user(self) -> str | None: ...
 
     @property
-    def codec_index(self) -> int: ...
+    def format_index(self) -> int:
+        """The position of the connection's wire format in `protocol.wire.FORMATS`."""
+        ...
 
     @property
     def push_frame(self) -> Callable[[bytes], object]:
@@ -55,13 +59,14 @@ class Subscription:
     fan-out of that message reached this node).
     """
 
-    __slots__ = ("backlog", "channel", "codec_index", "conn", "floor", "info", "push")
+    __slots__ = ("backlog", "channel", "conn", "floor", "format_index", "info", "push")
 
     def __init__(self, conn: Subscriber, channel: str, info: object = None) -> None:
         self.conn = conn
         # Copied from the connection so fan-out touches one object per subscriber.
         self.push = conn.push_frame
-        self.codec_index = conn.codec_index
+        self.format_index = conn.format_index
+        FORMATS[conn.format_index].use()  # pushes now make room for its frames
         self.channel = channel
         self.info = info
         self.floor = 0
@@ -273,9 +278,9 @@ class Hub:
                 sub.backlog.append(pub)
             elif offset > sub.floor:
                 sub.floor = offset
-                frame = frames[sub.codec_index]
+                frame = frames[sub.format_index]
                 if frame is None:
-                    frame = encoded.frame(sub.codec_index)
+                    frame = encoded.frame(sub.format_index)
                 sub.push(frame)
                 delivered += 1
         return delivered
@@ -291,6 +296,6 @@ class Hub:
             if sub.backlog is not None:
                 sub.backlog.append(event)
             elif sub.conn.client_id != skip:
-                sub.push(encoded.frame(sub.codec_index))
+                sub.push(encoded.frame(sub.format_index))
                 delivered += 1
         return delivered

@@ -568,7 +568,7 @@ class Node:
         for event in backlog:  # fanned out while the join was under way
             if isinstance(event, Publication):
                 sub.floor = max(sub.floor, event.offset)
-            sub.push(EncodedPush(event).frame(sub.codec_index))
+            sub.push(EncodedPush(event).frame(sub.format_index))
 
     async def unwatch(self, sub: Subscription) -> None:
         """Remove a subscriber added by `watch`."""

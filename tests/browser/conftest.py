@@ -95,6 +95,8 @@ class ChatPage:
     nick: str
     dialogs: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # The HTTP headers of each WebSocket handshake's answer, as Chromium saw them.
+    handshakes: list[dict[str, str]] = field(default_factory=list)
 
     def locator(self, testid: str) -> Any:
         return self.page.get_by_test_id(testid)
@@ -146,6 +148,14 @@ def open_chat(browser: Any, server: ServerProcess, room: str) -> Iterator[OpenCh
 
         page.on("dialog", on_dialog)
         page.on("pageerror", lambda err: chat.errors.append(str(err)))
+        devtools = context.new_cdp_session(page)
+        devtools.send("Network.enable")
+        devtools.on(
+            "Network.webSocketHandshakeResponseReceived",
+            lambda event: chat.handshakes.append(
+                {k.lower(): v for k, v in event["response"]["headers"].items()}
+            ),
+        )
         page.goto(f"{server.url}/#{room}")
         chat.locator("nick-input").fill(nick)
         chat.locator("nick-save").click()

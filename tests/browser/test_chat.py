@@ -181,6 +181,35 @@ def test_image_sent_by_one_page_is_shown_in_the_other(open_chat: OpenChat) -> No
     assert_clean(alice, bob)
 
 
+@pytest.mark.parametrize("server_env", [{"PLEXUS_COMPRESSION": "on"}])
+def test_chat_with_compression(open_chat: OpenChat, server_env: dict[str, str]) -> None:
+    """Chromium offers permessage-deflate; with `compression = "on"` the chat runs compressed."""
+    alice = open_chat("alice")
+    bob = open_chat("bob")
+    for chat in (alice, bob):
+        extensions = chat.handshakes[-1].get("sec-websocket-extensions", "")
+        assert extensions.startswith("permessage-deflate"), chat.handshakes
+        assert "server_no_context_takeover" in extensions
+    alice.wait_online(["alice", "bob"])
+    line = "A line long enough to be compressed, and then some more words. 你好世界 👋🏽 " * 4
+    alice.send(line.strip())
+    bob.send("short")
+    for chat in (alice, bob):
+        expect(chat.page.locator("[data-testid=message-text]")).to_have_text(
+            [line.strip(), "short"], timeout=WAIT_MS
+        )
+    image = gradient_png()
+    bob.locator("image-input").set_input_files(
+        files=[{"name": "gradient.png", "mimeType": "image/png", "buffer": image}]
+    )
+    alice.page.wait_for_function(
+        "() => { const i = document.querySelector('[data-testid=message-image]');"
+        " return i && i.complete && i.naturalWidth === 240; }",
+        timeout=WAIT_MS,
+    )
+    assert_clean(alice, bob)
+
+
 def save_screenshots(chat: ChatPage) -> None:
     """artifacts/chat.png (and a phone-width one) for people reviewing a run.
 

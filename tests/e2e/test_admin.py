@@ -27,7 +27,7 @@ from plexus.app import Server
 from plexus.auth import make_token
 from plexus.client import Client
 from plexus.config import Settings
-from tests.conftest import WS_ENGINE, ClientFactory, ServerFactory
+from tests.conftest import ClientFactory, ServerFactory
 from tests.e2e.test_tls import self_signed
 from tests.helpers import TIMEOUT, RedisServer, ServerProcess, wait_for
 
@@ -621,7 +621,6 @@ async def start_node(redis: RedisServer, prefix: str, name: str) -> Server:
         redis_timeout=2.0,
         publish_rate=0,
         node_name=name,
-        ws_engine=WS_ENGINE,
         admin_password=PASSWORD,
         jwt_secret=JWT_SECRET,
     )

@@ -184,11 +184,7 @@ async def test_rate_limited_and_unavailable(make_server: ServerFactory) -> None:
         with pytest.raises(PlexusClientError) as info:
             await client.publish("chat:a", 3)
         assert info.value.code == "rate_limited"
-    broken = Server(
-        limited.settings.__class__(
-            port=0, history_backend="memory", ws_engine=limited.settings.ws_engine
-        )
-    )
+    broken = Server(limited.settings.__class__(port=0, history_backend="memory"))
     broker = BrokenBroker()
     broken._engine = Engine(broker, broker, MemoryPresenceStore())
     await broken.start()

@@ -188,8 +188,8 @@ def test_bench_over_websocket_prints_a_summary(server: ServerProcess) -> None:
         (["--via", "ws", "--channel", "news"], 1, "permission_denied"),
         (["--size", "2000000"], 1, "too_large"),  # over the API's body limit
         # Over max_message_size: closed with 1009 (test_limits checks the code;
-        # with the aiohttp engine a client still sending may see the reset
-        # that follows the close, 1006, so only the clear line is checked here).
+        # a client still sending may see the reset that follows the close,
+        # 1006, so only the clear line is checked here).
         (
             ["--via", "ws", "--channel", "chat:big", "--size", "100000", "--messages", "1"],
             1,

@@ -20,7 +20,7 @@ import pytest
 from plexus.app import Server
 from plexus.config import NamespaceOptions, Settings, default_namespaces
 from plexus.protocol.codes import CloseCode
-from tests.conftest import WS_ENGINE, ServerFactory
+from tests.conftest import ServerFactory
 from tests.e2e import decision_app
 from tests.e2e.decision_app import DecisionApp, serve_proxies
 from tests.helpers import TIMEOUT, api_post, metrics
@@ -409,7 +409,7 @@ async def test_embedded_hooks_come_before_the_proxy_of_the_same_name(open_ws: Op
 
     dead = "http://127.0.0.1:9/rpc"  # nothing listens: only the hook can answer
     server = Server(
-        Settings(port=0, history_backend="memory", proxy_rpc_url=dead, ws_engine=WS_ENGINE),
+        Settings(port=0, history_backend="memory", proxy_rpc_url=dead),
         hooks=Hooks(),
     )
     async with server:

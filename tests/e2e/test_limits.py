@@ -208,7 +208,8 @@ def test_sigterm_closes_every_client_with_1001() -> None:
         ([], {"PLEXUS_MAX_QUEUE_BYTES": "0"}, "max_queue_bytes"),
         ([], {"PLEXUS_LOG_FORMAT": "xml"}, "log_format"),
         ([], {"PLEXUS_BROKER": "redis"}, "broker"),
-        ([], {"PLEXUS_WS_ENGINE": "fast"}, "ws_engine"),
+        ([], {"PLEXUS_WS_ENGINE": "aiohttp"}, "ws_engine: the 'aiohttp' engine was retired"),
+        ([], {"PLEXUS_COMPRESSION": "gzip"}, "compression: must be off or on"),
         (["--config", "/nonexistent.toml"], {}, "config"),
     ],
 )

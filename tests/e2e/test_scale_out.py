@@ -27,7 +27,6 @@ import pytest
 from plexus.app import Server
 from plexus.client import Client
 from plexus.config import Settings
-from tests.conftest import WS_ENGINE
 from tests.e2e.test_recovery import drop
 from tests.helpers import TIMEOUT, RedisServer, ServerProcess, api_post, wait_for
 
@@ -281,7 +280,6 @@ async def start_node(redis: RedisServer, prefix: str, name: str, **overrides: An
         "publish_rate": 0,
         "redis_timeout": 2.0,
         "node_name": name,
-        "ws_engine": WS_ENGINE,
     }
     settings = Settings(**{**values, **overrides})
     server = Server(settings)

@@ -8,14 +8,12 @@ import ssl
 from pathlib import Path
 
 import aiohttp
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from plexus.client import Client
-from plexus.config import WS_ENGINES
 from tests.conftest import ServerFactory
 from tests.helpers import TIMEOUT
 
@@ -50,14 +48,11 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return certfile, keyfile
 
 
-# Both engines, whatever PLEXUS_WS_ENGINE says: the lean one hands the TLS
-# transport of every plain HTTPS request over to aiohttp.
-@pytest.mark.parametrize("engine", WS_ENGINES)
-async def test_wss_and_https_on_one_port(
-    make_server: ServerFactory, tmp_path: Path, engine: str
-) -> None:
+# The listener takes the WebSocket upgrades on the TLS transport and hands
+# that transport over to aiohttp for every plain HTTPS request.
+async def test_wss_and_https_on_one_port(make_server: ServerFactory, tmp_path: Path) -> None:
     certfile, keyfile = self_signed(tmp_path)
-    server = await make_server(certfile=str(certfile), keyfile=str(keyfile), ws_engine=engine)
+    server = await make_server(certfile=str(certfile), keyfile=str(keyfile))
     assert server.ws_url.startswith("wss://")
     context = ssl.create_default_context(cafile=str(certfile))
     connector = aiohttp.TCPConnector(ssl=context)

@@ -20,7 +20,6 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from plexus.app import Server
 from plexus.config import load_settings
 from plexus.protocol.codes import CloseCode
-from tests.conftest import WS_ENGINE
 from tests.helpers import ROOT, TIMEOUT
 
 EXAMPLE = ROOT / "examples" / "flask_session"
@@ -82,9 +81,7 @@ async def apps(
     config = (EXAMPLE / "plexus.toml").read_text().replace("127.0.0.1:5000", flask_url[7:])
     path = tmp_path / "plexus.toml"
     path.write_text(config)
-    settings = load_settings(
-        path, {}, {"port": 0, "history_backend": "memory", "ws_engine": WS_ENGINE}
-    )
+    settings = load_settings(path, {}, {"port": 0, "history_backend": "memory"})
     plexus = Server(settings)
     await plexus.start()
     plexus_url.append(plexus.url)

@@ -34,7 +34,6 @@ from plexus.protocol.codes import CloseCode
 from plexus.protocol.limits import EventWindow, TokenBucket
 from plexus.protocol.recovery import can_recover, merge_backlog
 from plexus.protocol.session import Limits, SessionState
-from plexus.transports import lean
 from tests.helpers import parse_frame
 
 
@@ -413,10 +412,3 @@ def test_merge_backlog_drops_duplicates_and_own_presence() -> None:
     ]
     merged = merge_backlog(4, "e", backlog, "c-me")
     assert merged == [_pub(5), Presence("join", "c", other), _pub(6)]
-
-
-def test_fragment_cap_follows_the_message_size_limit() -> None:
-    assert lean.max_fragments(64 * 1024) == 1024
-    assert lean.max_fragments(1000) == 64  # the floor
-    # Autobahn 9.3/9.4 send 4 MiB in 64-byte fragments to a 16 MiB limit.
-    assert lean.max_fragments(16 * 1024 * 1024) >= 4 * 1024 * 1024 // 64

@@ -6,6 +6,9 @@
 // Fan-out serializes a push once and sends the same Buffer to every
 // subscriber, which is what a careful Node server does.
 // Usage: node server.js [PORT]   (or env PORT; 0 = ephemeral)
+// PERMESSAGE_DEFLATE=1: negotiate permessage-deflate with ws's defaults (each
+// socket keeps its own compression context) and no size threshold, so that
+// chat-sized messages are compressed too (ws's default threshold is 1 KiB).
 
 const http = require('http');
 const { WebSocketServer } = require('ws');
@@ -71,7 +74,7 @@ const server = http.createServer((req, res) => {
 const wss = new WebSocketServer({
   server,
   path: '/ws',
-  perMessageDeflate: false,
+  perMessageDeflate: process.env.PERMESSAGE_DEFLATE === '1' ? { threshold: 0 } : false,
   clientTracking: false,
   maxPayload: 64 * 1024,
 });

@@ -23,8 +23,9 @@ import orjson
 from plexus.exceptions import Unavailable
 from plexus.hub import Subscription
 from plexus.node import Node
-from plexus.protocol.codec import CODECS, JSON, frame_payload
+from plexus.protocol.codec import frame_payload
 from plexus.protocol.codes import CloseCode
+from plexus.protocol.wire import JSON_WS
 
 log = logging.getLogger("plexus.admin")
 
@@ -32,7 +33,6 @@ MAX_TAILS: Final = 16
 TAIL_EVENTS: Final = 100
 TAIL_BYTES: Final = 256 * 1024
 TAIL_IDLE: Final = 30.0
-_JSON_INDEX: Final = CODECS.index(JSON)
 
 
 class Tail:
@@ -63,8 +63,8 @@ class Tail:
         return None
 
     @property
-    def codec_index(self) -> int:
-        return _JSON_INDEX
+    def format_index(self) -> int:
+        return JSON_WS.index
 
     @property
     def push_frame(self) -> Callable[[bytes], object]:

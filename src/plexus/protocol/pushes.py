@@ -1,4 +1,4 @@
-"""Server-to-client pushes, encoded once per encoding and shared by every subscriber."""
+"""Server-to-client pushes, built once per wire format and shared by every subscriber."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 import orjson
 
 from plexus.models import Presence, Publication
-from plexus.protocol.codec import CODECS, build_frame
+from plexus.protocol.codec import CODECS
+from plexus.protocol.wire import FORMATS, in_use
 
 
 def publication_message(pub: Publication) -> dict[str, Any]:
@@ -58,31 +59,51 @@ def presence_message(event: Presence) -> dict[str, Any]:
 
 
 class EncodedPush:
-    """One event's frames, built lazily, at most once per encoding.
+    """One event's frames, built lazily: encoded at most once per codec, framed once per format.
 
-    Fan-out asks every subscriber's codec for its frame; the first JSON
-    subscriber pays for the JSON encoding and every later one reuses it.
+    Fan-out asks for the frame of every subscriber's wire format; the first
+    subscriber of a format pays for it (and for the codec's encoding, if no
+    other format of that codec asked before) and every later one gets the
+    same bytes. A compressed format reuses the uncompressed format's encoding
+    and compresses it once for all its subscribers.
     """
 
-    __slots__ = ("event", "frames")
+    __slots__ = ("event", "frames", "payloads")
 
     def __init__(self, event: Publication | Presence) -> None:
         self.event = event
-        # frames[i] is the frame for CODECS[i], None until first asked for.
-        self.frames: list[bytes | None] = [None] * len(CODECS)
+        # frames[i] is the frame for FORMATS[i], None until first asked for
+        # (room for the formats of every subscriber: `WireFormat.use`).
+        self.frames: list[bytes | None] = [None] * in_use()
+        # payloads[i] is the message encoded by CODECS[i].
+        self.payloads: list[bytes | None] = [None] * len(CODECS)
 
     def frame(self, index: int) -> bytes:
-        """The ready-to-write frame for the codec `CODECS[index]`."""
-        frame = self.frames[index]
+        """The ready-to-write frame for the wire format `FORMATS[index]`."""
+        frames = self.frames
+        if index >= len(frames):  # a format no subscriber had when this was made
+            frames.extend([None] * (index + 1 - len(frames)))
+        frame = frames[index]
         if frame is None:
+            wire = FORMATS[index]
+            payload = self.payloads[wire.codec_index]
+            if payload is None:
+                payload = self.payload(wire.codec_index)
+            frame = frames[index] = wire.frame(payload)
+        return frame
+
+    def payload(self, codec_index: int) -> bytes:
+        """The event encoded by the codec `CODECS[codec_index]` (no framing)."""
+        payload = self.payloads[codec_index]
+        if payload is None:
             event = self.event
-            codec = CODECS[index]
+            codec = CODECS[codec_index]
             if isinstance(event, Publication):
                 if codec.binary:
-                    frame = codec.frame(publication_message(event))
+                    payload = codec.encode(publication_message(event))
                 else:
-                    frame = build_frame(publication_json(event), codec.opcode)
+                    payload = publication_json(event)
             else:
-                frame = codec.frame(presence_message(event))
-            self.frames[index] = frame
-        return frame
+                payload = codec.encode(presence_message(event))
+            self.payloads[codec_index] = payload
+        return payload

@@ -1,132 +1,92 @@
-"""The listening socket (both engines), and the lean WebSocket engine: an asyncio
-protocol around websockets' sans-I/O core.
-
-An idle connection served by aiohttp holds a request, its handler coroutine, a
-`WebSocketResponse` and its reader: most of 16 KB. Here it holds the transport,
-one `LeanProtocol` and websockets' `ServerProtocol` (the frame parser), and
-nothing runs for it until bytes arrive.
+"""The listening socket and the WebSocket transport: socket <-> connection glue.
 
 `LeanListener` is the protocol factory of the listening socket. Each new socket
 gets a `LeanProtocol`, which counts it against its address's
 `max_connections_per_ip` and buffers the request head (within
-`http_request_timeout`): with the lean engine a `GET /ws` (or `/echo`) upgrade
-stays with it; any other request is handed to aiohttp untouched, with the bytes
-read so far, so the web app, `/health` and `/api/*` are served exactly as with
-the aiohttp engine (and so is an upgrade this engine does not take, such as one
-whose head is over HEAD_LIMIT). With the aiohttp engine every request is handed
-over; the socket stays counted until it closes.
+`http_request_timeout`). A `GET /ws` (or `/echo`) upgrade stays here; any other
+request is handed to aiohttp untouched, with the bytes read so far, so the web
+app, `/health` and `/api/*` are served by aiohttp; the socket stays counted
+until it closes.
 
-websockets only parses. Everything sent after the handshake — replies, pushes,
-pongs, close frames — goes through the connection's `Outbox`, as with the
-aiohttp engine, so ordering and the 4008 bound hold; the frames websockets
-queues itself (automatic pongs and close answers) are dropped unsent.
+The opening handshake, and the negotiation of permessage-deflate (RFC 7692),
+are websockets' (`ServerProtocol.accept`, sans-I/O); after it nothing of
+websockets is kept but its C `apply_mask`. `frames.FrameReader` splits what the
+client sends into messages, and everything the server sends — replies,
+pushes, pongs, close frames — goes through the connection's `Outbox`, in the
+connection's wire format (`protocol/wire.py`), so ordering and the 4008 bound
+hold. An idle connection holds the transport, one `LeanProtocol`, its
+`FrameReader` and its `Connection`: nothing runs for it until bytes arrive.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 from http import HTTPStatus
 from typing import Any, Final, cast
 
-from websockets.frames import Frame, Opcode
+from aiohttp import web
+from websockets.extensions.permessage_deflate import (
+    PerMessageDeflate,
+    ServerPerMessageDeflateFactory,
+)
 from websockets.http11 import Request
-from websockets.protocol import Event, Protocol, State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 from yarl import URL
 
-from plexus.protocol.codec import SUBPROTOCOLS
-from plexus.transports.websocket import Link, Refusal, WebSocketEndpoint, write_high_water
-
-try:  # websockets' C unmasking, as websockets.frames picks it
-    from websockets.speedups import apply_mask
-except ImportError:  # pragma: no cover - built wheels carry the C extension
-    from websockets.utils import apply_mask
+from plexus.exceptions import AuthError
+from plexus.protocol.codec import (
+    OP_BINARY,
+    OP_TEXT,
+    SUBPROTOCOLS,
+    build_frame,
+    close_frame,
+    codec_for,
+)
+from plexus.protocol.codes import CloseCode
+from plexus.protocol.wire import DeflateFormat, websocket_format
+from plexus.transports.frames import Failure, FrameReader, Inflater, max_fragments
+from plexus.transports.link import Endpoint, Link, Refusal, write_high_water
 
 log = logging.getLogger("plexus.ws")
-# websockets logs every open and close at INFO, and every frame at DEBUG:
-# Plexus logs connections itself, so only its warnings and errors are kept.
-_frames_log = logging.getLogger("plexus.ws.frames")
-_frames_log.setLevel(logging.WARNING)
+# websockets logs every handshake at INFO: Plexus logs connections itself, so
+# only its warnings and errors are kept.
+_handshake_log = logging.getLogger("plexus.ws.handshake")
+_handshake_log.setLevel(logging.WARNING)
 
 # The request head is buffered up to this size; a longer one goes to aiohttp,
-# which applies its own header limits (and its keep-alive timeout).
+# which applies its own header limits (and its keep-alive timeout)...
 HEAD_LIMIT: Final = 16 * 1024
+# ...unless it is a request to a WebSocket path: those are buffered up to this
+# size (big cookies), and refused with 431 beyond.
+UPGRADE_HEAD_LIMIT: Final = 64 * 1024
 # Messages read but not yet handled; beyond this the socket is not read until
 # half of them are, so a client that floods commands is back-pressured.
 MAX_PENDING: Final = 32
 RESUME_AT: Final = MAX_PENDING // 2
 
-NO_STATUS: Final = 1005  # websockets' code for a close frame without one
-INVALID_DATA: Final = 1007
-MESSAGE_TOO_BIG: Final = 1009
-
+OP_PONG: Final = 0xA
 _SUBPROTOCOLS: Final = [Subprotocol(name) for name in SUBPROTOCOLS]
-_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 
 
-class _Failure(Exception):
-    """Input that fails the connection with `code` (the message is the close reason)."""
-
-    code = INVALID_DATA
-
-
-class _InvalidUtf8(_Failure):
-    """A text message that is not UTF-8: the connection fails with 1007."""
-
-
-class _TooManyFragments(_Failure):
-    """A message in more frames than `max_fragments(max_message_size)`: 1009."""
-
-    code = MESSAGE_TOO_BIG
-
-
-def max_fragments(max_message_size: int) -> int:
-    """Frames one message may come in: one per 64 bytes of the size limit, at least 64.
-
-    websockets counts payload bytes only, and an empty continuation frame
-    adds none: a message of endless empty fragments cost CPU and a list entry
-    per frame, forever. A message of the largest size in fragments of 64
-    bytes or more always fits.
-    """
-    return max(64, max_message_size // 64)
-
-
-class _ServerProtocol(ServerProtocol):
-    """websockets' sans-I/O server: negotiates like aiohttp, holds nothing after the handshake."""
+class _Handshake(ServerProtocol):
+    """websockets' sans-I/O server, used for the opening handshake only."""
 
     def select_subprotocol(self, subprotocols: Sequence[Subprotocol]) -> Subprotocol | None:
-        """The client's first choice among ours; none (JSON) when nothing matches, like aiohttp.
+        """The client's first choice among ours; none (JSON) when nothing matches.
 
         A method rather than websockets' `select_subprotocol` argument, which it
-        binds to the instance: a reference cycle per connection.
+        binds to the instance: a reference cycle per handshake.
         """
         for name in subprotocols:
             if name in SUBPROTOCOLS:
                 return name
         return None
-
-    def drop_handshake(self) -> None:
-        """Parse frames with a new parser, which does not hold the request.
-
-        The handshake's parser keeps the request (2 KB with its headers) in its
-        frame for as long as the connection lives. Only call this when no byte
-        followed the request head: a partly parsed frame would be lost.
-        """
-        self.parser = Protocol.parse(self)
-        next(self.parser)
-
-
-def _check_utf8(decoder: codecs.IncrementalDecoder, data: bytes, final: bool) -> None:
-    try:
-        decoder.decode(data, final)
-    except UnicodeDecodeError as exc:
-        raise _InvalidUtf8(f"invalid UTF-8: {exc.reason}") from None
 
 
 def _reading(transport: asyncio.Transport) -> bool:
@@ -137,65 +97,86 @@ def _paused(transport: asyncio.Transport) -> bool:
     return not transport.is_closing() and not transport.is_reading()
 
 
-def http_error(refusal: Refusal) -> bytes:
+def http_error(refusal: Refusal, headers: Sequence[tuple[str, str]] = ()) -> bytes:
     """A complete HTTP/1.1 error response that ends the connection."""
     body = refusal.body()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
     head = (
         f"HTTP/1.1 {refusal.status} {HTTPStatus(refusal.status).phrase}\r\n"
         "Content-Type: application/json; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
+        f"{extra}Connection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
 
 
 _TOO_MANY: Final = Refusal(429, "rate_limited", "too many connections from this address")
+_HEAD_TOO_LARGE: Final = Refusal(
+    431, "too_large", f"request head over {UPGRADE_HEAD_LIMIT // 1024} KiB"
+)
 
 
 class _Handed(asyncio.Protocol):
-    """A socket handed to aiohttp: its protocol, and the end of the socket's count."""
+    """A socket handed to aiohttp: its protocol, and the end of the socket's count.
 
-    __slots__ = ("_endpoint", "_inner", "_remote")
+    A client may send a WebSocket upgrade on a keep-alive socket aiohttp
+    already served (an aiohttp `ClientSession` does); aiohttp's route then
+    gives the socket back (`take_back`), and what it reads goes to a
+    `LeanProtocol` from there on. aiohttp still hears of the socket's end, so
+    that it forgets its side of the connection.
+    """
 
-    def __init__(self, inner: asyncio.Protocol, endpoint: WebSocketEndpoint, remote: str) -> None:
+    __slots__ = ("_endpoint", "_inner", "_lean", "remote")
+
+    def __init__(self, inner: asyncio.Protocol, endpoint: Endpoint, remote: str) -> None:
         self._inner = inner
         self._endpoint = endpoint
-        self._remote = remote
+        self._lean: LeanProtocol | None = None
+        self.remote = remote
+
+    def take_back(self, lean: LeanProtocol) -> None:
+        """Read for `lean` from now on (it takes over the socket's count too)."""
+        self._lean = lean
 
     def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
+        if self._lean is not None:
+            self._lean.data_received(data)
+        else:
+            self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
+        if self._lean is not None:
+            return self._lean.eof_received()
         return self._inner.eof_received()
 
     def pause_writing(self) -> None:
-        self._inner.pause_writing()
+        (self._lean or self._inner).pause_writing()
 
     def resume_writing(self) -> None:
-        self._inner.resume_writing()
+        (self._lean or self._inner).resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         try:
             self._inner.connection_lost(exc)
         finally:
-            self._endpoint.socket_closed(self._remote)
+            if self._lean is not None:
+                self._lean.connection_lost(exc)
+            else:
+                self._endpoint.socket_closed(self.remote)
 
 
 class LeanListener:
     """The listening socket's protocol factory: counts sockets, buffers heads, takes upgrades.
 
     Args:
-        endpoint: the engine-neutral WebSocket endpoint.
+        endpoint: the transport-neutral endpoint (admission, bookkeeping).
         http: aiohttp's protocol factory (`AppRunner.server`).
         tls: whether the socket serves TLS (the scheme the Origin check compares).
-
-    With `ws_engine` aiohttp it takes no upgrade itself: every request goes to
-    aiohttp once its head is in.
     """
 
     def __init__(
         self,
-        endpoint: WebSocketEndpoint,
+        endpoint: Endpoint,
         http: Callable[[], asyncio.Protocol],
         *,
         tls: bool,
@@ -205,22 +186,68 @@ class LeanListener:
         self.http = http
         self.scheme = "https" if tls else "http"
         # path -> whether it is the echo endpoint
-        self.paths: dict[bytes, bool] = {}
-        if settings.ws_engine == "lean":
-            self.paths[b"/ws"] = False
-            if settings.echo_endpoint:
-                self.paths[b"/echo"] = True
+        self.paths: dict[bytes, bool] = {b"/ws": False}
+        if settings.echo_endpoint:
+            self.paths[b"/echo"] = True
         self.max_message_size = settings.max_message_size
         self.max_fragments = max_fragments(settings.max_message_size)
         self.head_timeout = settings.http_request_timeout
         self.write_high_water = write_high_water(settings.max_queue_bytes)
         self.max_per_ip = settings.max_connections_per_ip
+        # permessage-deflate: the server never keeps its context (so that a
+        # push is compressed once for every client), and the client keeps its
+        # own only where `compression_client_takeover` allows it.
+        self.extensions = (
+            [
+                ServerPerMessageDeflateFactory(
+                    server_no_context_takeover=True,
+                    client_no_context_takeover=not settings.compression_client_takeover,
+                )
+            ]
+            if settings.compression == "on"
+            else None
+        )
         # Every socket not (yet) handed to aiohttp, for the shutdown.
         self.protocols: set[LeanProtocol] = set()
         self._endings: set[asyncio.Task[None]] = set()
 
     def __call__(self) -> LeanProtocol:
         return LeanProtocol(self)
+
+    def upgrade(self, request: web.Request) -> web.StreamResponse:
+        """aiohttp's handler of `GET /ws` (and `/echo`): a request aiohttp was given.
+
+        An upgrade reaches aiohttp only on a keep-alive socket it already
+        served a request on: the socket is taken back and the upgrade done
+        here, as on a new socket (frames a client sent before the answer to
+        its upgrade would stay with aiohttp; clients wait for the answer).
+        Anything else is answered 426.
+        """
+        transport = request.transport
+        handed = transport.get_protocol() if transport is not None else None
+        echo = self.paths.get(request.path.encode())
+        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
+        if not upgrade or echo is None or not isinstance(handed, _Handed) or transport is None:
+            return web.json_response(
+                {"error": {"code": "bad_request", "message": "a WebSocket endpoint: upgrade"}},
+                status=426,
+                headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+            )
+        version = request.version
+        lines = [f"GET {request.raw_path} HTTP/{version.major}.{version.minor}"]
+        lines += [
+            f"{name.decode('latin-1')}: {value.decode('latin-1')}"
+            for name, value in request.raw_headers
+        ]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        lean = LeanProtocol(self)
+        lean.adopt(transport, handed.remote)
+        handed.take_back(lean)
+        # aiohttp writes nothing more on this socket: its response below fails
+        # as if the peer had gone, and its handler ends.
+        request.protocol.transport = None
+        lean.data_received(head)
+        return web.Response()
 
     def track(self, task: asyncio.Task[None]) -> None:
         """Keep a connection's final task referenced until it is done."""
@@ -243,36 +270,24 @@ class LeanProtocol(Link, asyncio.Protocol):
 
     __slots__ = (
         "_head",
-        "_input",
-        "_need",
         "_over_limit",
-        "_parts",
         "_pending",
         "_task",
-        "_utf8",
         "_write_paused",
         "listener",
-        "max_size",
-        "ws",
+        "reader",
     )
 
     def __init__(self, listener: LeanListener) -> None:
         super().__init__(listener.endpoint)
         self.listener = listener
         self._head: bytearray | None = bytearray()
-        self.ws: ServerProtocol | None = None  # set once the connection is open
-        # Fragments of the message being assembled, and its UTF-8 decoder if text.
-        self._parts: list[bytes] | None = None
-        self._utf8: codecs.IncrementalDecoder | None = None
+        self.reader: FrameReader | None = None  # set once the connection is open
         # Messages (and the connection's end) waiting for the task that handles them.
         self._pending: deque[str | bytes | Callable[[], None]] | None = None
         self._task: asyncio.Task[None] | None = None
-        # Input after the last whole frame, kept until `_need` bytes are there.
-        self._input: bytearray | None = None
-        self._need = 0
         self._over_limit = False  # over max_connections_per_ip: answer 429 to the request
         self._write_paused = False  # the socket holds more unsent output than it should
-        self.max_size = listener.max_message_size
 
     # ----- asyncio.Protocol
 
@@ -292,12 +307,17 @@ class LeanProtocol(Link, asyncio.Protocol):
                 return
             self._over_limit = True
         # The close timer of a WebSocket doubles as the head timeout before it.
-        self._abort = asyncio.get_running_loop().call_later(
-            listener.head_timeout, self.transport.close
-        )
+        self.drop_later(listener.head_timeout)
+
+    def adopt(self, transport: asyncio.Transport, remote: str) -> None:
+        """Serve a socket that was counted and handed to aiohttp before (see `upgrade`)."""
+        self.transport = transport
+        self.remote = remote
+        self.listener.protocols.add(self)
+        self.drop_later(self.listener.head_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self.ws is not None:
+        if self.reader is not None:
             self._receive(data)
             return
         head = self._head
@@ -308,11 +328,13 @@ class LeanProtocol(Link, asyncio.Protocol):
         end = head.find(b"\r\n\r\n", start)
         if end < 0:
             if len(head) > HEAD_LIMIT:
-                self._hand_off()
+                if self._path(head) is None:
+                    self._hand_off()
+                elif len(head) > UPGRADE_HEAD_LIMIT:
+                    self._refuse(_HEAD_TOO_LARGE)
             return
         if self._over_limit:
-            self._head = None
-            self._answer(http_error(_TOO_MANY))
+            self._refuse(_TOO_MANY)
             return
         echo = self._route(bytes(head[:end]))
         if echo is None:
@@ -341,10 +363,18 @@ class LeanProtocol(Link, asyncio.Protocol):
         listener.protocols.discard(self)
         listener.endpoint.socket_closed(self.remote)
         self.stop_abort_timer()
-        if self.ws is not None:
+        if self.reader is not None:
             self.listener.track(asyncio.get_running_loop().create_task(self._end()))
 
     # ----- the request head
+
+    def _path(self, head: bytearray) -> bool | None:
+        """For a `GET` of one of our paths: whether it is `/echo`; else None."""
+        line = head[: head.find(b"\r\n")] if b"\r\n" in head else head
+        parts = bytes(line).split(b" ")
+        if len(parts) != 3 or parts[0] != b"GET":
+            return None
+        return self.listener.paths.get(parts[1].split(b"?", 1)[0])
 
     def _route(self, head: bytes) -> bool | None:
         """For a WebSocket upgrade to one of our paths: whether it is `/echo`; else None."""
@@ -361,14 +391,12 @@ class LeanProtocol(Link, asyncio.Protocol):
                 return echo if b"websocket" in value.lower() else None
         return None
 
-    def _hand_off(self, data: bytes | None = None) -> None:
-        """Give the socket, and the bytes read from it (`data`, or the head buffer), to aiohttp."""
-        if data is None:
-            assert self._head is not None
-            data = bytes(self._head)
+    def _hand_off(self) -> None:
+        """Give the socket, and the bytes read from it, to aiohttp."""
+        assert self._head is not None
+        data = bytes(self._head)
         if self._over_limit:  # a head over HEAD_LIMIT: still refused
-            self._head = None
-            self._answer(http_error(_TOO_MANY))
+            self._refuse(_TOO_MANY)
             return
         self._head = None
         self.stop_abort_timer()
@@ -380,35 +408,34 @@ class LeanProtocol(Link, asyncio.Protocol):
         transport.set_protocol(_Handed(handler, listener.endpoint, self.remote))
         handler.data_received(data)
 
-    def _answer(self, response: bytes) -> None:
-        """End the socket with an HTTP response instead of a WebSocket."""
-        self.transport.write(response)
+    def _refuse(self, refusal: Refusal, headers: Sequence[tuple[str, str]] = ()) -> None:
+        """End the socket with an HTTP error instead of a WebSocket."""
+        self._head = None
+        self.transport.write(http_error(refusal, headers))
         self.transport.close()
 
     def _upgrade(self, echo: bool, head_size: int) -> None:
         """Do the opening handshake and open the connection, or refuse it.
 
-        A request that websockets cannot parse, or that is not a valid opening
-        handshake, goes to aiohttp, which answers it as the aiohttp engine does.
         `head_size`: the length of the request head; any bytes after it are
         frames the client sent without waiting for the handshake's answer.
         """
         assert self._head is not None
-        head, self._head = bytes(self._head), None
+        head = bytes(self._head)
         self.stop_abort_timer()
         listener, transport = self.listener, self.transport
-        ws = _ServerProtocol(
-            subprotocols=_SUBPROTOCOLS, max_size=listener.max_message_size, logger=_frames_log
+        ws = _Handshake(
+            subprotocols=_SUBPROTOCOLS, extensions=listener.extensions, logger=_handshake_log
         )
         ws.receive_data(head[:head_size])
         events = ws.events_received()
         if not events or not isinstance(events[0], Request):
-            self._hand_off(head)
+            self._refuse_handshake(ws)
             return
         request = events[0]
         response = ws.accept(request)
         if response.status_code != 101:
-            self._hand_off(head)
+            self._refuse_handshake(ws, response.status_code, list(response.headers.raw_items()))
             return
         headers = request.headers
         origins = headers.get_all("Origin")
@@ -419,7 +446,7 @@ class LeanProtocol(Link, asyncio.Protocol):
             origins[0] if origins else None, listener.scheme, hosts[0] if hosts else None, remote
         )
         if refusal is not None:
-            self._answer(http_error(refusal))
+            self._refuse(refusal)
             return
         try:
             query = URL(request.path).query
@@ -429,167 +456,107 @@ class LeanProtocol(Link, asyncio.Protocol):
         credentials, refused = endpoint.verify_token(token, echo=echo)
         ws.send_response(response)
         transport.write(b"".join(ws.data_to_send()))
+        self._head = None
         if refused is not None:
-            endpoint.refuse_token(transport, refused, remote)
+            _refuse_token(transport, refused, remote)
             return
-        # websockets was given the head alone: no frame is half parsed.
-        ws.drop_handshake()
+        deflate = next((e for e in ws.extensions if isinstance(e, PerMessageDeflate)), None)
+        inflater = None
+        if deflate is not None:
+            inflater = Inflater(
+                deflate.remote_max_window_bits, takeover=not deflate.remote_no_context_takeover
+            )
+        self.reader = FrameReader(
+            self,
+            max_size=listener.max_message_size,
+            max_fragments=listener.max_fragments,
+            inflater=inflater,
+        )
         transport.set_write_buffer_limits(high=listener.write_high_water)
-        self.echo, self.ws = echo, ws
+        self.echo = echo
+        wire = websocket_format(
+            codec_for(ws.subprotocol), None if deflate is None else deflate.local_max_window_bits
+        )
         handshake = endpoint.handshake(headers.raw_items(), data)
-        conn = endpoint.open(self, transport, ws.subprotocol, credentials, handshake)
+        conn = endpoint.open(self, wire, credentials, handshake)
         if not echo and conn.starting:  # connect decision, server-side subscriptions
             self._task = asyncio.get_running_loop().create_task(self._run(start=True))
         if len(head) > head_size:  # frames sent right behind the request
             self._receive(head[head_size:])
 
-    # ----- frames
+    def _refuse_handshake(
+        self, ws: ServerProtocol, status: int = 0, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """Answer an upgrade that is not a valid opening handshake, as websockets would.
+
+        Its status (400 for an unparsable request), with a JSON body like
+        every refusal, and its `Upgrade`/`Allow` headers where it gives them.
+        """
+        if not status:
+            written = b"".join(ws.data_to_send())  # an answer to a head it could not parse
+            status = int(written.split(b" ", 2)[1]) if written.startswith(b"HTTP/") else 400
+        reason = str(ws.handshake_exc or "not a valid WebSocket upgrade")
+        kept = [(name, value) for name, value in headers if name in ("Upgrade", "Allow")]
+        self._refuse(Refusal(status, "bad_request", f"invalid WebSocket upgrade: {reason}"), kept)
+
+    # ----- frames: the FrameReader's receiver
 
     def _receive(self, data: bytes) -> None:
-        """Split input into frames: whole messages in one frame are handled here, the rest
-        by websockets.
-
-        websockets' parser (a generator stepping through each frame) cost about
-        a quarter of the server's CPU in the round-trip benchmark. The common
-        frame — a whole, masked text or binary message within the size limit —
-        is unmasked here with websockets' own C `apply_mask`. Every other frame
-        (control frames, fragments) is given to websockets whole, so its parser
-        always starts at a frame boundary and keeps every check it makes; a
-        frame that is invalid or too big is given to it with all that follows,
-        and it fails the connection as it would have.
-        """
-        ws = self.ws
-        assert ws is not None
-        if ws.eof_sent:
-            return  # after a close frame or a failure, the rest is ignored
-        pending = self._input
-        if pending is not None:
-            pending += data
-            if len(pending) < self._need:
-                return
-            data, self._input = bytes(pending), None
+        reader = self.reader
+        assert reader is not None
         try:
-            self._split(ws, data)
-        except _Failure as exc:
-            if ws.state is State.OPEN:
-                ws.fail(exc.code)  # so that websockets ignores the rest
-            self._then(partial(self._fail_and_end, exc.code, str(exc)))
+            reader.feed(data)
+        except Failure as exc:
+            self._then(partial(self._fail_and_end, exc.code, exc.reason))
         except Exception:
             self.crashed()
 
-    def _split(self, ws: ServerProtocol, data: bytes) -> None:
-        end = len(data)
-        pos = 0
-        max_size = self.max_size
-        while pos < end:
-            if end - pos < 2:
-                self._keep(data, pos, 2)
-                return
-            first, second = data[pos], data[pos + 1]
-            length = second & 0x7F
-            start = pos + 6  # the payload's, after a 2-byte head and the mask
-            if length >= 126:
-                start += 2 if length == 126 else 8
-                if end < start:
-                    self._keep(data, pos, start - pos)
-                    return
-                length = int.from_bytes(data[pos + 2 : start - 4])
-            if length > max_size or not second & 0x80:
-                # Too big or unmasked: websockets fails the connection.
-                ws.receive_data(data[pos:])
-                self._events(ws, ws.events_received())
-                return
-            stop = start + length
-            if end < stop:
-                self._keep(data, pos, stop - pos)
-                return
-            if (first == 0x81 or first == 0x82) and ws.current_size is None:
-                # FIN, no extension bits, text or binary, not inside a fragmented message.
-                payload = apply_mask(data[start:stop], data[start - 4 : start])
-                self._message(payload, first == 0x81)
-            else:
-                ws.receive_data(data[pos:stop])
-                self._events(ws, ws.events_received())
-                if ws.eof_sent:
-                    return
-            pos = stop
-
-    def _keep(self, data: bytes, pos: int, need: int) -> None:
-        """Keep the incomplete frame at `pos` until `need` bytes of it arrived."""
-        self._input = bytearray(data[pos:])
-        self._need = need
-
-    def _events(self, ws: ServerProtocol, events: list[Event]) -> None:
-        """Handle what websockets parsed (`_receive` catches what this raises)."""
-        ws.data_to_send()  # websockets' own pongs and close answers: ours go via the outbox
-        for event in events:
-            # Only the first event is a request, and the handshake took it.
-            frame = cast(Frame, event)
-            opcode = frame.opcode
-            # A server unmasks every payload into a new bytes object.
-            data = cast(bytes, frame.data)
-            if opcode is Opcode.PING:
-                self.ping(data)
-            elif opcode is Opcode.PONG:
-                self.pong()
-            elif opcode is not Opcode.CLOSE:
-                self._data(opcode, data, frame.fin)
-        if ws.eof_sent:
-            # A close frame came (maybe inside a fragmented message, which
-            # websockets calls a protocol error and RFC 6455 5.4 allows),
-            # or websockets failed the connection and stopped parsing.
-            received = ws.close_rcvd
-            if received is not None:
-                code = 0 if received.code == NO_STATUS else received.code
-                self._then(partial(self.peer_closed, code))
-            else:
-                sent = ws.close_sent
-                assert sent is not None  # we never feed an EOF, which fails without one
-                self._then(partial(self._fail_and_end, sent.code, sent.reason))
-
-    def _data(self, opcode: Opcode, data: bytes, fin: bool) -> None:
-        """A data frame: deliver it, or add it to the fragmented message it belongs to."""
-        utf8 = self._utf8
-        if opcode is Opcode.CONT:
-            # websockets refused a continuation without a message to continue.
-            parts = self._parts
-            assert parts is not None
-            if len(parts) >= self.listener.max_fragments:
-                raise _TooManyFragments("message in too many fragments")
-            if utf8 is not None:
-                _check_utf8(utf8, data, fin)  # fail fast, before the message is whole
-            parts.append(data)
-            if not fin:
-                return
-            self._parts = self._utf8 = None
-            self._message(b"".join(parts), utf8 is not None)
-        elif fin:
-            self._message(data, opcode is Opcode.TEXT)
-        else:
-            self._parts = [data]
-            if opcode is Opcode.TEXT:
-                self._utf8 = utf8 = _Utf8Decoder()
-                _check_utf8(utf8, data, False)
-
-    def _message(self, data: bytes, text: bool) -> None:
-        """A whole message (at most `max_message_size` bytes: websockets counted)."""
+    def on_message(self, payload: str | bytes) -> None:
+        """A whole message (at most `max_message_size` bytes: the reader counted)."""
         conn = self.conn
         if conn.close_code is not None:
             return  # draining after our close frame
-        payload: str | bytes = data
-        if text:
-            try:
-                payload = data.decode()
-            except UnicodeDecodeError as exc:
-                raise _InvalidUtf8(f"invalid UTF-8: {exc.reason}") from None
         if self.echo:
-            self.echo_message(data, text)
+            self._echo(payload)
         elif self._task is not None:
             self._queue(payload)  # after the messages before it
         else:
             waiting = conn.handle(payload)
             if waiting is not None:
                 self._task = asyncio.get_running_loop().create_task(self._run(waiting))
+
+    def on_ping(self, payload: bytes) -> None:
+        """Answer behind the frames already queued.
+
+        The pong counts against `max_queue_bytes` like any frame (a client
+        that sends pings and never reads is a slow consumer); past a run of
+        them in the queue, it replaces the last (`Outbox.push_pong`).
+        """
+        conn = self.conn
+        conn.last_seen = time.monotonic()
+        if conn.close_code is None:
+            conn.outbox.push_pong(build_frame(payload, OP_PONG))
+
+    def on_pong(self, payload: bytes) -> None:
+        """The peer is alive."""
+        self.conn.last_seen = time.monotonic()
+
+    def on_close(self, code: int, reason: str) -> None:
+        """The peer's close frame: answered after the messages read before it."""
+        self._then(partial(self._peer_closed, code))
+
+    def _echo(self, payload: str | bytes) -> None:
+        """`/echo`: send a message back through the same outbox as every other frame."""
+        conn = self.conn
+        conn.last_seen = time.monotonic()
+        text = isinstance(payload, str)
+        data = payload.encode() if isinstance(payload, str) else payload
+        opcode = OP_TEXT if text else OP_BINARY
+        wire = conn.wire
+        if isinstance(wire, DeflateFormat):
+            conn.push_frame(wire.deflater.frame(data, opcode))
+        else:
+            conn.push_frame(build_frame(data, opcode))
 
     def _queue(self, item: str | bytes | Callable[[], None]) -> None:
         """Queue a message, or what to do, behind the running task's work."""
@@ -641,12 +608,40 @@ class LeanProtocol(Link, asyncio.Protocol):
 
     # ----- the end
 
+    def send_close(self, code: int, reason: str = "") -> None:
+        """Write a close frame after everything queued, then accept no more output.
+
+        A slow consumer's queue was already dropped by its outbox; for every
+        other close the replies queued so far go out first. The socket is
+        dropped if the peer does not end it within CLOSE_TIMEOUT.
+        """
+        outbox = self.conn.outbox
+        outbox.write_now(close_frame(code, reason))
+        outbox.overflowed = True  # nothing may follow a close frame
+        self.drop_later()
+
+    def _peer_closed(self, code: int) -> None:
+        """A close frame with `code` (0: none) arrived: answer it and end the TCP connection.
+
+        The answer echoes the code (the reader refused invalid ones). When we
+        started the close, this is the peer's answer and needs none.
+        """
+        conn = self.conn
+        if conn.close_code is None:
+            conn.close_code = code or CloseCode.NORMAL
+            conn.outbox.write_now(close_frame(conn.close_code))
+            conn.outbox.overflowed = True
+        self.transport.close()
+
     def _fail_and_end(self, code: int, reason: str) -> None:
         """The peer broke the protocol or sent too big a message: close with `code`, then end."""
         if self.transport.is_closing():
             return
-        self.fail(code, reason)
-        # Half-close and keep reading (websockets discards it all) until the
+        conn = self.conn
+        if conn.close_code is None:
+            conn.close_code = code
+            self.send_close(code, reason)
+        # Half-close and keep reading (the reader ignores it all) until the
         # peer closes too: closing with its unread input in our socket would
         # make the kernel reset the connection, and the peer might lose the
         # close frame. The close timer drops a peer that never closes.
@@ -663,3 +658,14 @@ class LeanProtocol(Link, asyncio.Protocol):
             await self.endpoint.finish(self)
         except Exception:  # nobody awaits this task: log here
             log.exception("cleanup of %s failed", self.conn.client_id)
+
+
+def _refuse_token(transport: asyncio.Transport, refused: AuthError, remote: str) -> None:
+    """Close a just-accepted WebSocket with 4001/4002 and no `welcome`.
+
+    Accept, then close at once: a browser can read the code of a close
+    frame, never the status of a refused upgrade.
+    """
+    transport.write(close_frame(refused.close_code, str(refused)[:100]))
+    transport.close()
+    log.info("refused token from %s: %s", remote, refused)

@@ -1,8 +1,8 @@
-"""End-to-end: what both WebSocket engines must do alike at the socket level.
+"""End-to-end: the listener and the WebSocket transport (`transports/lean.py`) at the socket level.
 
-The rest of the suite runs against one engine (`PLEXUS_WS_ENGINE`); these cases
-run against both: requests and frames arriving in unusual shapes, where the lean
-engine's own head buffering and hand-off to aiohttp could differ.
+Requests and frames arriving in unusual shapes: the listener's own head
+buffering, its hand-off of plain HTTP to aiohttp, the frame reader behind a
+real socket, back-pressure.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from plexus.config import WS_ENGINES
 from tests.conftest import ServerFactory
 from tests.helpers import (
     TIMEOUT,
@@ -35,19 +34,16 @@ from tests.helpers import (
     zero_masked,
 )
 
-pytestmark = pytest.mark.parametrize("engine", WS_ENGINES)
-
-
 Raw = Callable[[bytes], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
 @pytest.fixture
-async def raw(make_server: ServerFactory, engine: str) -> AsyncIterator[Raw]:
-    """Open raw sockets to a server of `engine`, past the handshake and the welcome.
+async def raw(make_server: ServerFactory) -> AsyncIterator[Raw]:
+    """Open raw sockets to a server, past the handshake and the welcome.
 
     The bytes given go out with the upgrade request, in the same write.
     """
-    server = await make_server(ws_engine=engine)
+    server = await make_server()
     writers: list[asyncio.StreamWriter] = []
 
     async def factory(tail: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -71,7 +67,7 @@ async def test_frames_sent_with_the_request_are_answered(raw: Raw) -> None:
 
 async def test_a_flood_of_commands_is_answered_in_order(raw: Raw) -> None:
     reader, writer = await raw(b"")
-    count = 3000  # far more than the lean engine reads ahead before pausing
+    count = 3000  # far more than the transport reads ahead before pausing
     writer.write(b"".join(masked(b'{"type":"ping","id":%d}' % i) for i in range(count)))
     for i in range(count):
         assert await read_message(reader) == {"type": "pong", "id": i}
@@ -103,9 +99,9 @@ async def test_invalid_utf8_closes_1007_after_earlier_replies(raw: Raw) -> None:
 
 
 async def test_message_of_exactly_the_limit_passes_one_more_byte_closes_1009(
-    make_server: ServerFactory, engine: str
+    make_server: ServerFactory,
 ) -> None:
-    server = await make_server(ws_engine=engine, max_message_size=1000)
+    server = await make_server(max_message_size=1000)
     async with ws_connect(server.ws_url, max_size=None) as ws:
         await ws.recv()  # welcome
         ping = b'{"type":"ping","id":1,"pad":"'
@@ -119,11 +115,9 @@ async def test_message_of_exactly_the_limit_passes_one_more_byte_closes_1009(
     assert info.value.rcvd.code == 1009
 
 
-async def test_an_upgrade_with_a_long_head_is_still_served(
-    make_server: ServerFactory, engine: str
-) -> None:
-    # Over the lean engine's 16 KiB head buffer: aiohttp takes the socket over.
-    server = await make_server(ws_engine=engine)
+async def test_an_upgrade_with_a_long_head_is_still_served(make_server: ServerFactory) -> None:
+    # Over the 16 KiB a plain HTTP head is buffered: upgrades are kept up to 64 KiB.
+    server = await make_server()
     headers = {f"X-Padding-{i}": "p" * 5000 for i in range(4)}
     async with aiohttp.ClientSession() as session:
         ws = await session.ws_connect(server.ws_url, headers=headers)
@@ -133,10 +127,8 @@ async def test_an_upgrade_with_a_long_head_is_still_served(
         await ws.close()
 
 
-async def test_pipelined_http_requests_on_one_socket(
-    make_server: ServerFactory, engine: str
-) -> None:
-    server = await make_server(ws_engine=engine)
+async def test_pipelined_http_requests_on_one_socket(make_server: ServerFactory) -> None:
+    server = await make_server()
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     writer.write(request + request)
@@ -153,8 +145,8 @@ async def test_pipelined_http_requests_on_one_socket(
     writer.close()
 
 
-async def test_refusals_carry_a_json_error(make_server: ServerFactory, engine: str) -> None:
-    server = await make_server(ws_engine=engine, max_connections=1)
+async def test_refusals_carry_a_json_error(make_server: ServerFactory) -> None:
+    server = await make_server(max_connections=1)
     async with aiohttp.ClientSession() as session:
         first = await session.ws_connect(server.ws_url)
         await first.receive_json(timeout=TIMEOUT)
@@ -172,10 +164,8 @@ async def test_refusals_carry_a_json_error(make_server: ServerFactory, engine: s
         await first.close()
 
 
-async def test_a_socket_that_sends_no_request_is_closed(
-    make_server: ServerFactory, engine: str
-) -> None:
-    server = await make_server(ws_engine=engine, http_request_timeout=0.2)
+async def test_a_socket_that_sends_no_request_is_closed(make_server: ServerFactory) -> None:
+    server = await make_server(http_request_timeout=0.2)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"GET /ws HTTP/1.1\r\n")  # and never the rest
     assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
@@ -196,12 +186,11 @@ MALFORMED_ORIGINS = [
 @pytest.mark.parametrize(("extra", "status"), MALFORMED_ORIGINS)
 async def test_a_malformed_origin_is_a_clean_403(
     make_server: ServerFactory,
-    engine: str,
     extra: str,
     status: int,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    server = await make_server(ws_engine=engine)
+    server = await make_server()
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     request = upgrade_request(extra=extra + "\r\n")
     if "\r\nHost:" in extra:  # the one given replaces the default
@@ -217,12 +206,8 @@ async def test_a_malformed_origin_is_a_clean_403(
 HEALTH = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
-async def test_idle_and_half_sent_http_sockets_are_closed(
-    make_server: ServerFactory, engine: str
-) -> None:
-    server = await make_server(
-        ws_engine=engine, http_keepalive_timeout=0.3, http_request_timeout=0.3
-    )
+async def test_idle_and_half_sent_http_sockets_are_closed(make_server: ServerFactory) -> None:
+    server = await make_server(http_keepalive_timeout=0.3, http_request_timeout=0.3)
     # Idle after a response (keep-alive), and with a second request half sent.
     for tail in (b"", b"GET /health HTTP/1.1\r\nHost: 1"):
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -231,7 +216,7 @@ async def test_idle_and_half_sent_http_sockets_are_closed(
         writer.write(tail)
         assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
         writer.close()
-    # A head over the lean engine's buffer, never finished: aiohttp has it then.
+    # A head over the listener's buffer, never finished: aiohttp has it then.
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"GET /health HTTP/1.1\r\n" + b"X-Pad: %s\r\n" % (b"p" * 4000) * 5)
     assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
@@ -239,9 +224,9 @@ async def test_idle_and_half_sent_http_sockets_are_closed(
 
 
 async def test_sockets_not_upgraded_count_against_max_connections_per_ip(
-    make_server: ServerFactory, engine: str
+    make_server: ServerFactory,
 ) -> None:
-    server = await make_server(ws_engine=engine, max_connections_per_ip=2)
+    server = await make_server(max_connections_per_ip=2)
     assert server.endpoint is not None
     endpoint = server.endpoint
     idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
@@ -267,15 +252,13 @@ async def test_sockets_not_upgraded_count_against_max_connections_per_ip(
         await ws.close()
 
 
-async def test_a_client_that_does_not_read_is_not_read_either(
-    make_server: ServerFactory, engine: str
-) -> None:
+async def test_a_client_that_does_not_read_is_not_read_either(make_server: ServerFactory) -> None:
     """Commands from a client that reads nothing stop being read once its output backs up.
 
     It is back-pressured instead of answered into an ever-growing buffer (or
     closed as a slow consumer), and gets every answer, in order, once it reads.
     """
-    server = await make_server(ws_engine=engine)
+    server = await make_server()
     assert server.endpoint is not None
     limit = server.settings.max_queue_bytes
     reader, writer = await open_raw_ws(server.port, buffers=65536)
@@ -307,21 +290,14 @@ async def test_a_client_that_does_not_read_is_not_read_either(
     writer.close()
 
 
-async def test_a_message_in_endless_empty_fragments(raw: Raw, engine: str) -> None:
-    """More fragments than `max_fragments` (1024 at the default limit): lean closes with 1009.
-
-    aiohttp's parser keeps nothing per fragment (a million empty ones cost it
-    about 50 ms of CPU), so it has no cap and answers the message.
-    """
+async def test_a_message_in_endless_empty_fragments(raw: Raw) -> None:
+    """More fragments than `max_fragments` (1024 at the default limit): closed with 1009."""
     reader, writer = await raw(b"")
     cap = 1024  # max(64, max_message_size // 64) at the default 64 KiB
     writer.write(masked(b'{"type":"ping",', fin=False))
     writer.write(zero_masked(b"", 0x0, fin=False) * (cap + 10) + zero_masked(b'"id":1}', 0x0))
-    if engine == "lean":
-        opcode, payload = await read_frame(reader)
-        assert (opcode, struct.unpack("!H", payload[:2])[0]) == (0x8, 1009)
-    else:
-        assert await read_message(reader) == {"type": "pong", "id": 1}
+    opcode, payload = await read_frame(reader)
+    assert (opcode, struct.unpack("!H", payload[:2])[0]) == (0x8, 1009)
 
 
 async def test_a_message_in_many_fragments_within_the_cap_is_whole(raw: Raw) -> None:
@@ -351,12 +327,11 @@ MALFORMED_REQUESTS = [
 @pytest.mark.parametrize("request_bytes", MALFORMED_REQUESTS)
 async def test_a_malformed_http_request_is_one_log_line(
     make_server: ServerFactory,
-    engine: str,
     request_bytes: bytes,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="aiohttp")
-    server = await make_server(ws_engine=engine)
+    server = await make_server()
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(request_bytes)
     assert (await read_response(reader))[0] == 400
@@ -378,12 +353,81 @@ async def test_a_malformed_http_request_is_one_log_line(
     ids=["200", "404", "400 unparsable", "403 upgrade", "101"],
 )
 async def test_no_response_names_python_or_aiohttp_versions(
-    make_server: ServerFactory, engine: str, request_bytes: bytes
+    make_server: ServerFactory, request_bytes: bytes
 ) -> None:
-    server = await make_server(ws_engine=engine)
+    server = await make_server()
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(request_bytes)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
     writer.close()
     servers = [line for line in head.split(b"\r\n") if line.lower().startswith(b"server:")]
     assert servers in ([], [b"Server: plexus"]), head
+
+
+async def test_an_upgrade_on_a_kept_alive_http_socket(make_server: ServerFactory) -> None:
+    """An aiohttp session reuses the socket of an earlier request for its WebSocket.
+
+    aiohttp had that socket; it gives it back and the upgrade is served like
+    any other, and aiohttp forgets its side of the socket once it closes.
+    """
+    server = await make_server()
+    assert server.endpoint is not None
+    assert server._runner is not None
+    http = server._runner.server
+    assert http is not None
+    connector = aiohttp.TCPConnector(limit=1)  # one socket for everything
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for i in range(3):
+            async with session.get(server.url + "/health") as response:
+                assert response.status == 200
+            ws = await session.ws_connect(server.ws_url)
+            assert (await ws.receive_json(timeout=TIMEOUT))["type"] == "welcome"
+            assert server.endpoint.sockets_from("127.0.0.1") == 1  # the same socket
+            await ws.send_json({"type": "ping", "id": i})
+            assert await ws.receive_json(timeout=TIMEOUT) == {"type": "pong", "id": i}
+            await ws.close()
+            assert ws.close_code == 1000
+    await wait_for(lambda: server.endpoint is not None and not server.endpoint.connections)
+    await wait_for(lambda: not http.connections)
+    assert server.endpoint.sockets_from("127.0.0.1") == 0
+
+
+async def test_a_plain_get_of_the_websocket_path_is_426(make_server: ServerFactory) -> None:
+    server = await make_server()
+    async with aiohttp.ClientSession() as session, session.get(server.url + "/ws") as response:
+        assert response.status == 426
+        assert response.headers["Upgrade"] == "websocket"
+        assert (await response.json())["error"]["code"] == "bad_request"
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "needle"),
+    [
+        ("Sec-WebSocket-Version: 8\r\n", 400, "Sec-WebSocket-Version"),
+        ("X-Big: " + "b" * 9000 + "\r\n", 431, "8192 bytes"),  # websockets' line limit
+    ],
+)
+async def test_an_invalid_upgrade_gets_a_json_error(
+    make_server: ServerFactory, extra: str, status: int, needle: str
+) -> None:
+    server = await make_server()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    request = upgrade_request(extra=extra)
+    if "Version" in extra:
+        request = request.replace(b"Sec-WebSocket-Version: 13\r\n", b"", 1)
+    writer.write(request)
+    got, headers, body = await read_response(reader)
+    writer.close()
+    error = orjson.loads(body)["error"]
+    assert (got, error["code"]) == (status, "bad_request"), error
+    assert needle in error["message"]
+    assert headers["connection"] == "close"
+
+
+async def test_an_upgrade_head_over_64_kib_is_431(make_server: ServerFactory) -> None:
+    server = await make_server()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /ws HTTP/1.1\r\n" + b"X-Pad: %s\r\n" % (b"p" * 4000) * 17)
+    status, _, body = await read_response(reader)
+    writer.close()
+    assert (status, orjson.loads(body)["error"]["code"]) == (431, "too_large")
