@@ -167,6 +167,9 @@ async def test_health_state_counts_what_the_server_holds(
     async with Client(server.ws_url, timeout=TIMEOUT) as client:
         await client.subscribe("chat:room")
         await client.subscribe("plain")
+        # A read goes through SQLite's writer after the subscribes' bookkeeping
+        # (queued, not awaited), so what the state shows is settled.
+        await client.history("chat:room", limit=0)
         _, during = await get(server, "/health")
         node, held = during["state"]["node"], during["state"]["engine"]
         assert (node["peers"], node["hub_channels"], node["joined"]) == (1, 2, 2)

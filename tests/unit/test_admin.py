@@ -214,8 +214,8 @@ class Conn:
         return None
 
     @property
-    def codec_index(self) -> int:
-        return 0
+    def format_index(self) -> int:
+        return 0  # JSON in WebSocket frames
 
     @property
     def push_frame(self) -> Callable[[bytes], object]:
