@@ -1,6 +1,6 @@
 """What only the SQLite engine promises, or can be made to show.
 
-The writer thread's `before_commit` hook (`CommitGate` here) stops a batch
+The writer thread's `before_commit` hook (`CommitGate`, in the harness) stops a batch
 between its statements and its COMMIT, so the tests can look at the engine
 while a batch is written but not committed: that is how "nothing is
 acknowledged or delivered before it is committed" is checked on every run,
@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,14 @@ from tests.engines.harness import (
     CH,
     NO_HISTORY,
     T0,
+    CommitGate,
     EngineKind,
     Harness,
     keep,
     message,
     offsets,
     publish,
+    yield_to_the_loop,
 )
 from tests.helpers import TIMEOUT
 
@@ -50,56 +51,6 @@ def kind(request: pytest.FixtureRequest) -> EngineKind:
 def writer_of(engine: Harness) -> SqliteBroker:
     assert isinstance(engine.broker, SqliteBroker)
     return engine.broker
-
-
-class CommitGate:
-    """The writer's `before_commit` hook: holds chosen batches before their COMMIT.
-
-    `hold(chosen)` holds each batch that appends a publication `chosen`
-    accepts: batches of other work (a subscribe, a read), or of messages
-    published earlier, go through, so the batch held is the test's whatever
-    the timing of the writer's earlier batches (even in a wrong writer that
-    acknowledges before it reaches its COMMIT). `fail` fails the next batch
-    that appends something, there.
-    """
-
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._arrivals: asyncio.Queue[None] = asyncio.Queue()
-        self._permits = threading.Semaphore(0)
-        self._chosen: Callable[[Publication], bool] | None = None
-        self.fail: Exception | None = None
-
-    def __call__(self, appended: list[Publication]) -> None:
-        # On the writer thread, with the batch's transaction open.
-        if not appended:
-            return
-        error, self.fail = self.fail, None
-        if error is not None:
-            raise error
-        chosen = self._chosen
-        if chosen is None or not any(chosen(pub) for pub in appended):
-            return
-        self._loop.call_soon_threadsafe(self._arrivals.put_nowait, None)
-        if not self._permits.acquire(timeout=TIMEOUT):
-            raise TimeoutError("the test never released the held commit")
-
-    def hold(self, chosen: Callable[[Publication], bool] = lambda pub: True) -> None:
-        """From now on, stop each batch that appends a `chosen` publication before its COMMIT."""
-        self._chosen = chosen
-
-    async def held(self) -> None:
-        """Wait until a batch is stopped before its COMMIT."""
-        await asyncio.wait_for(self._arrivals.get(), TIMEOUT)
-
-    def release(self) -> None:
-        """Let the held batch commit; the next chosen one is held again."""
-        self._permits.release()
-
-    def open(self) -> None:
-        """Let the held batch commit and hold no more."""
-        self._chosen = None
-        self._permits.release()
 
 
 @pytest.fixture
@@ -117,13 +68,6 @@ async def put(store: SqliteBroker, pub: Publication, retention: Retention) -> Pu
     result = await store.publish(pub, retention)
     assert isinstance(result, Publication)
     return result
-
-
-async def yield_to_the_loop() -> None:
-    """Let every callback already scheduled on the loop run (a wrong writer's early
-    acknowledgement would be one of them)."""
-    for _ in range(10):
-        await asyncio.sleep(0)  # sleep-ok: yields to the loop, waits for nothing
 
 
 # -- commit before acknowledgement ---------------------------------------------

@@ -672,6 +672,13 @@ class SqliteBroker:
     def before_commit(self, hook: Callable[[list[Publication]], None] | None) -> None:
         self._writer.before_commit = hook
 
+    @property
+    def pending(self) -> int:
+        """Jobs queued for the writer thread and not taken yet (they make up its next
+        batch). A test holding a batch with `before_commit` waits on it to know what
+        queued behind."""
+        return self._writer.jobs.qsize()
+
     # ----- lifecycle
 
     def bind(self, sink: EventSink) -> None:
