@@ -194,6 +194,7 @@ def test_idempotency_key_must_be_a_short_string(key: object) -> None:
     assert info.value.code == "bad_request"
     assert "idempotency_key" in info.value.message
     assert cmd.parse_command({**message, "idempotency_key": "x" * 64}).idempotency_key == "x" * 64  # type: ignore[attr-defined]
+    assert cmd.parse_command({**message, "idempotency_key": "k"}).idempotency_key == "k"  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
