@@ -425,16 +425,32 @@ async def test_forgetting_a_channel_frees_one_slot(launch: Launcher) -> None:
     engine = await launch(Tuning(grace=1))
     engine.requires("counts_channels")
     t = now_ms()
-    full = Retention(10, ttl=1, max_channels=3, namespace="ns")
-    for name in ("ns:a", "ns:b", "ns:c"):
+    full = Retention(10, ttl=1, max_channels=2, namespace="ns")
+    for name in ("ns:a", "ns:b"):
         await publish(engine, "x", t, channel=name, retention=full)
-    for name in ("ns:b", "ns:c"):  # kept: a message of a minute later
-        await publish(engine, "y", t + 60_000, channel=name, retention=full)
+    await publish(engine, "y", t + 60_000, channel="ns:b", retention=full)  # b is kept
     await engine.sweep(t + 3_000)  # ns:a expired, and its grace is over
     assert await engine.history.position("ns:a") == NO_STREAM
-    await publish(engine, "d", t + 3_000, channel="ns:d", retention=full)
+    await publish(engine, "c", t + 3_000, channel="ns:c", retention=full)
     with pytest.raises(Unavailable):
-        await engine.broker.publish(message("e", t + 3_000, channel="ns:e"), full)
+        await engine.broker.publish(message("d", t + 3_000, channel="ns:d"), full)
+
+
+async def test_a_full_namespace_says_which_and_how_many(engine: Harness) -> None:
+    engine.requires("counts_channels")
+    named = Retention(10, max_channels=1, namespace="x")
+    await publish(engine, 1, channel="x:a", retention=named)
+    with pytest.raises(Unavailable) as refused:
+        await engine.broker.publish(message(1, channel="x:b"), named)
+    assert refused.value.message == "namespace x holds its maximum of 1 channels: try again later"
+    default = Retention(10, max_channels=2)
+    await publish(engine, 1, channel="a", retention=default)
+    await publish(engine, 1, channel="b", retention=default)
+    with pytest.raises(Unavailable) as refused:
+        await engine.history.position("c", create=default)
+    assert refused.value.message == (
+        "namespace default holds its maximum of 2 channels: try again later"
+    )
 
 
 async def test_a_sweep_passes_over_subscribed_channels(launch: Launcher) -> None:

@@ -8,9 +8,11 @@ contracts themselves are checked by the conformance suites.
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
+from plexus.engines.base import Retention
 from plexus.engines.memory import (
     MAX_IDEMPOTENCY_KEYS,
     IdempotencyKeys,
@@ -19,7 +21,6 @@ from plexus.engines.memory import (
     new_epoch,
     now_ms,
 )
-from plexus.exceptions import Unavailable
 from plexus.models import ClientInfo, Duplicate, StreamPosition
 from tests.engines.conftest import ENGINES
 from tests.engines.harness import (
@@ -56,6 +57,13 @@ def test_an_epoch_is_eight_url_safe_characters() -> None:
     epochs = {new_epoch() for _ in range(100)}
     assert len(epochs) == 100  # 48 random bits each
     assert all(re.fullmatch(r"[A-Za-z0-9_-]{8}", epoch) for epoch in epochs)
+
+
+def test_now_is_the_wall_clock_in_milliseconds() -> None:
+    before = time.time_ns() // 1_000_000
+    now = now_ms()
+    assert isinstance(now, int)
+    assert before <= now <= time.time_ns() // 1_000_000
 
 
 def test_idempotency_keys_expire_oldest_first() -> None:
@@ -131,20 +139,6 @@ async def test_health_counts_channels(engine: Harness) -> None:
 async def test_nodes_is_this_node(engine: Harness) -> None:
     assert await engine.broker.nodes() == [engine.sink.info()]
     assert await MemoryBroker().nodes() == []
-
-
-async def test_a_full_namespace_says_which_and_how_many(engine: Harness) -> None:
-    await publish(engine, 1, channel="x:a", retention=keep(max_channels=1, namespace="x"))
-    with pytest.raises(Unavailable) as named:
-        await publish(engine, 1, channel="x:b", retention=keep(max_channels=1, namespace="x"))
-    assert named.value.message == "namespace x holds its maximum of 1 channels: try again later"
-    await publish(engine, 1, channel="a", retention=keep(max_channels=2))
-    await publish(engine, 1, channel="b", retention=keep(max_channels=2))
-    with pytest.raises(Unavailable) as default:
-        await publish(engine, 1, channel="c", retention=keep(max_channels=2))
-    assert default.value.message == (
-        "namespace default holds its maximum of 2 channels: try again later"
-    )
 
 
 # ----- forgetting idle channels
@@ -241,3 +235,15 @@ async def test_close_forgets_every_channel(engine: Harness) -> None:
         0,
         0,
     )
+
+
+async def test_a_channel_without_history_keeps_no_expiry(launch: Launcher) -> None:
+    """Made for a subscriber who never came, then published to: it is forgotten after
+    the grace, whatever the TTL its namespace gives messages it does not keep."""
+    engine = await launch(Tuning(grace=1))
+    broker = broker_of(engine)
+    no_history = Retention(0, ttl=60)
+    await broker.position(CH, create=no_history)
+    t = now_ms()
+    broker.publish_nowait(message("x", t), no_history)
+    assert broker.sweep(t + 2_000) == 1

@@ -606,19 +606,23 @@ async def test_the_writer_is_a_named_daemon_thread(engine: Harness) -> None:
     assert writer.daemon  # a store left open does not hang the interpreter's exit
 
 
-async def test_the_durability_mode_is_the_connections(engine: Harness) -> None:
+async def test_the_durability_mode_is_the_connections_and_marked(engine: Harness) -> None:
+    """The connection runs in the mode asked for, and the database says so while the
+    store runs: its next open can then tell whether a crash could have lost commits."""
     store = writer_of(engine)
-    seen: list[int] = []
+    mode = "FULL" if engine.kind.name == "sqlite-full" else "NORMAL"
+    seen: list[tuple[int, str]] = []
 
-    def look(appended: list[Publication]) -> None:  # on the writer thread
+    def look(appended: list[Publication]) -> None:  # on the writer thread, in its transaction
         conn = store._writer.conn
         assert conn is not None
-        seen.append(conn.execute("PRAGMA synchronous").fetchone()[0])
+        synchronous = conn.execute("PRAGMA synchronous").fetchone()[0]
+        mark = conn.execute("SELECT value FROM meta WHERE key = 'running'").fetchone()[0]
+        seen.append((synchronous, mark))
 
     store.before_commit = look
     await publish(engine, "a")
-    assert seen == [{"NORMAL": 1, "FULL": 2}[store._writer.synchronous]]
-    assert store._writer.synchronous == ("FULL" if engine.kind.name == "sqlite-full" else "NORMAL")
+    assert seen == [({"NORMAL": 1, "FULL": 2}[mode], f"{sqlite_module._boot_id()} {mode}")]
 
 
 def test_a_bad_durability_mode_is_refused(tmp_path: Path) -> None:
@@ -760,9 +764,10 @@ async def test_a_writer_that_dies_leaves_no_caller_waiting(tmp_path: Path) -> No
         store.before_commit = die
         dying = asyncio.create_task(store.publish(message("b"), keep()))
         await asyncio.wait_for(arrived.wait(), TIMEOUT)
+        await store.subscribe("chat:b")  # a job without a caller waiting for it
         queued = asyncio.create_task(store.publish(message("c"), keep()))
         await yield_to_the_loop()
-        assert store.pending == 1
+        assert store.pending == 2
         go.set()
         with pytest.raises(Unavailable) as ended:
             await asyncio.wait_for(dying, TIMEOUT)
@@ -781,3 +786,87 @@ async def test_a_writer_that_dies_leaves_no_caller_waiting(tmp_path: Path) -> No
         assert refused.value.message == "history writer stopped"
     finally:
         await asyncio.wait_for(store.close(), TIMEOUT)
+
+
+async def test_state_size(engine: Harness) -> None:
+    broker = engine.broker
+    await broker.subscribe(CH)
+    await publish(engine, "a")
+    await broker.subscribe("live:a")
+    await publish(engine, "b", channel="live:a", retention=NO_HISTORY)
+    assert await engine.state_size() == {
+        "streams": 1,  # live:a, in memory
+        "subscribed": 2,
+        "scheduled": 0,
+        "idempotency_keys": 0,
+        "namespaces": 1,
+        "positions": 1,  # CH
+        "tops": 1,
+        "pinned": 2,
+    }
+
+
+async def test_a_database_that_is_not_plexus_is_refused_with_its_cause(tmp_path: Path) -> None:
+    file = tmp_path / "other.db"
+    with database(file) as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY)")  # another program's
+    store = SqliteBroker(file)
+    try:
+        with pytest.raises(Unavailable):
+            await store.start()
+        assert store.health()["error"] == "OperationalError: no such column: value"
+    finally:
+        await store.close()
+
+
+async def test_a_failed_migration_leaves_the_database_as_it_was(tmp_path: Path) -> None:
+    file = tmp_path / "v1.db"
+    write_v1_database(file, now_ms())
+    with database(file) as db:
+        db.execute('UPDATE messages SET data = ? WHERE "offset" = 3', (b"\xc1",))  # not msgpack
+    store = SqliteBroker(file)
+    try:
+        with pytest.raises(Unavailable):
+            await store.start()
+        assert store.health()["error"].startswith("FormatError: ")  # msgpack's, as it was
+    finally:
+        await store.close()
+    with database(file) as db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(channels)")]
+    assert columns == ["channel", "epoch", "top_offset", "updated_ms"]  # still version 1
+
+
+async def test_a_close_that_fails_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SqliteBroker(tmp_path)
+    await put(store, message("a"), keep())
+
+    def vandal(appended: list[Publication]) -> None:  # on the writer thread
+        conn = store._writer.conn
+        assert conn is not None
+        conn.execute("DROP TABLE meta")  # where the clean shutdown is recorded
+
+    store.before_commit = vandal
+    await put(store, message("b"), keep())
+    caplog.set_level(logging.ERROR, logger="plexus.engines.sqlite")
+    await store.close()
+    assert caplog.messages == [f"history: could not close {store.file} cleanly"]
+    assert caplog.records[0].exc_info is not None
+
+
+def test_a_store_whose_loop_closed_first(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Left open when its event loop closed: the writer cannot hand results back,
+    says so, and still stops."""
+    store = SqliteBroker(tmp_path)
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(put(store, message("a"), keep()))
+    finally:
+        loop.close()
+    caplog.set_level(logging.WARNING, logger="plexus.engines.sqlite")
+    store._writer.jobs.put(None)  # what close() would queue
+    assert store._thread is not None
+    store._thread.join(TIMEOUT)
+    assert not store._thread.is_alive()
+    assert caplog.messages == ["history: event loop closed while the store was open"]
