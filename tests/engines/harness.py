@@ -1,5 +1,7 @@
 """What the engine suites share: where an engine lives, how it is made, a
-harness that runs one as a node would, a recording sink, and message helpers.
+harness that runs one as a node would, a recording sink, message helpers, and
+`CommitGate`, which holds a SQLite batch before its COMMIT (the end-to-end
+race tests use it too).
 
 The engines themselves are listed in `conftest.py` (`ENGINES`).
 """
@@ -7,6 +9,7 @@ The engines themselves are listed in `conftest.py` (`ENGINES`).
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,3 +312,66 @@ async def publish_many(
 
 def offsets(publications: list[Publication]) -> list[int]:
     return [p.offset for p in publications]
+
+
+# -- forcing races ---------------------------------------------------------------
+
+
+class CommitGate:
+    """The writer's `before_commit` hook: holds chosen batches before their COMMIT.
+
+    Installed as `SqliteBroker.before_commit = CommitGate()` (made on the
+    loop that runs the store).
+
+    `hold(chosen)` holds each batch that appends a publication `chosen`
+    accepts: batches of other work (a subscribe, a read), or of messages
+    published earlier, go through, so the batch held is the test's whatever
+    the timing of the writer's earlier batches (even in a wrong writer that
+    acknowledges before it reaches its COMMIT). `fail` fails the next batch
+    that appends something, there.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._arrivals: asyncio.Queue[None] = asyncio.Queue()
+        self._permits = threading.Semaphore(0)
+        self._chosen: Callable[[Publication], bool] | None = None
+        self.fail: Exception | None = None
+
+    def __call__(self, appended: list[Publication]) -> None:
+        # On the writer thread, with the batch's transaction open.
+        if not appended:
+            return
+        error, self.fail = self.fail, None
+        if error is not None:
+            raise error
+        chosen = self._chosen
+        if chosen is None or not any(chosen(pub) for pub in appended):
+            return
+        self._loop.call_soon_threadsafe(self._arrivals.put_nowait, None)
+        if not self._permits.acquire(timeout=TIMEOUT):
+            raise TimeoutError("the test never released the held commit")
+
+    def hold(self, chosen: Callable[[Publication], bool] = lambda pub: True) -> None:
+        """From now on, stop each batch that appends a `chosen` publication before its COMMIT."""
+        self._chosen = chosen
+
+    async def held(self) -> None:
+        """Wait until a batch is stopped before its COMMIT."""
+        await asyncio.wait_for(self._arrivals.get(), TIMEOUT)
+
+    def release(self) -> None:
+        """Let the held batch commit; the next chosen one is held again."""
+        self._permits.release()
+
+    def open(self) -> None:
+        """Let the held batch commit and hold no more."""
+        self._chosen = None
+        self._permits.release()
+
+
+async def yield_to_the_loop() -> None:
+    """Let every callback already scheduled on the loop run (a wrong writer's early
+    acknowledgement would be one of them)."""
+    for _ in range(10):
+        await asyncio.sleep(0)  # sleep-ok: yields to the loop, waits for nothing

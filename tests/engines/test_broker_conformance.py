@@ -33,6 +33,7 @@ from tests.engines.harness import (
     offsets,
     publish,
 )
+from tests.helpers import TIMEOUT
 
 NO_STREAM = StreamPosition(0, "")
 RETENTIONS = [
@@ -159,7 +160,7 @@ async def test_presence_is_delivered_only_for_subscribed_channels(engine: Harnes
     await engine.broker.subscribe(CH)
     last = Presence("leave", CH, bob)
     await engine.broker.publish_presence(last)
-    # (`last` equals `left`: wait for the count, not for the value.)
+    # `last` equals `left`: wait for a fourth event, not for one equal to it.
     await engine.sink.wait_for(lambda: len(engine.sink.presence) >= 4)
     assert engine.sink.presence == [joined, left, rejoined, last]
     assert engine.sink.publications == []
@@ -204,16 +205,18 @@ async def test_keys_are_per_channel(engine: Harness) -> None:
     assert (await engine.history.read(CH)).publications == [first]
 
 
-async def test_a_key_is_forgotten_after_its_ttl(launch: Launcher) -> None:
+@pytest.mark.parametrize("retention", RETENTIONS)
+async def test_a_key_is_forgotten_after_its_ttl(launch: Launcher, retention: Retention) -> None:
     engine = await launch(Tuning(idempotency_ttl=10))
     engine.requires("driven_clock")
-    first = await publish(engine, "a", T0, key="k-1")
-    late = await engine.broker.publish(message("b", T0 + 9_999), keep(), "k-1")
+    await engine.broker.subscribe(CH)  # a channel without history keeps state only so
+    first = await publish(engine, "a", T0, key="k-1", retention=retention)
+    late = await engine.broker.publish(message("b", T0 + 9_999), retention, "k-1")
     assert late == Duplicate(first.offset, first.epoch)
-    expired = await publish(engine, "c", T0 + 10_000, key="k-1")
+    expired = await publish(engine, "c", T0 + 10_000, key="k-1", retention=retention)
     assert (expired.offset, expired.epoch) == (2, first.epoch)
     # And the new message's key is remembered from then on.
-    again = await engine.broker.publish(message("d", T0 + 10_001), keep(), "k-1")
+    again = await engine.broker.publish(message("d", T0 + 10_001), retention, "k-1")
     assert again == Duplicate(2, first.epoch)
 
 
@@ -324,6 +327,8 @@ async def test_a_channel_with_history_is_kept_while_subscribed(launch: Launcher)
     await engine.broker.subscribe(CH)
     await engine.sweep(now_ms())
     assert await engine.history.position(CH) == StreamPosition(1, first.epoch)
+    await engine.sweep(now_ms() + 60_000)  # however long it stays subscribed
+    assert await engine.history.position(CH) == StreamPosition(1, first.epoch)
     page = await engine.history.read(CH, since=1)
     assert (page.publications, page.complete) == ([], True)  # a subscriber at 1 is in sync
     before = now_ms()
@@ -344,6 +349,24 @@ async def test_a_channel_with_messages_that_never_expire_is_kept(launch: Launche
     ten_years = 10 * 365 * 24 * 3600 * 1000
     await engine.sweep(now_ms() + ten_years)
     assert await engine.history.position(CH) == StreamPosition(1, first.epoch)
+
+
+@pytest.mark.parametrize("retention", [*RETENTIONS, pytest.param(keep(10, ttl=60), id="ttl")])
+async def test_a_channel_made_for_a_subscriber_who_never_came_lives_the_grace(
+    launch: Launcher, retention: Retention
+) -> None:
+    """`position(create=...)` makes a channel (a subscribe that failed after it, say):
+    it is kept for the grace from then, and forgotten after."""
+    engine = await launch(Tuning(grace=1))
+    engine.requires("driven_clock")
+    before = now_ms()
+    created = await engine.history.position(CH, create=retention)
+    after = now_ms()
+    await engine.sweep(before + 999)
+    assert await engine.history.position(CH) == created
+    await engine.sweep(after + 1_000)
+    assert await engine.history.position(CH) == NO_STREAM
+    assert await engine.held_state() == {}
 
 
 async def test_a_created_channel_without_messages_is_forgotten_after_the_grace(
@@ -396,6 +419,51 @@ async def test_a_forgotten_channel_frees_its_slot(launch: Launcher) -> None:
         await engine.broker.publish(message("b", t, channel="ns:b"), limited)
     await engine.sweep(t + 2_000)
     assert (await publish(engine, "b", t + 2_000, channel="ns:b", retention=limited)).offset == 1
+
+
+async def test_forgetting_a_channel_frees_one_slot(launch: Launcher) -> None:
+    engine = await launch(Tuning(grace=1))
+    engine.requires("counts_channels")
+    t = now_ms()
+    full = Retention(10, ttl=1, max_channels=2, namespace="ns")
+    for name in ("ns:a", "ns:b"):
+        await publish(engine, "x", t, channel=name, retention=full)
+    await publish(engine, "y", t + 60_000, channel="ns:b", retention=full)  # b is kept
+    await engine.sweep(t + 3_000)  # ns:a expired, and its grace is over
+    assert await engine.history.position("ns:a") == NO_STREAM
+    await publish(engine, "c", t + 3_000, channel="ns:c", retention=full)
+    with pytest.raises(Unavailable):
+        await engine.broker.publish(message("d", t + 3_000, channel="ns:d"), full)
+
+
+async def test_a_full_namespace_says_which_and_how_many(engine: Harness) -> None:
+    engine.requires("counts_channels")
+    named = Retention(10, max_channels=1, namespace="x")
+    await publish(engine, 1, channel="x:a", retention=named)
+    with pytest.raises(Unavailable) as refused:
+        await engine.broker.publish(message(1, channel="x:b"), named)
+    assert refused.value.message == "namespace x holds its maximum of 1 channels: try again later"
+    default = Retention(10, max_channels=2)
+    await publish(engine, 1, channel="a", retention=default)
+    await publish(engine, 1, channel="b", retention=default)
+    with pytest.raises(Unavailable) as refused:
+        await engine.history.position("c", create=default)
+    assert refused.value.message == (
+        "namespace default holds its maximum of 2 channels: try again later"
+    )
+
+
+async def test_a_sweep_passes_over_subscribed_channels(launch: Launcher) -> None:
+    engine = await launch(Tuning(grace=1))
+    t = now_ms()
+    retention = keep(10, ttl=1)
+    kept = await publish(engine, "a", t, channel="chat:a", retention=retention)
+    await publish(engine, "b", t, channel="chat:b", retention=retention)
+    await engine.broker.subscribe("chat:a")
+    await engine.settle()
+    await engine.sweep(t + 60_000)
+    assert await engine.history.position("chat:a") == StreamPosition(1, kept.epoch)
+    assert await engine.history.position("chat:b") == NO_STREAM
 
 
 async def test_unsubscribing_frees_the_slot_of_a_channel_without_history(
@@ -452,3 +520,13 @@ async def test_health_is_ok_when_started(engine: Harness) -> None:
     assert engine.broker.health()["status"] == "ok"
     assert engine.history.health()["status"] == "ok"
     assert engine.presence.health()["status"] == "ok"
+
+
+async def test_nodes_lists_this_node(engine: Harness) -> None:
+    # An engine shared by nodes reports to its registry in the background.
+    async with asyncio.timeout(TIMEOUT):
+        nodes = await engine.broker.nodes()
+        while engine.sink.info() not in nodes:
+            await asyncio.sleep(0.01)  # sleep-ok: polls the shared registry, bounded
+            nodes = await engine.broker.nodes()
+    assert nodes == [engine.sink.info()]  # this node only

@@ -96,6 +96,10 @@ async def test_read_is_oldest_first_after_since_with_limit(engine: Harness) -> N
     assert limited.complete  # cut by the caller's limit, nothing missing
     assert limited.position.offset == 5
     assert offsets((await engine.history.read(CH, limit=1)).publications) == [1]
+    # A limit that takes exactly what is left: nothing follows the page.
+    rest = await engine.history.read(CH, since=3, limit=2)
+    assert offsets(rest.publications) == [4, 5]
+    assert rest.complete
 
 
 async def test_read_at_the_top_is_empty_and_complete(engine: Harness) -> None:
@@ -121,6 +125,21 @@ async def test_size_keeps_the_newest(engine: Harness) -> None:
     assert not page.complete  # offsets 1 and 2 are gone
     assert (await engine.history.read(CH, since=2)).complete
     assert offsets((await engine.history.read(CH, since=3)).publications) == [4, 5]
+
+
+async def test_size_one_keeps_the_last(engine: Harness) -> None:
+    await publish_many(engine, 3, retention=keep(1))
+    page = await engine.history.read(CH, since=2)
+    assert offsets(page.publications) == [3]
+    assert page.complete
+
+
+async def test_read_after_nothing_is_not_complete(engine: Harness) -> None:
+    # Nothing was published in a channel that does not exist: no offset above 0 was issued.
+    page = await engine.history.read("chat:empty", since=4)
+    assert page.publications == []
+    assert not page.complete
+    assert page.position == NO_STREAM
 
 
 async def test_since_older_than_kept_is_not_complete(engine: Harness) -> None:
@@ -266,6 +285,37 @@ async def test_retention_max_bytes_trims_the_oldest(engine: Harness) -> None:
     assert (await engine.history.position(CH)).offset == 8
 
 
+async def test_size_and_byte_limits_trim_together(engine: Harness) -> None:
+    """Whichever limit trims first, the other counts what is really kept."""
+    retention = keep(3, max_bytes=30)
+    for n in range(4):
+        await publish(engine, "x" * 8, T0 + n, retention=retention)  # 10 bytes each
+    assert offsets((await engine.history.read(CH)).publications) == [2, 3, 4]  # by size
+    await publish(engine, "y" * 18, T0 + 4, retention=retention)  # 20 bytes
+    # By size (2 goes), then by bytes (3 goes): 10 + 20 bytes are left.
+    assert offsets((await engine.history.read(CH)).publications) == [4, 5]
+    await publish(engine, "z" * 8, T0 + 5, retention=retention)
+    assert offsets((await engine.history.read(CH)).publications) == [5, 6]
+
+
+async def test_expired_messages_free_their_bytes(engine: Harness) -> None:
+    retention = keep(10, 10, max_bytes=30)
+    await publish(engine, "a" * 8, T0, retention=retention)  # 10 bytes
+    await publish(engine, "b" * 18, T0 + 1, retention=retention)  # 20 bytes
+    later = T0 + 20_000  # both expired
+    for n in range(3):
+        await publish(engine, "c" * 8, later + n, retention=retention)
+    page = await engine.history.read(CH, since=2, now=later + 3)
+    assert offsets(page.publications) == [3, 4, 5]  # 30 bytes: nothing trimmed
+    assert page.complete
+
+
+async def test_a_ttl_of_one_second(engine: Harness) -> None:
+    first = await publish(engine, "a", T0, retention=keep(10, 1))
+    assert (await engine.history.read(CH, now=T0 + 999)).publications == [first]
+    assert (await engine.history.read(CH, now=T0 + 1_000)).publications == []
+
+
 async def test_epoch_is_stable(engine: Harness) -> None:
     epoch = (await engine.history.position(CH, create=keep(1))).epoch
     assert (await engine.history.position(CH)).epoch == epoch
@@ -314,3 +364,14 @@ async def test_concurrent_publishes_to_two_channels(engine: Harness) -> None:
         assert sorted(p.data for p in mine) == list(range(parity, 100, 2))
         page = await engine.history.read(f"chat:{parity}")
         assert page.publications == sorted(mine, key=lambda p: p.offset)
+
+
+async def test_positions_of_channels_with_and_without_history(engine: Harness) -> None:
+    await engine.broker.subscribe("live:a")
+    live = [await publish(engine, n, channel="live:a", retention=NO_HISTORY) for n in range(2)]
+    kept = await publish(engine, "x")
+    assert await engine.history.positions(["live:a", CH, "chat:none"]) == {
+        "live:a": StreamPosition(2, live[0].epoch),
+        CH: StreamPosition(1, kept.epoch),
+        "chat:none": NO_STREAM,
+    }

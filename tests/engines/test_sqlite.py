@@ -1,6 +1,6 @@
 """What only the SQLite engine promises, or can be made to show.
 
-The writer thread's `before_commit` hook (`CommitGate` here) stops a batch
+The writer thread's `before_commit` hook (`CommitGate`, in the harness) stops a batch
 between its statements and its COMMIT, so the tests can look at the engine
 while a batch is written but not committed: that is how "nothing is
 acknowledged or delivered before it is committed" is checked on every run,
@@ -11,33 +11,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 
+from plexus.engines import sqlite as sqlite_module
 from plexus.engines.base import Retention
 from plexus.engines.memory import now_ms
 from plexus.engines.sqlite import SqliteBroker
 from plexus.exceptions import Unavailable
-from plexus.models import Publication, StreamPosition
+from plexus.models import ClientInfo, Presence, Publication, StreamPosition
 from tests.engines.conftest import ENGINES
 from tests.engines.harness import (
     CH,
     NO_HISTORY,
     T0,
+    CommitGate,
     EngineKind,
     Harness,
+    Launcher,
+    Tuning,
     keep,
     message,
     offsets,
     publish,
+    yield_to_the_loop,
 )
-from tests.helpers import TIMEOUT
+from tests.helpers import TIMEOUT, wait_for
 
 
 @pytest.fixture(params=[pytest.param(k, id=k.name) for k in ENGINES if k.name.startswith("sqlite")])
@@ -50,56 +56,6 @@ def kind(request: pytest.FixtureRequest) -> EngineKind:
 def writer_of(engine: Harness) -> SqliteBroker:
     assert isinstance(engine.broker, SqliteBroker)
     return engine.broker
-
-
-class CommitGate:
-    """The writer's `before_commit` hook: holds chosen batches before their COMMIT.
-
-    `hold(chosen)` holds each batch that appends a publication `chosen`
-    accepts: batches of other work (a subscribe, a read), or of messages
-    published earlier, go through, so the batch held is the test's whatever
-    the timing of the writer's earlier batches (even in a wrong writer that
-    acknowledges before it reaches its COMMIT). `fail` fails the next batch
-    that appends something, there.
-    """
-
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._arrivals: asyncio.Queue[None] = asyncio.Queue()
-        self._permits = threading.Semaphore(0)
-        self._chosen: Callable[[Publication], bool] | None = None
-        self.fail: Exception | None = None
-
-    def __call__(self, appended: list[Publication]) -> None:
-        # On the writer thread, with the batch's transaction open.
-        if not appended:
-            return
-        error, self.fail = self.fail, None
-        if error is not None:
-            raise error
-        chosen = self._chosen
-        if chosen is None or not any(chosen(pub) for pub in appended):
-            return
-        self._loop.call_soon_threadsafe(self._arrivals.put_nowait, None)
-        if not self._permits.acquire(timeout=TIMEOUT):
-            raise TimeoutError("the test never released the held commit")
-
-    def hold(self, chosen: Callable[[Publication], bool] = lambda pub: True) -> None:
-        """From now on, stop each batch that appends a `chosen` publication before its COMMIT."""
-        self._chosen = chosen
-
-    async def held(self) -> None:
-        """Wait until a batch is stopped before its COMMIT."""
-        await asyncio.wait_for(self._arrivals.get(), TIMEOUT)
-
-    def release(self) -> None:
-        """Let the held batch commit; the next chosen one is held again."""
-        self._permits.release()
-
-    def open(self) -> None:
-        """Let the held batch commit and hold no more."""
-        self._chosen = None
-        self._permits.release()
 
 
 @pytest.fixture
@@ -117,13 +73,6 @@ async def put(store: SqliteBroker, pub: Publication, retention: Retention) -> Pu
     result = await store.publish(pub, retention)
     assert isinstance(result, Publication)
     return result
-
-
-async def yield_to_the_loop() -> None:
-    """Let every callback already scheduled on the loop run (a wrong writer's early
-    acknowledgement would be one of them)."""
-    for _ in range(10):
-        await asyncio.sleep(0)  # sleep-ok: yields to the loop, waits for nothing
 
 
 # -- commit before acknowledgement ---------------------------------------------
@@ -339,7 +288,9 @@ async def test_an_unopenable_directory_is_unavailable(tmp_path: Path) -> None:
     try:
         with pytest.raises(Unavailable):
             await store.start()
-        assert store.health()["status"] == "down"
+        health = store.health()
+        assert health["status"] == "down"
+        assert health["error"].startswith("NotADirectoryError: ")  # the cause, as it was
         with pytest.raises(Unavailable):
             await store.publish(message("x"), keep())
         with pytest.raises(Unavailable):
@@ -378,8 +329,9 @@ async def test_it_starts_lazily_and_refuses_after_close(tmp_path: Path) -> None:
     assert store.file.exists()
     await store.close()
     await store.close()
-    with pytest.raises(Unavailable):
+    with pytest.raises(Unavailable) as closed:
         await store.publish(message("y"), keep())
+    assert closed.value.message == "history store is closed"
     with pytest.raises(Unavailable):
         await store.read(CH)
     with pytest.raises(Unavailable):
@@ -424,8 +376,9 @@ async def test_sweep_deletes_expired_rows(tmp_path: Path) -> None:
     [("another-boot", "NORMAL", False), ("", "NORMAL", False), ("another-boot", "FULL", True)],
 )
 async def test_an_unclean_shutdown_before_a_reboot_renews_epochs(
-    tmp_path: Path, boot: str, mode: str, same_epoch: bool
+    tmp_path: Path, boot: str, mode: str, same_epoch: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="plexus.engines.sqlite")
     store = SqliteBroker(tmp_path)
     published = [await put(store, message({"n": n}, T0 + n), keep()) for n in range(2)]
     await store.close()
@@ -442,6 +395,27 @@ async def test_an_unclean_shutdown_before_a_reboot_renews_epochs(
         assert {p.epoch for p in page.publications} == {position.epoch}
     finally:
         await reopened.close()
+    warned = (
+        []
+        if same_epoch
+        else [
+            f"history: {reopened.file} was not closed before a reboot and may have lost"
+            " recent messages: every channel gets a new epoch"
+        ]
+    )
+    assert caplog.messages == warned
+
+
+def test_the_boot_id_is_empty_where_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    known = Path("/proc/sys/kernel/random/boot_id")
+    if known.exists():
+        assert sqlite_module._boot_id() == known.read_text().strip()
+
+    def unreadable(self: Path, *args: Any, **kwargs: Any) -> str:
+        raise PermissionError(str(self))
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    assert sqlite_module._boot_id() == ""
 
 
 _V1_SCHEMA = """
@@ -492,7 +466,10 @@ V1_DATA = {"n": 1, "b": b"\x00\xff", "list": [b"", "你好"]}
 GRACE_MS = 300_000  # what a migrated channel is kept for after its messages
 
 
-async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
+async def test_a_version_1_database_is_migrated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="plexus.engines.sqlite")
     file = tmp_path / "v1.db"
     before = now_ms()
     write_v1_database(file, before)
@@ -527,6 +504,9 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
         data = db.execute(
             "SELECT data FROM messages WHERE channel = 'chat:forever' AND \"offset\" = 2"
         ).fetchone()[0]
+        columns = [row[1] for row in db.execute("PRAGMA table_info(channels)")]
+    assert caplog.messages == ["history: migrated 4 messages to schema 2"]
+    assert columns == ["channel", "epoch", "top_offset", "updated_ms", "expires_ms", "namespace"]
     assert channels["chat:forever"] == ("chat", None)  # its messages never expire
     assert channels["news:soon"] == ("news", before + 60_000 + GRACE_MS)
     namespace, expires = channels["quiet"]
@@ -544,3 +524,349 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
         assert (await store.position("chat:forever")).epoch == "ep-forever"
     finally:
         await store.close()
+
+
+# -- what it shows: health, logs, its thread ------------------------------------
+
+
+async def test_health_shows_the_file_and_the_channels(engine: Harness) -> None:
+    store = writer_of(engine)
+    assert store.health() == {"status": "ok", "file": str(store.file), "channels": 0}
+    await publish(engine, "a")
+    await publish(engine, "b", channel="chat:b")
+    assert store.health() == {"status": "ok", "file": str(store.file), "channels": 2}
+
+
+async def test_a_failure_shows_with_its_cause(engine: Harness, gate: CommitGate) -> None:
+    store = writer_of(engine)
+    cause = sqlite3.OperationalError("disk I/O error")
+    gate.fail = cause
+    with pytest.raises(Unavailable) as failed:
+        await engine.broker.publish(message("boom"), keep())
+    assert failed.value.message == "history store unavailable"
+    assert failed.value.__cause__ is cause
+    assert store.health() == {
+        "status": "down",
+        "error": "OperationalError: disk I/O error",
+        "file": str(store.file),
+    }
+    gate.fail = sqlite3.OperationalError("x" * 400)
+    with pytest.raises(Unavailable):
+        await engine.broker.publish(message("boom"), keep())
+    error = store.health()["error"]
+    assert error == ("OperationalError: " + "x" * 400)[:300]
+
+
+async def test_failures_are_logged_once_per_interval(
+    engine: Harness, gate: CommitGate, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="plexus.engines.sqlite")
+    file = writer_of(engine).file
+    for n in range(3):
+        gate.fail = sqlite3.OperationalError("disk I/O error")
+        with pytest.raises(Unavailable):
+            await engine.broker.publish(message(n), keep())
+    # A full disk fails every batch: one line, not one per batch.
+    assert caplog.messages == [f"history: {file} failed: disk I/O error (1 failed batches so far)"]
+    assert caplog.records[0].exc_info is None
+
+
+async def test_each_failure_is_counted(
+    engine: Harness, gate: CommitGate, caplog: pytest.LogCaptureFixture, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(sqlite_module, "ERROR_LOG_INTERVAL", -1.0)  # log every one
+    caplog.set_level(logging.WARNING, logger="plexus.engines.sqlite")
+    for n in range(2):
+        gate.fail = sqlite3.OperationalError("disk full")
+        with pytest.raises(Unavailable):
+            await engine.broker.publish(message(n), keep())
+    file = writer_of(engine).file
+    assert caplog.messages == [
+        f"history: {file} failed: disk full (1 failed batches so far)",
+        f"history: {file} failed: disk full (2 failed batches so far)",
+    ]
+
+
+async def test_an_unexpected_failure_is_logged_with_its_traceback(
+    engine: Harness, gate: CommitGate, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="plexus.engines.sqlite")
+    gate.fail = RuntimeError("a bug")
+    with pytest.raises(Unavailable):
+        await engine.broker.publish(message("x"), keep())
+    assert caplog.messages == [f"history: unexpected failure in {writer_of(engine).file}"]
+    assert caplog.records[0].exc_info is not None
+    assert writer_of(engine).health()["error"] == "RuntimeError: a bug"
+
+
+async def test_the_writer_is_a_named_daemon_thread(engine: Harness) -> None:
+    await publish(engine, "a")
+    store = writer_of(engine)
+    (writer,) = [t for t in threading.enumerate() if t.name == f"plexus-history {store.file}"]
+    assert writer.daemon  # a store left open does not hang the interpreter's exit
+
+
+async def test_the_durability_mode_is_the_connections_and_marked(engine: Harness) -> None:
+    """The connection runs in the mode asked for, and the database says so while the
+    store runs: its next open can then tell whether a crash could have lost commits."""
+    store = writer_of(engine)
+    mode = "FULL" if engine.kind.name == "sqlite-full" else "NORMAL"
+    seen: list[tuple[int, str]] = []
+
+    def look(appended: list[Publication]) -> None:  # on the writer thread, in its transaction
+        conn = store._writer.conn
+        assert conn is not None
+        synchronous = conn.execute("PRAGMA synchronous").fetchone()[0]
+        mark = conn.execute("SELECT value FROM meta WHERE key = 'running'").fetchone()[0]
+        seen.append((synchronous, mark))
+
+    store.before_commit = look
+    await publish(engine, "a")
+    assert seen == [({"NORMAL": 1, "FULL": 2}[mode], f"{sqlite_module._boot_id()} {mode}")]
+
+
+def test_a_bad_durability_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^synchronous must be 'NORMAL' or 'FULL', got 'OFF'$"):
+        SqliteBroker(tmp_path, synchronous="OFF")  # type: ignore[arg-type]
+
+
+async def test_a_channel_with_history_is_not_published_inline(engine: Harness) -> None:
+    with pytest.raises(NotImplementedError) as refused:
+        engine.broker.publish_nowait(message("x"), keep())
+    assert str(refused.value) == "a channel with history is published with `publish`"
+
+
+async def test_a_store_without_a_sink(tmp_path: Path) -> None:
+    store = SqliteBroker(tmp_path)
+    try:
+        await store.subscribe(CH)
+        assert (await put(store, message("x"), keep())).offset == 1
+        await store.publish_presence(Presence("join", CH, ClientInfo("c-1", None)))
+        assert await store.nodes() == []
+    finally:
+        await store.close()
+
+
+async def test_start_without_a_supervisor_opens_the_database(tmp_path: Path) -> None:
+    store = SqliteBroker(tmp_path)
+    try:
+        await store.start()
+        assert store.file.exists()
+        assert store.health()["status"] == "ok"
+    finally:
+        await store.close()
+
+
+# -- batches that mix work ------------------------------------------------------
+
+
+async def test_a_subscribe_and_a_publish_in_one_batch(engine: Harness, gate: CommitGate) -> None:
+    gate.hold(lambda pub: pub.data == "held")
+    held = asyncio.create_task(publish(engine, "held"))
+    await gate.held()
+    await engine.broker.subscribe("chat:b")  # queued behind the held batch
+    behind = asyncio.create_task(publish(engine, "behind", channel="chat:b"))
+    await yield_to_the_loop()
+    assert writer_of(engine).pending == 2  # the subscribe and the publish: one batch
+    gate.open()
+    published = await asyncio.wait_for(behind, TIMEOUT)
+    assert published.offset == 1
+    assert engine.sink.of("chat:b") == [published]
+    assert (await asyncio.wait_for(held, TIMEOUT)).offset == 1
+
+
+async def test_a_failed_batch_with_a_subscribe_fails_its_publishes(
+    engine: Harness, gate: CommitGate
+) -> None:
+    gate.hold(lambda pub: pub.data == "held")
+    held = asyncio.create_task(publish(engine, "held"))
+    await gate.held()
+    await engine.broker.subscribe("chat:b")
+    doomed = asyncio.create_task(publish(engine, "doomed", channel="chat:b"))
+    await yield_to_the_loop()
+    assert writer_of(engine).pending == 2
+    gate.fail = sqlite3.OperationalError("disk I/O error")
+    gate.open()
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(doomed, TIMEOUT)
+    assert (await asyncio.wait_for(held, TIMEOUT)).offset == 1
+
+
+# -- sweeping --------------------------------------------------------------------
+
+
+async def test_a_sweep_recounts_the_bytes_it_deleted(engine: Harness) -> None:
+    retention = keep(10, 10, max_bytes=30)
+    await publish(engine, "a" * 8, T0, retention=retention)  # 10 bytes
+    await publish(engine, "b" * 18, T0 + 1, retention=retention)  # 20 bytes
+    await engine.sweep(T0 + 20_000)  # both expired: deleted
+    later = T0 + 20_000
+    for n in range(3):
+        await publish(engine, "c" * 8, later + n, retention=retention)
+    page = await engine.history.read(CH, since=2, now=later + 3)
+    assert offsets(page.publications) == [3, 4, 5]  # 30 bytes: nothing trimmed
+    assert page.complete
+
+
+async def test_sweep_defaults_to_the_wall_clock(launch: Launcher) -> None:
+    engine = await launch(Tuning(grace=1))
+    t = now_ms()
+    await publish(engine, "old", t - 60_000, retention=keep(10, 1))
+    await publish(engine, "new", t, channel="chat:new", retention=keep(10, 60))
+    assert await writer_of(engine).sweep() == [CH]
+
+
+async def test_the_engine_sweeps_by_itself(launch: Launcher) -> None:
+    engine = await launch(Tuning(grace=0, sweep_interval=0.01))
+    assert "sqlite-sweeper" in engine.supervisor.health()["tasks"]
+    store = writer_of(engine)
+    await store.position(CH, create=keep(10, 1))  # due at once: nobody subscribed
+    await store.position("live:a", create=NO_HISTORY)  # likewise, kept in memory
+    await wait_for(lambda: store.state_size()["positions"] == store.state_size()["streams"] == 0)
+
+
+async def test_the_sweeper_outlives_failed_sweeps(launch: Launcher) -> None:
+    engine = await launch(Tuning(sweep_interval=0.01))
+    store = writer_of(engine)
+    failed: list[int] = []
+
+    def fail(appended: list[Publication]) -> None:  # every batch: each sweep fails
+        failed.append(len(appended))
+        raise sqlite3.OperationalError("disk I/O error")
+
+    store.before_commit = fail
+    await wait_for(lambda: len(failed) >= 3)
+    assert store.health()["status"] == "down"
+    assert engine.supervisor.health()["tasks"]["sqlite-sweeper"] == {
+        "status": "running",
+        "restarts": 0,
+    }
+
+
+# The thread's end by SystemExit is the point of the test.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_a_writer_that_dies_leaves_no_caller_waiting(tmp_path: Path) -> None:
+    """Only an exception that is not an `Exception` (SystemExit, say) can end the
+    writer thread: the batch it ended and everything queued behind it fail,
+    later calls are refused, and `close` still returns."""
+    store = SqliteBroker(tmp_path)
+    loop = asyncio.get_running_loop()
+    arrived = asyncio.Event()
+    go = threading.Event()
+
+    def die(appended: list[Publication]) -> None:  # on the writer thread
+        loop.call_soon_threadsafe(arrived.set)
+        go.wait(TIMEOUT)
+        raise SystemExit
+
+    try:
+        await put(store, message("a"), keep())
+        store.before_commit = die
+        dying = asyncio.create_task(store.publish(message("b"), keep()))
+        await asyncio.wait_for(arrived.wait(), TIMEOUT)
+        await store.subscribe("chat:b")  # a job without a caller waiting for it
+        queued = asyncio.create_task(store.publish(message("c"), keep()))
+        await yield_to_the_loop()
+        assert store.pending == 2
+        go.set()
+        with pytest.raises(Unavailable) as ended:
+            await asyncio.wait_for(dying, TIMEOUT)
+        assert ended.value.message == "history store unavailable"
+        with pytest.raises(Unavailable) as behind:
+            await asyncio.wait_for(queued, TIMEOUT)
+        assert behind.value.message == "history writer stopped"
+        await wait_for(lambda: store.health()["error"] == "writer thread stopped")
+        assert store.health() == {
+            "status": "down",
+            "error": "writer thread stopped",
+            "file": str(store.file),
+        }
+        with pytest.raises(Unavailable) as refused:
+            await store.read(CH)
+        assert refused.value.message == "history writer stopped"
+    finally:
+        await asyncio.wait_for(store.close(), TIMEOUT)
+
+
+async def test_state_size(engine: Harness) -> None:
+    broker = engine.broker
+    await broker.subscribe(CH)
+    await publish(engine, "a")
+    await broker.subscribe("live:a")
+    await publish(engine, "b", channel="live:a", retention=NO_HISTORY)
+    assert await engine.state_size() == {
+        "streams": 1,  # live:a, in memory
+        "subscribed": 2,
+        "scheduled": 0,
+        "idempotency_keys": 0,
+        "namespaces": 1,
+        "positions": 1,  # CH
+        "tops": 1,
+        "pinned": 2,
+    }
+
+
+async def test_a_database_that_is_not_plexus_is_refused_with_its_cause(tmp_path: Path) -> None:
+    file = tmp_path / "other.db"
+    with database(file) as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY)")  # another program's
+    store = SqliteBroker(file)
+    try:
+        with pytest.raises(Unavailable):
+            await store.start()
+        assert store.health()["error"] == "OperationalError: no such column: value"
+    finally:
+        await store.close()
+
+
+async def test_a_failed_migration_leaves_the_database_as_it_was(tmp_path: Path) -> None:
+    file = tmp_path / "v1.db"
+    write_v1_database(file, now_ms())
+    with database(file) as db:
+        db.execute('UPDATE messages SET data = ? WHERE "offset" = 3', (b"\xc1",))  # not msgpack
+    store = SqliteBroker(file)
+    try:
+        with pytest.raises(Unavailable):
+            await store.start()
+        assert store.health()["error"].startswith("FormatError: ")  # msgpack's, as it was
+    finally:
+        await store.close()
+    with database(file) as db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(channels)")]
+    assert columns == ["channel", "epoch", "top_offset", "updated_ms"]  # still version 1
+
+
+async def test_a_close_that_fails_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SqliteBroker(tmp_path)
+    await put(store, message("a"), keep())
+
+    def vandal(appended: list[Publication]) -> None:  # on the writer thread
+        conn = store._writer.conn
+        assert conn is not None
+        conn.execute("DROP TABLE meta")  # where the clean shutdown is recorded
+
+    store.before_commit = vandal
+    await put(store, message("b"), keep())
+    caplog.set_level(logging.ERROR, logger="plexus.engines.sqlite")
+    await store.close()
+    assert caplog.messages == [f"history: could not close {store.file} cleanly"]
+    assert caplog.records[0].exc_info is not None
+
+
+def test_a_store_whose_loop_closed_first(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Left open when its event loop closed: the writer cannot hand results back,
+    says so, and still stops."""
+    store = SqliteBroker(tmp_path)
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(put(store, message("a"), keep()))
+    finally:
+        loop.close()
+    caplog.set_level(logging.WARNING, logger="plexus.engines.sqlite")
+    store._writer.jobs.put(None)  # what close() would queue
+    assert store._thread is not None
+    store._thread.join(TIMEOUT)
+    assert not store._thread.is_alive()
+    assert caplog.messages == ["history: event loop closed while the store was open"]

@@ -12,7 +12,7 @@ import pytest
 
 from plexus.exceptions import PlexusError
 from plexus.protocol import commands as cmd
-from plexus.protocol.codec import JSON
+from plexus.protocol.codec import JSON, encode_data
 
 
 def nested(depth: int) -> Any:
@@ -184,6 +184,9 @@ def test_check_payload_encodes_once_and_refuses_what_json_cannot_carry() -> None
         cmd.check_payload({1: "not a string key"}, "info")
     assert info.value.code == "bad_request"
     assert info.value.message.startswith('"info" cannot be sent as JSON')
+    with pytest.raises(PlexusError) as info:
+        encode_data({1: "not a string key"})  # a publication's payload
+    assert info.value.message.startswith('"data" cannot be sent as JSON')
 
 
 @pytest.mark.parametrize("key", ["", "x" * 65, 5, ["k"], {"k": 1}, True])
@@ -194,6 +197,7 @@ def test_idempotency_key_must_be_a_short_string(key: object) -> None:
     assert info.value.code == "bad_request"
     assert "idempotency_key" in info.value.message
     assert cmd.parse_command({**message, "idempotency_key": "x" * 64}).idempotency_key == "x" * 64  # type: ignore[attr-defined]
+    assert cmd.parse_command({**message, "idempotency_key": "k"}).idempotency_key == "k"  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

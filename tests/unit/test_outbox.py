@@ -277,3 +277,19 @@ async def test_pongs_count_against_the_limit() -> None:
     assert accepted == [True, True, False, False, False]
     assert overflows == [1]
     assert transport.unsent == 8
+
+
+async def test_a_replaced_pong_is_counted_at_its_own_size() -> None:
+    transport = FakeTransport()
+    flusher = Flusher(asyncio.get_running_loop())
+    outbox = Outbox(transport, 10_000, flusher, lambda: None)
+    assert outbox.push(b"data")
+    for _ in range(PONG_RUN):
+        assert outbox.push_pong(b"p")
+    assert outbox.buffered == 4 + PONG_RUN
+    assert outbox.push_pong(b"longer pong")  # replaces the last one-byte pong
+    assert outbox.buffered == 4 + PONG_RUN - 1 + 11
+    assert outbox.push_pong(b"pp")
+    assert outbox.buffered == 4 + PONG_RUN - 1 + 2
+    flusher.flush()
+    assert transport.writes == [b"data" + b"p" * (PONG_RUN - 1) + b"pp"]

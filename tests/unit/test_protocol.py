@@ -371,6 +371,16 @@ def test_subscribe_unsubscribe_and_reads_share_their_own_bucket() -> None:
     assert state.receive(READS[0], now=0.5).command is None
 
 
+def test_a_limited_read_is_answered_with_its_id() -> None:
+    state = SessionState(JSON, Limits(subscribe_rate=1, subscribe_burst=1), now=0.0)
+    assert state.receive('{"type":"subscribe","id":1,"channel":"chat:a"}', now=0.0).command
+    limited = state.receive('{"type":"history","id":"h-2","channel":"chat:a"}', now=0.0)
+    assert limited.command is None
+    assert limited.error == cmd.error(
+        "h-2", "rate_limited", "subscribe/unsubscribe/history/presence rate exceeded"
+    )
+
+
 def test_a_join_leave_flood_closes_4029_like_a_publish_flood() -> None:
     limits = Limits(subscribe_rate=1, subscribe_burst=2, rate_limit_disconnect=30)
     state = SessionState(JSON, limits, now=0.0)

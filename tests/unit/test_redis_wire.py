@@ -8,8 +8,10 @@ import pytest
 
 from plexus.engines.redis.wire import (
     Keys,
+    as_text,
     body,
     decode,
+    jump_hash,
     presence_payload,
     publication_from_body,
     shard_of,
@@ -34,7 +36,9 @@ def test_every_key_of_a_channel_shares_its_hash_tag() -> None:
 
 
 def test_message_payload_round_trips_without_touching_the_payload() -> None:
-    pub = Publication("chat:a", {"text": "你好", "blob": b"\x00\xff"}, 0, "", 1234, "c-1", "ann")
+    pub = Publication(
+        "chat:a", {"text": "你好 a b", "blob": b"\x00\xff"}, 0, "", 1234, "c-1", "ann"
+    )
     pub.offset, pub.epoch = 42, "e-pq"
     payload = b"m42 e-pq " + body(pub)
     event = decode("chat:a", payload)
@@ -60,7 +64,16 @@ def test_presence_payload_round_trips(kind: str) -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"m", b"mx 1 []\n1", b"m1", b"m1 e", b"m1 e [1,2]", b"j[1]", b"j{not json"],
+    [
+        b"m",
+        b"mx 1 []\n1",
+        b"m1",
+        b"m1 e",
+        b"m1 e [1,2]",
+        b"j[1]",
+        b"j{not json",
+        b"m 1 e [1,null,null]\n1",  # no offset
+    ],
 )
 def test_malformed_payloads_raise_value_error(payload: bytes) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - the broker catches exactly ValueError
@@ -89,3 +102,32 @@ def test_adding_a_server_moves_about_one_channel_in_n() -> None:
     assert 0.15 < len(moved) / len(names) < 0.25
     # Those that move, move to the new server only.
     assert {shard_of(name, 5) for name in moved} == {4}
+
+
+def test_as_text() -> None:
+    assert as_text(b"ep-1") == "ep-1"
+    assert as_text("ep-1") == "ep-1"
+    assert as_text(42) == "42"
+
+
+def test_jump_hash_is_the_papers() -> None:
+    # Values of another implementation of the published algorithm (ClickHouse's
+    # jumpConsistentHash, tests/queries/0_stateless/00580_consistent_hashing_functions).
+    cases = [(1, 1, 0), (42, 57, 43), (256, 1024, 520), (3735883980, 1, 0)]
+    cases += [(3735883980, 666, 361), (16045690984833335023, 255, 237)]
+    assert [jump_hash(key, buckets) for key, buckets, _ in cases] == [b for *_, b in cases]
+
+
+def test_channels_stay_on_the_servers_they_were_released_on() -> None:
+    """A channel that moves to another server starts a new epoch there: the choice of
+    server must not change from one version to the next."""
+    expected = {
+        "chat:lobby": [0, 0, 4, 4],
+        "news": [0, 2, 4, 4],
+        "#alice": [0, 2, 2, 5],
+        "chat:1": [0, 2, 2, 8],
+        "chat:2": [1, 1, 4, 4],
+        "room-7": [1, 2, 4, 4],
+        "chat:3": [1, 2, 2, 2],
+    }
+    assert {name: [shard_of(name, n) for n in (2, 3, 5, 10)] for name in expected} == expected

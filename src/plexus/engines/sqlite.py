@@ -205,7 +205,17 @@ class _Writer:
     before_commit: Callable[[list[Publication]], None] | None = None  # see SqliteBroker
 
     def run(self, loop: asyncio.AbstractEventLoop, store: SqliteBroker) -> None:
-        """Thread body: run batches until the stop mark, then close the database."""
+        """Thread body: run batches until the stop mark, then close the database.
+
+        However it ends, the store hears of it (`_stopped_now`): even a thread
+        ended by an exception that is not an `Exception` leaves no caller waiting.
+        """
+        try:
+            self._serve(loop, store)
+        finally:
+            _call_soon(loop, store._stopped_now)
+
+    def _serve(self, loop: asyncio.AbstractEventLoop, store: SqliteBroker) -> None:
         stop = False
         while not stop:
             items = [self.jobs.get()]
@@ -219,7 +229,7 @@ class _Writer:
                 continue
             try:
                 results = self.run_batch(batch)
-            except Exception as exc:  # supervised: each caller of the batch hears of it
+            except BaseException as exc:  # supervised: each caller of the batch hears of it
                 self.failures += 1
                 if not isinstance(exc, sqlite3.Error | OSError):
                     logger.exception("history: unexpected failure in %s", self.file)
@@ -233,10 +243,11 @@ class _Writer:
                         self.failures,
                     )
                 _call_soon(loop, store._fail, batch, exc)
+                if not isinstance(exc, Exception):
+                    raise  # SystemExit and the like end the thread; `health` shows it
             else:
                 _call_soon(loop, store._deliver, batch, results)
         self.shutdown()
-        _call_soon(loop, store._stopped_now)
 
     def connect(self) -> sqlite3.Connection:
         if self.conn is not None:
@@ -647,7 +658,6 @@ class SqliteBroker:
         self._failure: str | None = None
         self.sweep_interval = sweep_interval
         self.idempotency_ttl_ms = round(idempotency_ttl * 1000)
-        self.grace = grace
 
     @property
     def file(self) -> Path:
@@ -671,6 +681,13 @@ class SqliteBroker:
     @before_commit.setter
     def before_commit(self, hook: Callable[[list[Publication]], None] | None) -> None:
         self._writer.before_commit = hook
+
+    @property
+    def pending(self) -> int:
+        """Jobs queued for the writer thread and not taken yet (they make up its next
+        batch). A test holding a batch with `before_commit` waits on it to know what
+        queued behind."""
+        return self._writer.jobs.qsize()
 
     # ----- lifecycle
 
@@ -875,6 +892,8 @@ class SqliteBroker:
     def _enqueue(self, job: _Job) -> None:
         if self._closed:
             raise Unavailable("history store is closed")
+        if self._stopped is not None and self._stopped.done():
+            raise Unavailable("history writer stopped")
         if self._thread is None:
             # Started synchronously so that even the first job is queued in call order.
             self._loop = loop = asyncio.get_running_loop()
@@ -918,7 +937,7 @@ class SqliteBroker:
             if future is not None and not future.done():  # done = the caller was cancelled
                 future.set_result(result)
 
-    def _fail(self, jobs: list[_Job], cause: Exception) -> None:
+    def _fail(self, jobs: list[_Job], cause: BaseException) -> None:
         if any(isinstance(job, _Append) for job in jobs) or self._failure is None:
             self._failure = f"{type(cause).__name__}: {cause}"[:300]
         for job in jobs:
@@ -931,6 +950,12 @@ class SqliteBroker:
     def _stopped_now(self) -> None:
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
+        # Queued after the thread's last batch (it ended unexpectedly): refused.
+        with contextlib.suppress(queue.Empty):
+            while True:
+                job = self._writer.jobs.get_nowait()
+                if job is not None and job.future is not None and not job.future.done():
+                    job.future.set_exception(Unavailable("history writer stopped"))
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:

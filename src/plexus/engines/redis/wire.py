@@ -143,8 +143,13 @@ def shard_of(channel: str, shards: int) -> int:
     if shards <= 1:
         return 0
     key = int.from_bytes(hashlib.blake2b(channel.encode(), digest_size=8).digest(), "big")
+    return jump_hash(key, shards)
+
+
+def jump_hash(key: int, buckets: int) -> int:
+    """The bucket of a 64-bit `key` among `buckets`, as the paper's C++ code computes it."""
     bucket, jump = -1, 0
-    while jump < shards:
+    while jump < buckets:
         bucket = jump
         key = (key * 2862933555777941757 + 1) & 0xFFFFFFFFFFFFFFFF
         jump = int((bucket + 1) * (float(1 << 31) / float((key >> 33) + 1)))
