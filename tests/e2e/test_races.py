@@ -434,7 +434,7 @@ class Listener:
     def __init__(self, client_id: str) -> None:
         self.client_id = client_id
         self.user: str | None = None
-        self.codec_index = 0
+        self.format_index = 0
         self.frames: list[bytes] = []
         self.push_frame = self.frames.append
 

@@ -27,10 +27,10 @@ EPOCH = "ep-1"
 class Conn:
     """A connection as the hub sees one: it keeps every frame pushed to it."""
 
-    def __init__(self, client_id: str, codec_index: int = 0, user: str | None = None) -> None:
+    def __init__(self, client_id: str, format_index: int = 0, user: str | None = None) -> None:
         self.client_id = client_id
         self.user = user
-        self.codec_index = codec_index
+        self.format_index = format_index
         self.frames: list[bytes] = []
         self.push_frame = self.frames.append
 
@@ -39,7 +39,7 @@ class Conn:
         out = []
         for data in self.frames:
             frame = parse_frame(data)
-            if self.codec_index == 0:
+            if self.format_index == 0:
                 assert frame.opcode == OP_TEXT
                 out.append(orjson.loads(frame.data))
             else:
@@ -109,12 +109,12 @@ def synced(hub: Hub, *conns: Conn, last: int = 0, channel: str = CH) -> Channel:
 
 
 def test_a_subscription_starts_being_set_up() -> None:
-    conn = Conn("c-1", codec_index=1)
+    conn = Conn("c-1", format_index=1)
     sub = Subscription(conn, CH, {"nick": "al"})
     assert sub.conn is conn
     assert sub.channel == CH
     assert sub.info == {"nick": "al"}
-    assert sub.codec_index == 1
+    assert sub.format_index == 1
     assert sub.floor == 0
     assert sub.backlog == []
     sub.push(b"x")
@@ -214,7 +214,7 @@ def test_each_subscriber_gets_the_frame_of_its_codec(hub: Hub) -> None:
     assert hub.dispatch(pub(6)) == 4
     assert channel.last == 6
     for conn in conns:
-        assert conn.frames == [EncodedPush(pub(6)).frame(conn.codec_index)]
+        assert conn.frames == [EncodedPush(pub(6)).frame(conn.format_index)]
     # The binary subscriber first: each codec is still its own.
     first = [Conn("m", 1), Conn("j", 0)]
     synced(hub, *first, last=0, channel="chat:b")
