@@ -257,13 +257,15 @@ class Endpoint:
         """Forget a connection whose socket is gone: cleanup, metrics and the close log."""
         conn, remote = link.conn, link.remote
         link.stop_abort_timer()
-        self.connections.discard(conn)
-        if not self.connections:
-            self._drained.set()
         try:
             if not link.echo:
                 await conn.cleanup()
         finally:
+            # Counted as gone only once its subscriptions ended: the shutdown
+            # waits for this before it closes the engine under them.
+            self.connections.discard(conn)
+            if not self.connections:
+                self._drained.set()
             code = conn.close_code
             self.node.counters.closes[int(code or 1006)] += 1
             log.info(
