@@ -142,7 +142,7 @@ class Connection:
         self.push_frame = self.outbox.push
         self.state = SessionState(codec, node.limits, time.monotonic())
         self._expiry_timer: asyncio.TimerHandle | None = None
-        self._inflight: set[asyncio.Task[None]] | None = None
+        self._inflight: set[asyncio.Future[Any]] | None = None  # pipelined publishes
         self._ending: asyncio.Task[None] | None = None
         self._refreshing: asyncio.Task[None] | None = None
         self._subscribing: set[str] | None = None  # channels whose subscribe is under way
@@ -422,23 +422,58 @@ class Connection:
             raise PermissionDenied(f"{channel} is private: subscribe (with its token) first")
         return options
 
-    async def _pipeline(self, command: cmd.Publish) -> None:
-        """Run a publish without waiting for it before reading the next command.
+    def _pipeline(self, command: cmd.Publish) -> Coroutine[Any, Any, None] | None:
+        """Start a publish without waiting for it before reading the next command.
 
         A store that commits in groups (SQLite) then stores a client's burst
         in one commit, and its fan-out leaves in one write per subscriber,
-        instead of one commit and one write per message. Order is kept: each
-        task reaches `HistoryStore.append` in creation order, and appends
-        complete in call order.
+        instead of one commit and one write per message. Order is kept: the
+        engine stores publishes in call order and completes them in that
+        order. No task and no coroutine per publish (`Node.publish_then`):
+        the reply is sent from the engine's completion callback. Returns what
+        the caller must await first only when too many are in flight.
         """
         inflight = self._inflight
         if inflight is None:
             inflight = self._inflight = set()
         if len(inflight) >= MAX_INFLIGHT_PUBLISHES:
+            return self._pipeline_later(command)
+        try:
+            self._check_publish(command.channel)
+            future = self.node.publish_then(
+                command.channel,
+                command.data,
+                raw=command.raw,
+                client=self.client_id,
+                user=self.user,
+                key=command.idempotency_key,
+                then=lambda future: self._published(command, future),
+            )
+        except Exception as exc:
+            self._failed(command, exc)
+        else:
+            inflight.add(future)
+        return None
+
+    async def _pipeline_later(self, command: cmd.Publish) -> None:
+        """`_pipeline` once fewer than `MAX_INFLIGHT_PUBLISHES` are in flight."""
+        inflight = self._inflight
+        while inflight and len(inflight) >= MAX_INFLIGHT_PUBLISHES:
             await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-        task = asyncio.get_running_loop().create_task(self.execute(command))
-        inflight.add(task)
-        task.add_done_callback(inflight.discard)
+        self._pipeline(command)
+
+    def _published(self, command: cmd.Publish, future: asyncio.Future[Any]) -> None:
+        """A pipelined publish completed: answer it (on the loop, in completion order)."""
+        if self._inflight is not None:
+            self._inflight.discard(future)
+        if future.cancelled():
+            return  # nobody cancels it; were it cancelled, there is no outcome to tell
+        error = future.exception()
+        if error is None:
+            if command.id is not None:
+                self.send(cmd.reply(command.id, published(future.result())))
+        elif isinstance(error, Exception):
+            self._failed(command, error)
 
     async def execute(self, command: cmd.Command, *, granted: bool = False) -> None:
         """Run one validated command and answer it (`granted`: made by the server)."""

@@ -16,7 +16,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -301,6 +301,38 @@ class Node:
         result = await self.broker.publish(pub, space.retention, key)
         self._published(started)
         return result
+
+    def publish_then(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        raw: bytes | None = None,
+        client: str | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        then: Callable[[asyncio.Future[Publication | Duplicate]], None],
+    ) -> asyncio.Future[Publication | Duplicate]:
+        """`publish`, started now: `then` is called on the loop with its outcome, the
+        future of what `publish` would return or raise (also returned; the
+        caller must not cancel it).
+
+        For a caller that only waits for the outcome (a connection's pipelined
+        publishes): no coroutine and no task per message. Calls made one after
+        the other are stored in call order.
+        """
+        space = self.space(channel)
+        started = time.perf_counter()
+        pub = Publication(channel, data, 0, "", now_ms(), client, user, raw=raw)
+        future = self.broker.publish_future(pub, space.retention, key)
+
+        def done(future: asyncio.Future[Publication | Duplicate]) -> None:
+            if not future.cancelled() and future.exception() is None:
+                self._published(started)
+            then(future)
+
+        future.add_done_callback(done)
+        return future
 
     def _published(self, started: float) -> None:
         self.counters.published += 1

@@ -33,6 +33,7 @@ from tests.engines.harness import (
     offsets,
     publish,
 )
+from tests.helpers import TIMEOUT
 
 NO_STREAM = StreamPosition(0, "")
 RETENTIONS = [
@@ -260,6 +261,36 @@ async def test_inline_for_tells_whether_publish_nowait_works(
     assert await engine.history.position(CH) == StreamPosition(2, pub.epoch)
     if retention.keeps_history:
         assert offsets((await engine.history.read(CH)).publications) == [1, 2]
+
+
+@pytest.mark.parametrize("retention", RETENTIONS)
+async def test_publish_future_is_publish_started_now(engine: Harness, retention: Retention) -> None:
+    """Futures started one after the other store in call order and resolve as
+    `publish` returns; a refusal arrives through its future, not raised."""
+    await engine.broker.subscribe(CH)
+    futures = [
+        engine.broker.publish_future(message({"n": n}, T0 + n), retention, f"k{n % 3}")
+        for n in range(5)
+    ]
+    results = await asyncio.wait_for(asyncio.gather(*futures), TIMEOUT)
+    first = results[0]
+    assert isinstance(first, Publication)
+    assert results == [
+        *(Publication(CH, {"n": n}, n + 1, first.epoch, T0 + n) for n in range(3)),
+        Duplicate(1, first.epoch),
+        Duplicate(2, first.epoch),
+    ]
+    await engine.sink.wait_for(lambda: len(engine.sink.of(CH)) >= 3)
+    assert engine.sink.of(CH) == results[:3]
+    assert await engine.history.position(CH) == StreamPosition(3, first.epoch)
+    engine.requires("counts_channels")
+    full = Retention(retention.size, max_channels=1, namespace="full")
+    for channel in ("full:a", "full:b"):
+        await engine.broker.subscribe(channel)  # without history, only these hold state
+    await publish(engine, "a", channel="full:a", retention=full)
+    refused = engine.broker.publish_future(message("b", channel="full:b"), full)
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(refused, TIMEOUT)
 
 
 # -- channel state bounds ------------------------------------------------------

@@ -9,6 +9,7 @@ contracts below.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -156,6 +157,19 @@ class Broker(Protocol):
         self, pub: Publication, retention: Retention, key: str | None = None
     ) -> Publication | Duplicate:
         """Store and deliver `pub` (its `offset` and `epoch` are filled in and it is returned)."""
+        ...
+
+    def publish_future(
+        self, pub: Publication, retention: Retention, key: str | None = None
+    ) -> asyncio.Future[Publication | Duplicate]:
+        """`publish` started now; the future resolves as `publish` would return or raise.
+
+        For callers that only wait for the outcome (a connection's pipelined
+        publishes): no coroutine and no task per message. Calls made one after
+        the other are stored in that order, as with `publish`. Errors arrive
+        through the future, never raised here. The caller must not cancel it
+        (cancelling would not withdraw the message anyway).
+        """
         ...
 
     def publish_nowait(

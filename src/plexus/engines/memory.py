@@ -26,7 +26,7 @@ from collections.abc import Collection
 from typing import Any, Final
 
 from plexus.engines.base import EventSink, Health, Retention
-from plexus.exceptions import Unavailable
+from plexus.exceptions import PlexusError, Unavailable
 from plexus.models import ClientInfo, Duplicate, HistoryPage, Presence, Publication, StreamPosition
 from plexus.supervisor import Supervisor
 
@@ -232,6 +232,17 @@ class MemoryBroker:
     ) -> Publication | Duplicate:
         """See `Broker.publish`; never suspends here."""
         return self.publish_nowait(pub, retention, key)
+
+    def publish_future(
+        self, pub: Publication, retention: Retention, key: str | None = None
+    ) -> asyncio.Future[Publication | Duplicate]:
+        """See `Broker.publish_future`; the future is done when it is returned."""
+        future: asyncio.Future[Publication | Duplicate] = asyncio.get_running_loop().create_future()
+        try:
+            future.set_result(self.publish_nowait(pub, retention, key))
+        except PlexusError as exc:
+            future.set_exception(exc)
+        return future
 
     def publish_nowait(
         self, pub: Publication, retention: Retention, key: str | None = None

@@ -269,6 +269,12 @@ class RedisBroker:
                 lost connection may hide a publish that happened: retry with
                 the same idempotency key to be sure).
         """
+        return await self.publish_future(pub, retention, key)
+
+    def publish_future(
+        self, pub: Publication, retention: Retention, key: str | None = None
+    ) -> asyncio.Future[Publication | Duplicate]:
+        """`publish` started now: see `Broker.publish_future`."""
         shard = self.shard(pub.channel)
         pub.raw  # noqa: B018 - encoded now, in call order, not in the batch
         future: asyncio.Future[Publication | Duplicate] = asyncio.get_running_loop().create_future()
@@ -276,7 +282,7 @@ class RedisBroker:
         if not shard.sending:
             shard.sending = True
             asyncio.get_running_loop().create_task(self._send_batches(shard))
-        return await future
+        return future
 
     async def _send_batches(self, shard: Shard) -> None:
         try:

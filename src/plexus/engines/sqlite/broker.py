@@ -24,7 +24,7 @@ from plexus.engines.sqlite.jobs import (
 )
 from plexus.engines.sqlite.schema import DB_FILE
 from plexus.engines.sqlite.writer import Writer
-from plexus.exceptions import Unavailable
+from plexus.exceptions import PlexusError, Unavailable
 from plexus.models import UNSET, Duplicate, HistoryPage, Presence, Publication, StreamPosition
 from plexus.supervisor import Supervisor
 
@@ -77,6 +77,7 @@ class SqliteBroker:
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._positions: dict[str, StreamPosition] = {}  # committed, per channel
+        self._queued: list[Job] = []  # for the writer, at the end of this loop iteration
         self._closed = False
         # Why the last batch that wrote (or any batch, if none wrote since) failed;
         # cleared by a batch that wrote.
@@ -136,6 +137,7 @@ class SqliteBroker:
         await self._local.close()
         if self._thread is None or self._stopped is None:
             return
+        self._hand_over()
         self._writer.jobs.put(None)
         await self._stopped
         self._thread.join()  # it has nothing left to do but return
@@ -176,10 +178,22 @@ class SqliteBroker:
         """
         if not retention.keeps_history:
             return self._local.publish_nowait(pub, retention, key)
-        pub.raw  # noqa: B018 - encoded here, on the loop, not on the writer thread
+        return await self.publish_future(pub, retention, key)
+
+    def publish_future(
+        self, pub: Publication, retention: Retention, key: str | None = None
+    ) -> asyncio.Future[Publication | Duplicate]:
+        """`publish` started now: see `Broker.publish_future`."""
         future: asyncio.Future[Publication | Duplicate] = self._new_future()
-        self._enqueue(Append(pub, retention, key, self.idempotency_ttl_ms, future))
-        return await future
+        try:
+            if not retention.keeps_history:
+                future.set_result(self._local.publish_nowait(pub, retention, key))
+            else:
+                pub.raw  # noqa: B018 - encoded here, on the loop, not on the writer thread
+                self._enqueue(Append(pub, retention, key, self.idempotency_ttl_ms, future))
+        except PlexusError as exc:
+            future.set_exception(exc)
+        return future
 
     def publish_nowait(
         self, pub: Publication, retention: Retention, key: str | None = None
@@ -311,7 +325,8 @@ class SqliteBroker:
     def _enqueue(self, job: Job) -> None:
         if self._closed:
             raise Unavailable("history store is closed")
-        if self._thread is None:
+        loop = self._loop
+        if self._thread is None or loop is None:
             # Started synchronously so that even the first job is queued in call order.
             self._loop = loop = asyncio.get_running_loop()
             self._stopped = loop.create_future()
@@ -320,7 +335,22 @@ class SqliteBroker:
             self._thread = threading.Thread(target=self._writer.run, args=args, name=name)
             self._thread.daemon = True  # a store left open must not hang interpreter exit
             self._thread.start()
-        self._writer.jobs.put(job)
+        queued = self._queued
+        queued.append(job)
+        if len(queued) == 1:
+            loop.call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        """Give the writer the jobs queued so far, in one piece.
+
+        Called once per loop iteration with jobs, after the callbacks and the
+        input that queued them: the writer is woken (and the GIL fought for)
+        once per iteration rather than once per job, and it finds the
+        iteration's publishes together, for one commit.
+        """
+        if self._queued:
+            jobs, self._queued = self._queued, []
+            self._writer.jobs.put(jobs)
 
     def _deliver(self, jobs: list[Job], results: list[Any]) -> None:
         # The cache is updated and the messages delivered before any caller

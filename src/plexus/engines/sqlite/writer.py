@@ -68,7 +68,8 @@ class Writer:
     grace_ms: int = 300_000
     failures: int = 0
     logged_at: float = -1e9
-    jobs: queue.SimpleQueue[Job | None] = field(default_factory=queue.SimpleQueue)  # None = stop
+    # Lists of jobs, one per hand-over from the loop (None = stop).
+    jobs: queue.SimpleQueue[list[Job] | None] = field(default_factory=queue.SimpleQueue)
     before_commit: Callable[[list[Publication]], None] | None = None  # see SqliteBroker
 
     def run(self, loop: asyncio.AbstractEventLoop, store: SqliteBroker) -> None:
@@ -81,7 +82,7 @@ class Writer:
                     items.append(self.jobs.get_nowait())
             # `close()` refuses new jobs before it queues the stop mark, so it is last.
             stop = items[-1] is None
-            batch = [job for job in items if job is not None]
+            batch = [job for jobs in items if jobs is not None for job in jobs]
             if not batch:
                 continue
             try:
