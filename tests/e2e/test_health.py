@@ -167,6 +167,12 @@ async def test_health_state_counts_what_the_server_holds(
     async with Client(server.ws_url, timeout=TIMEOUT) as client:
         await client.subscribe("chat:room")
         await client.subscribe("plain")
+        if engine == "sqlite":
+            # Its writer thread applies each subscription's pin after the reply
+            # (queued, not awaited): wait until it has both.
+            server_node = server.node
+            assert server_node is not None
+            await wait_for(lambda: server_node.engine_state().get("pinned") == 2)
         _, during = await get(server, "/health")
         node, held = during["state"]["node"], during["state"]["engine"]
         assert (node["peers"], node["hub_channels"], node["joined"]) == (1, 2, 2)

@@ -519,7 +519,7 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
         await store.close()
     after = now_ms()
     with database(file) as db:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
         channels = {
             row[0]: row[1:]
             for row in db.execute("SELECT channel, namespace, expires_ms FROM channels")

@@ -14,7 +14,7 @@ from plexus.engines.memory import now_ms
 logger = logging.getLogger("plexus.engines.sqlite")
 
 DB_FILE: Final = "history.sqlite3"
-SCHEMA_VERSION: Final = "2"
+SCHEMA_VERSION: Final = "3"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -35,10 +35,25 @@ CREATE TABLE IF NOT EXISTS idempotency (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS channels_expires ON channels (expires_ms)
     WHERE expires_ms IS NOT NULL;
+CREATE TABLE IF NOT EXISTS journal (
+    channel TEXT NOT NULL, "offset" INTEGER NOT NULL, time INTEGER NOT NULL,
+    expires INTEGER, client TEXT, user TEXT, data BLOB NOT NULL,
+    size INTEGER NOT NULL, max_bytes INTEGER NOT NULL
+);
 """
-INSERT = (
+# An append commits one row here: no index, so a batch's rows fill the same
+# pages whatever their channels. `size` and `max_bytes` are the retention the
+# move trims with, should it run after a restart.
+JOURNAL_INSERT = "INSERT INTO journal VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+MOVE = (
     'INSERT INTO messages (channel, "offset", time, expires, client, user, data)'
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    ' SELECT channel, "offset", time, expires, client, user, data FROM journal ORDER BY rowid'
+)
+# Each channel's newest journal row, and how many rows and payload bytes it has there.
+JOURNAL_STATE = (
+    'SELECT j.channel, j."offset", j.time, j.expires, j.size, j.max_bytes, c.rows, c.bytes'
+    " FROM journal j JOIN (SELECT max(rowid) AS last, count(*) AS rows,"
+    " sum(length(data)) AS bytes FROM journal GROUP BY channel) c ON j.rowid = c.last"
 )
 SELECT = (
     'SELECT "offset", time, client, user, data FROM messages WHERE channel = ?'
@@ -66,7 +81,9 @@ def migrate(conn: sqlite3.Connection) -> None:
     keeps the payload's JSON and an expiry per channel. Version 1 channels
     with messages that never expire keep living; the others expire after
     their last message does (plus five minutes), or in five minutes when
-    they hold none.
+    they hold none. Version 3 adds `journal`, created with the schema
+    (nothing to convert); a version 2 Plexus would ignore the rows a crash
+    left there, so a database is not opened again by an older Plexus.
     """
     tables = {str(row[0]) for row in conn.execute("SELECT name FROM sqlite_master")}
     if "channels" not in tables:
