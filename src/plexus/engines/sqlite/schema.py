@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 from collections import Counter
@@ -44,7 +45,20 @@ CREATE TABLE IF NOT EXISTS journal (
 # An append commits one row here: no index, so a batch's rows fill the same
 # pages whatever their channels. `size` and `max_bytes` are the retention the
 # move trims with, should it run after a restart.
-JOURNAL_INSERT = "INSERT INTO journal VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+JOURNAL_COLUMNS: Final = 9
+# Most rows one INSERT of the journal writes: 64 x 9 parameters stay under
+# the 999 that SQLite builds before 3.32 allow.
+JOURNAL_CHUNK: Final = 64
+
+
+@functools.cache
+def journal_insert(rows: int) -> str:
+    """An INSERT of `rows` journal rows: one statement, one step (and one
+    release of the GIL) for many rows, where `executemany` steps once per row."""
+    one = "(" + ", ".join("?" * JOURNAL_COLUMNS) + ")"
+    return "INSERT INTO journal VALUES " + ", ".join([one] * rows)
+
+
 MOVE = (
     'INSERT INTO messages (channel, "offset", time, expires, client, user, data)'
     ' SELECT channel, "offset", time, expires, client, user, data FROM journal ORDER BY rowid'

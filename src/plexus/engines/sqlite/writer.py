@@ -30,7 +30,7 @@ from plexus.engines.sqlite.jobs import (
     Top,
 )
 from plexus.engines.sqlite.schema import (
-    JOURNAL_INSERT,
+    JOURNAL_CHUNK,
     JOURNAL_STATE,
     MOVE,
     SCHEMA,
@@ -38,6 +38,7 @@ from plexus.engines.sqlite.schema import (
     SELECT,
     boot_id,
     count_namespaces,
+    journal_insert,
     migrate,
 )
 from plexus.exceptions import Unavailable
@@ -58,6 +59,11 @@ MOVE_ROWS: Final = 1024
 MOVE_BYTES: Final = 4 << 20
 # Seconds without jobs after which the journal is moved anyway.
 IDLE_MOVE: Final = 1.0
+# WAL pages after which a commit copies them into the database (SQLite's
+# default is 1000). Batches rewrite the same pages (the journal's, each
+# channel's newest index page): a longer WAL holds more versions of each for
+# one copy, and fsyncs less often, for a WAL file of up to 16 MB.
+WAL_PAGES: Final = 4000
 
 
 @dataclass(slots=True)
@@ -183,6 +189,7 @@ class Writer:
             conn.executescript(SCHEMA)
             self._mark_running(conn)
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
             self.counts = count_namespaces(conn)
         except BaseException:
             conn.close()
@@ -243,9 +250,8 @@ class Writer:
             results = [self._run(conn, job) for job in jobs]
             if self.journal_rows >= MOVE_ROWS or self.journal_bytes >= MOVE_BYTES:
                 self._move(conn)
-            elif self.rows:
-                conn.executemany(JOURNAL_INSERT, self.rows)
-                self.rows.clear()
+            else:
+                self._write_rows(conn)
             hook = self.before_commit
             if hook is not None:
                 hook([job.pub for job in jobs if isinstance(job, Append)])
@@ -368,13 +374,23 @@ class Writer:
             )
         return pub
 
+    def _write_rows(self, conn: sqlite3.Connection) -> None:
+        """Write the batch's rows to the journal, in chunks of 64, 32, ... 1 rows."""
+        rows = self.rows
+        start, end = 0, len(rows)
+        while start < end:
+            count = min(JOURNAL_CHUNK, 1 << ((end - start).bit_length() - 1))
+            chunk = rows[start : start + count]
+            conn.execute(journal_insert(count), [value for row in chunk for value in row])
+            start += count
+        rows.clear()
+
     def _move(self, conn: sqlite3.Connection) -> None:
         """Move the journal into `messages`, trim its channels, write their `channels` rows."""
         if self.replay:
             self._read_journal(conn)
-        elif self.rows:
-            conn.executemany(JOURNAL_INSERT, self.rows)
-            self.rows.clear()
+        else:
+            self._write_rows(conn)
         journal = self.journal
         if not journal:
             return
