@@ -311,28 +311,25 @@ class Node:
         client: str | None = None,
         user: str | None = None,
         key: str | None = None,
-        then: Callable[[asyncio.Future[Publication | Duplicate]], None],
-    ) -> asyncio.Future[Publication | Duplicate]:
-        """`publish`, started now: `then` is called on the loop with its outcome, the
-        future of what `publish` would return or raise (also returned; the
-        caller must not cancel it).
+        then: Callable[[Publication | Duplicate | Exception], None],
+    ) -> None:
+        """`publish`, started now: `then` is called on the loop, after this returns,
+        with what `publish` would return or raise (see `Broker.publish_then`).
 
-        For a caller that only waits for the outcome (a connection's pipelined
-        publishes): no coroutine and no task per message. Calls made one after
-        the other are stored in call order.
+        For a caller that only acts on the outcome (a connection answering its
+        pipelined publishes): no coroutine, no task and no future per message.
+        Calls made one after the other are stored in call order.
         """
         space = self.space(channel)
         started = time.perf_counter()
         pub = Publication(channel, data, 0, "", now_ms(), client, user, raw=raw)
-        future = self.broker.publish_future(pub, space.retention, key)
 
-        def done(future: asyncio.Future[Publication | Duplicate]) -> None:
-            if not future.cancelled() and future.exception() is None:
+        def done(outcome: Publication | Duplicate | Exception) -> None:
+            if not isinstance(outcome, Exception):
                 self._published(started)
-            then(future)
+            then(outcome)
 
-        future.add_done_callback(done)
-        return future
+        self.broker.publish_then(pub, space.retention, key, done)
 
     def _published(self, started: float) -> None:
         self.counters.published += 1

@@ -9,8 +9,7 @@ contracts below.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -159,16 +158,20 @@ class Broker(Protocol):
         """Store and deliver `pub` (its `offset` and `epoch` are filled in and it is returned)."""
         ...
 
-    def publish_future(
-        self, pub: Publication, retention: Retention, key: str | None = None
-    ) -> asyncio.Future[Publication | Duplicate]:
-        """`publish` started now; the future resolves as `publish` would return or raise.
+    def publish_then(
+        self,
+        pub: Publication,
+        retention: Retention,
+        key: str | None,
+        then: Callable[[Publication | Duplicate | Exception], None],
+    ) -> None:
+        """`publish` started now: `then` is called once, on the loop and after this
+        returns, with what `publish` would return, or with what it would raise.
 
-        For callers that only wait for the outcome (a connection's pipelined
-        publishes): no coroutine and no task per message. Calls made one after
-        the other are stored in that order, as with `publish`. Errors arrive
-        through the future, never raised here. The caller must not cancel it
-        (cancelling would not withdraw the message anyway).
+        For callers that only act on the outcome (a connection answering its
+        pipelined publishes): no coroutine, no task and no future per message.
+        Calls made one after the other are stored in that order, as with
+        `publish`.
         """
         ...
 

@@ -22,7 +22,7 @@ import itertools
 import secrets
 import time as _time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any, Final
 
 from plexus.engines.base import EventSink, Health, Retention
@@ -233,16 +233,20 @@ class MemoryBroker:
         """See `Broker.publish`; never suspends here."""
         return self.publish_nowait(pub, retention, key)
 
-    def publish_future(
-        self, pub: Publication, retention: Retention, key: str | None = None
-    ) -> asyncio.Future[Publication | Duplicate]:
-        """See `Broker.publish_future`; the future is done when it is returned."""
-        future: asyncio.Future[Publication | Duplicate] = asyncio.get_running_loop().create_future()
+    def publish_then(
+        self,
+        pub: Publication,
+        retention: Retention,
+        key: str | None,
+        then: Callable[[Publication | Duplicate | Exception], None],
+    ) -> None:
+        """See `Broker.publish_then`: done now, `then` called soon."""
+        outcome: Publication | Duplicate | Exception
         try:
-            future.set_result(self.publish_nowait(pub, retention, key))
+            outcome = self.publish_nowait(pub, retention, key)
         except PlexusError as exc:
-            future.set_exception(exc)
-        return future
+            outcome = exc
+        asyncio.get_running_loop().call_soon(then, outcome)
 
     def publish_nowait(
         self, pub: Publication, retention: Retention, key: str | None = None

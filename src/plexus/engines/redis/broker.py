@@ -21,7 +21,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -269,12 +269,29 @@ class RedisBroker:
                 lost connection may hide a publish that happened: retry with
                 the same idempotency key to be sure).
         """
-        return await self.publish_future(pub, retention, key)
+        return await self._start(pub, retention, key)
 
-    def publish_future(
-        self, pub: Publication, retention: Retention, key: str | None = None
+    def publish_then(
+        self,
+        pub: Publication,
+        retention: Retention,
+        key: str | None,
+        then: Callable[[Publication | Duplicate | Exception], None],
+    ) -> None:
+        """`publish` started now: see `Broker.publish_then`."""
+
+        def done(future: asyncio.Future[Publication | Duplicate]) -> None:
+            error = future.exception()  # only ever Unavailable (nobody cancels it)
+            if error is None:
+                then(future.result())
+            else:
+                then(error if isinstance(error, Exception) else Unavailable(repr(error)))
+
+        self._start(pub, retention, key).add_done_callback(done)
+
+    def _start(
+        self, pub: Publication, retention: Retention, key: str | None
     ) -> asyncio.Future[Publication | Duplicate]:
-        """`publish` started now: see `Broker.publish_future`."""
         shard = self.shard(pub.channel)
         pub.raw  # noqa: B018 - encoded now, in call order, not in the batch
         future: asyncio.Future[Publication | Duplicate] = asyncio.get_running_loop().create_future()

@@ -76,7 +76,8 @@ class SqliteBroker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Future[None] | None = None
-        self._positions: dict[str, StreamPosition] = {}  # committed, per channel
+        # Committed (offset, epoch) per channel (a tuple: made per publish).
+        self._positions: dict[str, tuple[int, str]] = {}
         self._queued: list[Job] = []  # for the writer, at the end of this loop iteration
         self._closed = False
         # Why the last batch that wrote (or any batch, if none wrote since) failed;
@@ -178,22 +179,36 @@ class SqliteBroker:
         """
         if not retention.keeps_history:
             return self._local.publish_nowait(pub, retention, key)
-        return await self.publish_future(pub, retention, key)
-
-    def publish_future(
-        self, pub: Publication, retention: Retention, key: str | None = None
-    ) -> asyncio.Future[Publication | Duplicate]:
-        """`publish` started now: see `Broker.publish_future`."""
         future: asyncio.Future[Publication | Duplicate] = self._new_future()
-        try:
-            if not retention.keeps_history:
-                future.set_result(self._local.publish_nowait(pub, retention, key))
+
+        def then(outcome: Publication | Duplicate | Exception) -> None:
+            if future.done():
+                return  # the caller was cancelled
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
             else:
-                pub.raw  # noqa: B018 - encoded here, on the loop, not on the writer thread
-                self._enqueue(Append(pub, retention, key, self.idempotency_ttl_ms, future))
+                future.set_result(outcome)
+
+        self.publish_then(pub, retention, key, then)
+        return await future
+
+    def publish_then(
+        self,
+        pub: Publication,
+        retention: Retention,
+        key: str | None,
+        then: Callable[[Publication | Duplicate | Exception], None],
+    ) -> None:
+        """`publish` started now: see `Broker.publish_then`. After the commit, the
+        batch's callback calls `then` directly: no future, no extra callback."""
+        if not retention.keeps_history:
+            self._local.publish_then(pub, retention, key, then)
+            return
+        pub.raw  # noqa: B018 - encoded here, on the loop, not on the writer thread
+        try:
+            self._enqueue(Append(pub, retention, key, self.idempotency_ttl_ms, then))
         except PlexusError as exc:
-            future.set_exception(exc)
-        return future
+            (self._loop or asyncio.get_running_loop()).call_soon(then, exc)
 
     def publish_nowait(
         self, pub: Publication, retention: Retention, key: str | None = None
@@ -232,7 +247,7 @@ class SqliteBroker:
             return await self._local.position(channel, create=create)
         known = self._positions.get(channel)
         if known is not None and not self._closed:
-            return known
+            return StreamPosition(*known)
         job = Position(channel, create, self._new_future())
         self._enqueue(job)
         return await job.future
@@ -362,22 +377,27 @@ class SqliteBroker:
         subscribed = self._subscribed
         positions = self._positions
         for job, result in zip(jobs, results, strict=True):
+            if isinstance(job, Append):  # the common case, first
+                if type(result) is Publication:
+                    channel = result.channel
+                    positions[channel] = (result.offset, result.epoch)
+                    if sink is not None and channel in subscribed:
+                        sink.on_publication(result)
+                    job.then(result)
+                else:
+                    job.then(result.error if isinstance(result, Refused) else result)
+                continue
             future = job.future
             if isinstance(result, Refused):
                 if future is not None and not future.done():
                     future.set_exception(result.error)
                 continue
-            if isinstance(job, Append):
-                if isinstance(result, Publication):
-                    positions[result.channel] = StreamPosition(result.offset, result.epoch)
-                    if sink is not None and result.channel in subscribed:
-                        sink.on_publication(result)
-            elif isinstance(job, Position):
+            if isinstance(job, Position):
                 if result.epoch:
-                    positions[job.channel] = result
+                    positions[job.channel] = (result.offset, result.epoch)
             elif isinstance(job, Read):
                 if result[0].epoch:
-                    positions[job.channel] = result[0]
+                    positions[job.channel] = (result[0].offset, result[0].epoch)
             elif isinstance(job, Sweep):
                 for channel in result:
                     positions.pop(channel, None)
@@ -388,10 +408,13 @@ class SqliteBroker:
         if any(isinstance(job, Append) for job in jobs) or self._failure is None:
             self._failure = f"{type(cause).__name__}: {cause}"[:300]
         for job in jobs:
+            error = Unavailable("history store unavailable")
+            error.__cause__ = cause
+            if isinstance(job, Append):
+                job.then(error)
+                continue
             future = job.future
             if future is not None and not future.done():
-                error = Unavailable("history store unavailable")
-                error.__cause__ = cause
                 future.set_exception(error)
 
     def _stopped_now(self) -> None:

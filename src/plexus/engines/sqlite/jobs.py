@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
@@ -47,7 +48,7 @@ class Append:
     retention: Retention
     key: str | None
     idempotency_ttl: int
-    future: asyncio.Future[Publication | Duplicate]
+    then: Callable[[Publication | Duplicate | Exception], None]  # see `Broker.publish_then`
 
 
 @dataclass(slots=True)
