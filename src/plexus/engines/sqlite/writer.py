@@ -78,7 +78,7 @@ class Pending:
     bytes: int  # their payload bytes
 
 
-@dataclass
+@dataclass(slots=True)  # attributes read per message: no instance dict
 class Writer:
     """The writer thread: owns the connection and each channel's top position.
 
