@@ -178,7 +178,13 @@ class Writer:
         if self.conn is not None:
             return self.conn
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.file, timeout=self.busy_timeout, isolation_level=None)
+        conn = sqlite3.connect(
+            self.file,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            # A journal INSERT for each row count up to 64, and the others.
+            cached_statements=JOURNAL_CHUNK + 64,
+        )
         try:
             # Exclusive: a second process must not hand out this one's offsets.
             conn.execute("PRAGMA locking_mode=EXCLUSIVE")
@@ -243,12 +249,23 @@ class Writer:
     def run_batch(self, jobs: list[Job]) -> list[Any]:
         """Execute `jobs` in one transaction and return one result per job."""
         conn = self.connect()
-        conn.execute("BEGIN IMMEDIATE")
+        results: list[Any] | None = None
         try:
-            if self.replay:
-                self._move(conn)
-            results = [self._run(conn, job) for job in jobs]
-            if self.journal_rows >= MOVE_ROWS or self.journal_bytes >= MOVE_BYTES:
+            if self._plain(jobs):
+                # These run no statement of their own: their rows go in one
+                # INSERT that is its own transaction, rather than in BEGIN,
+                # INSERT and COMMIT. Each statement releases the GIL twice, and
+                # each release can cost a switch to the event loop and back.
+                results = [self._append(conn, job) for job in jobs if isinstance(job, Append)]
+                if not self._move_due():
+                    self._write_rows(conn)
+                    return results
+            conn.execute("BEGIN IMMEDIATE")
+            if results is None:
+                if self.replay:
+                    self._move(conn)
+                results = [self._run(conn, job) for job in jobs]
+            if self._move_due():
                 self._move(conn)
             else:
                 self._write_rows(conn)
@@ -260,6 +277,20 @@ class Writer:
             self._abort()
             raise
         return results
+
+    def _move_due(self) -> bool:
+        return self.journal_rows >= MOVE_ROWS or self.journal_bytes >= MOVE_BYTES
+
+    def _plain(self, jobs: list[Job]) -> bool:
+        """Whether `jobs` are appends that run no statement before their rows are
+        written, few enough for one INSERT, with nothing to hold before COMMIT."""
+        if self.before_commit is not None or self.replay or len(jobs) > JOURNAL_CHUNK:
+            return False
+        tops = self.tops
+        for job in jobs:
+            if type(job) is not Append or job.key is not None or job.pub.channel not in tops:
+                return False
+        return True
 
     def _run(self, conn: sqlite3.Connection, job: Job) -> Any:
         if isinstance(job, Append):
@@ -375,11 +406,11 @@ class Writer:
         return pub
 
     def _write_rows(self, conn: sqlite3.Connection) -> None:
-        """Write the batch's rows to the journal, in chunks of 64, 32, ... 1 rows."""
+        """Write the batch's rows to the journal: one INSERT per 64 rows."""
         rows = self.rows
         start, end = 0, len(rows)
         while start < end:
-            count = min(JOURNAL_CHUNK, 1 << ((end - start).bit_length() - 1))
+            count = min(JOURNAL_CHUNK, end - start)
             chunk = rows[start : start + count]
             conn.execute(journal_insert(count), [value for row in chunk for value in row])
             start += count
