@@ -59,11 +59,6 @@ MOVE_ROWS: Final = 1024
 MOVE_BYTES: Final = 4 << 20
 # Seconds without jobs after which the journal is moved anyway.
 IDLE_MOVE: Final = 1.0
-# WAL pages after which a commit copies them into the database (SQLite's
-# default is 1000). Batches rewrite the same pages (the journal's, each
-# channel's newest index page): a longer WAL holds more versions of each for
-# one copy, and fsyncs less often, for a WAL file of up to 16 MB.
-WAL_PAGES: Final = 4000
 
 
 @dataclass(slots=True)
@@ -195,7 +190,6 @@ class Writer:
             conn.executescript(SCHEMA)
             self._mark_running(conn)
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
             self.counts = count_namespaces(conn)
         except BaseException:
             conn.close()
