@@ -245,7 +245,7 @@ class Writer:
         conn = self.connect()
         results: list[Any] | None = None
         try:
-            if self._plain(jobs):
+            if not conn.in_transaction and self._plain(jobs):
                 # These run no statement of their own: their rows go in one
                 # INSERT that is its own transaction, rather than in BEGIN,
                 # INSERT and COMMIT. Each statement releases the GIL twice, and
