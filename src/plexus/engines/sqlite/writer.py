@@ -54,7 +54,7 @@ ERROR_LOG_INTERVAL: Final = 5.0
 # The journal moves into `messages` once it holds this many rows or payload
 # bytes: more rows per move share more of its page writes (several messages
 # of each channel per index page), fewer bound the pause of the batch that
-# moves (about 3 us per row) and the replay after a crash.
+# moves (2-3 us per row: a few ms) and the replay after a crash.
 MOVE_ROWS: Final = 1024
 MOVE_BYTES: Final = 4 << 20
 # Seconds without jobs after which the journal is moved anyway.
@@ -100,7 +100,7 @@ class Writer:
     journal: dict[str, Pending] = field(default_factory=dict)
     journal_rows: int = 0
     journal_bytes: int = 0
-    # Rows of the batch under way, written to the journal in one statement.
+    # Rows of the batch under way, written to the journal in one INSERT per 64.
     rows: list[tuple[Any, ...]] = field(default_factory=list)
     # The journal's state above is not known (at open, after a failed batch):
     # the next transaction reads it from the database and moves the journal.
