@@ -7,9 +7,11 @@ is never possible there), so publishing to them costs no I/O.
 One writer thread owns the only connection (`writer.py`); the loop queues
 jobs (`jobs.py`) and hands them over once per loop iteration. Group commit:
 the thread runs all jobs handed over while its previous commit ran in ONE
-transaction, then hands the results back with one `call_soon_threadsafe`
-callback per batch, which resolves them and delivers the batch's messages to
-the node in queue order. Jobs are queued synchronously in call order, so a
+transaction (a batch of plain appends is one multi-row INSERT, its own
+transaction), then hands the results back with one `call_soon_threadsafe`
+callback per batch, which delivers the batch's messages to the node and
+answers each job (its future, or the `publish_then` callback) in queue
+order. Jobs are queued synchronously in call order, so a
 channel's messages get offsets, commit and reach subscribers in call order.
 Offsets are assigned on the thread from its cache of each channel's top: a
 failed batch is rolled back and the cache reloaded, so a failure leaves no
