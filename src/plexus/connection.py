@@ -86,6 +86,7 @@ class Connection:
         "_ending",
         "_expiry_timer",
         "_inflight",
+        "_publish_waiter",
         "_refreshing",
         "_subscribing",
         "auth",
@@ -145,7 +146,9 @@ class Connection:
         self.push_frame = self.outbox.push
         self.state = SessionState(codec, node.limits, time.monotonic())
         self._expiry_timer: asyncio.TimerHandle | None = None
-        self._inflight: set[asyncio.Task[None]] | None = None
+        self._inflight = 0  # pipelined publishes not answered yet
+        # Resolved (and dropped) by the next answer, for whoever waits for fewer in flight.
+        self._publish_waiter: asyncio.Future[None] | None = None
         self._ending: asyncio.Task[None] | None = None
         self._refreshing: asyncio.Task[None] | None = None
         self._subscribing: set[str] | None = None  # channels whose subscribe is under way
@@ -389,8 +392,7 @@ class Connection:
 
     async def _after_publishes(self, command: cmd.Command) -> None:
         """Run `command` once the publishes sent before it completed, so that it sees them."""
-        if self._inflight:
-            await asyncio.wait(self._inflight)
+        await self._publishes_below(1)
         await self.execute(command)
 
     def _pong(self, command: cmd.Ping) -> None:
@@ -425,23 +427,64 @@ class Connection:
             raise PermissionDenied(f"{channel} is private: subscribe (with its token) first")
         return options
 
-    async def _pipeline(self, command: cmd.Publish) -> None:
-        """Run a publish without waiting for it before reading the next command.
+    def _pipeline(self, command: cmd.Publish) -> Coroutine[Any, Any, None] | None:
+        """Start a publish without waiting for it before reading the next command.
 
         A store that commits in groups (SQLite) then stores a client's burst
         in one commit, and its fan-out leaves in one write per subscriber,
-        instead of one commit and one write per message. Order is kept: each
-        task reaches `HistoryStore.append` in creation order, and appends
-        complete in call order.
+        instead of one commit and one write per message. Order is kept: the
+        engine stores publishes in call order and completes them in that
+        order. No task, coroutine or future per publish (`Node.publish_then`):
+        the reply is sent from the engine's completion callback. Returns what
+        the caller must await first only when too many are in flight.
         """
-        inflight = self._inflight
-        if inflight is None:
-            inflight = self._inflight = set()
-        if len(inflight) >= MAX_INFLIGHT_PUBLISHES:
-            await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-        task = asyncio.get_running_loop().create_task(self.execute(command))
-        inflight.add(task)
-        task.add_done_callback(inflight.discard)
+        if self._inflight >= MAX_INFLIGHT_PUBLISHES:
+            return self._pipeline_later(command)
+        try:
+            self._check_publish(command.channel)
+            self.node.publish_then(
+                command.channel,
+                command.data,
+                raw=command.raw,
+                client=self.client_id,
+                user=self.user,
+                key=command.idempotency_key,
+                then=lambda outcome: self._published(command, outcome),
+            )
+        except Exception as exc:
+            self._failed(command, exc)
+        else:
+            self._inflight += 1
+        return None
+
+    async def _pipeline_later(self, command: cmd.Publish) -> None:
+        """`_pipeline` once fewer than `MAX_INFLIGHT_PUBLISHES` are in flight."""
+        await self._publishes_below(MAX_INFLIGHT_PUBLISHES)
+        self._pipeline(command)
+
+    def _published(
+        self, command: cmd.Publish, outcome: Publication | Duplicate | Exception
+    ) -> None:
+        """A pipelined publish completed: answer it (on the loop, in completion order)."""
+        self._inflight -= 1
+        waiting = self._publish_waiter
+        if waiting is not None:
+            self._publish_waiter = None
+            if not waiting.done():
+                waiting.set_result(None)
+        if isinstance(outcome, Exception):
+            self._failed(command, outcome)
+        elif command.id is not None:
+            self.send(cmd.reply(command.id, published(outcome)))
+
+    async def _publishes_below(self, limit: int) -> None:
+        """Return once fewer than `limit` pipelined publishes are in flight (1: none)."""
+        while self._inflight >= limit:
+            waiting = self._publish_waiter
+            if waiting is None:
+                waiting = self._publish_waiter = asyncio.get_running_loop().create_future()
+            # Shielded: a waiter cancelled must not cancel what the others wait for.
+            await asyncio.shield(waiting)
 
     async def execute(self, command: cmd.Command, *, granted: bool = False) -> None:
         """Run one validated command and answer it (`granted`: made by the server)."""
@@ -742,9 +785,8 @@ class Connection:
             self._expiry_timer.cancel()
         if self._refreshing is not None:
             self._refreshing.cancel()
-        if self._inflight:
-            # Accepted publishes still finish: stored, fanned out, answered.
-            await asyncio.wait(self._inflight)
+        # Accepted publishes still finish: stored, fanned out, answered.
+        await self._publishes_below(1)
         if self._ending is not None:
             await self._ending
         await self._end_subscriptions()

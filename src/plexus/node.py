@@ -16,7 +16,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -301,6 +301,35 @@ class Node:
         result = await self.broker.publish(pub, space.retention, key)
         self._published(started)
         return result
+
+    def publish_then(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        raw: bytes | None = None,
+        client: str | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        then: Callable[[Publication | Duplicate | Exception], None],
+    ) -> None:
+        """`publish`, started now: `then` is called on the loop, after this returns,
+        with what `publish` would return or raise (see `Broker.publish_then`).
+
+        For a caller that only acts on the outcome (a connection answering its
+        pipelined publishes): no coroutine, no task and no future per message.
+        Calls made one after the other are stored in call order.
+        """
+        space = self.space(channel)
+        started = time.perf_counter()
+        pub = Publication(channel, data, 0, "", now_ms(), client, user, raw=raw)
+
+        def done(outcome: Publication | Duplicate | Exception) -> None:
+            if not isinstance(outcome, Exception):
+                self._published(started)
+            then(outcome)
+
+        self.broker.publish_then(pub, space.retention, key, done)
 
     def _published(self, started: float) -> None:
         self.counters.published += 1

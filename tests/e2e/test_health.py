@@ -11,7 +11,7 @@ import pytest
 
 from plexus.app import Server
 from plexus.client import Client, PlexusClientError
-from plexus.engines import sqlite as sqlite_engine
+from plexus.engines.sqlite.writer import Writer
 from tests.conftest import ServerFactory
 from tests.helpers import TIMEOUT, api_post, wait_for
 
@@ -92,7 +92,7 @@ async def test_a_full_disk_makes_publishes_unavailable_and_not_ready(
     # The page quota is set by the writer thread itself (the connection is its own):
     # FULL = no page beyond those in use, None = no quota.
     quota: list[str | None] = [None]
-    real_run_batch = sqlite_engine._Writer.run_batch
+    real_run_batch = Writer.run_batch
 
     def run_batch(writer: Any, jobs: list[Any]) -> list[Any]:
         conn = writer.connect()
@@ -104,7 +104,7 @@ async def test_a_full_disk_makes_publishes_unavailable_and_not_ready(
         result: list[Any] = real_run_batch(writer, jobs)
         return result
 
-    monkeypatch.setattr(sqlite_engine._Writer, "run_batch", run_batch)
+    monkeypatch.setattr(Writer, "run_batch", run_batch)
     server = await make_server(engine="sqlite", data_dir=str(tmp_path / "data"))
     channel = "chat:disk"
     async with Client(server.ws_url, timeout=TIMEOUT) as client:
@@ -167,9 +167,12 @@ async def test_health_state_counts_what_the_server_holds(
     async with Client(server.ws_url, timeout=TIMEOUT) as client:
         await client.subscribe("chat:room")
         await client.subscribe("plain")
-        # A read goes through SQLite's writer after the subscribes' bookkeeping
-        # (queued, not awaited), so what the state shows is settled.
-        await client.history("chat:room", limit=0)
+        if engine == "sqlite":
+            # Its writer thread applies each subscription's pin after the reply
+            # (queued, not awaited): wait until it has both.
+            server_node = server.node
+            assert server_node is not None
+            await wait_for(lambda: server_node.engine_state().get("pinned") == 2)
         _, during = await get(server, "/health")
         node, held = during["state"]["node"], during["state"]["engine"]
         assert (node["peers"], node["hub_channels"], node["joined"]) == (1, 2, 2)

@@ -265,6 +265,39 @@ async def test_inline_for_tells_whether_publish_nowait_works(
         assert offsets((await engine.history.read(CH)).publications) == [1, 2]
 
 
+@pytest.mark.parametrize("retention", RETENTIONS)
+async def test_publish_then_is_publish_started_now(engine: Harness, retention: Retention) -> None:
+    """Publishes started one after the other store in call order; each callback is
+    called once, later, with what `publish` returns, or with what it raises."""
+    await engine.broker.subscribe(CH)
+    loop = asyncio.get_running_loop()
+    called: list[asyncio.Future[Publication | Duplicate | Exception]] = []
+    for n in range(5):
+        called.append(loop.create_future())
+        pub = message({"n": n}, T0 + n)
+        engine.broker.publish_then(pub, retention, f"k{n % 3}", called[-1].set_result)
+    assert not any(future.done() for future in called)  # never from within the call
+    outcomes = await asyncio.wait_for(asyncio.gather(*called), TIMEOUT)
+    first = outcomes[0]
+    assert isinstance(first, Publication)
+    assert outcomes == [
+        *(Publication(CH, {"n": n}, n + 1, first.epoch, T0 + n) for n in range(3)),
+        Duplicate(1, first.epoch),
+        Duplicate(2, first.epoch),
+    ]
+    await engine.sink.wait_for(lambda: len(engine.sink.of(CH)) >= 3)
+    assert engine.sink.of(CH) == outcomes[:3]
+    assert await engine.history.position(CH) == StreamPosition(3, first.epoch)
+    engine.requires("counts_channels")
+    full = Retention(retention.size, max_channels=1, namespace="full")
+    for channel in ("full:a", "full:b"):
+        await engine.broker.subscribe(channel)  # without history, only these hold state
+    await publish(engine, "a", channel="full:a", retention=full)
+    refused: asyncio.Future[Publication | Duplicate | Exception] = loop.create_future()
+    engine.broker.publish_then(message("b", channel="full:b"), full, None, refused.set_result)
+    assert isinstance(await asyncio.wait_for(refused, TIMEOUT), Unavailable)
+
+
 # -- channel state bounds ------------------------------------------------------
 
 

@@ -21,10 +21,11 @@ from typing import Any
 import msgpack
 import pytest
 
-from plexus.engines import sqlite as sqlite_module
 from plexus.engines.base import Retention
 from plexus.engines.memory import now_ms
 from plexus.engines.sqlite import SqliteBroker
+from plexus.engines.sqlite import schema as sqlite_schema
+from plexus.engines.sqlite import writer as sqlite_writer
 from plexus.exceptions import Unavailable
 from plexus.models import ClientInfo, Presence, Publication, StreamPosition
 from tests.engines.conftest import ENGINES
@@ -409,13 +410,13 @@ async def test_an_unclean_shutdown_before_a_reboot_renews_epochs(
 def test_the_boot_id_is_empty_where_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
     known = Path("/proc/sys/kernel/random/boot_id")
     if known.exists():
-        assert sqlite_module._boot_id() == known.read_text().strip()
+        assert sqlite_schema.boot_id() == known.read_text().strip()
 
     def unreadable(self: Path, *args: Any, **kwargs: Any) -> str:
         raise PermissionError(str(self))
 
     monkeypatch.setattr(Path, "read_text", unreadable)
-    assert sqlite_module._boot_id() == ""
+    assert sqlite_schema.boot_id() == ""
 
 
 _V1_SCHEMA = """
@@ -496,7 +497,7 @@ async def test_a_version_1_database_is_migrated(
         await store.close()
     after = now_ms()
     with database(file) as db:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
         channels = {
             row[0]: row[1:]
             for row in db.execute("SELECT channel, namespace, expires_ms FROM channels")
@@ -505,7 +506,7 @@ async def test_a_version_1_database_is_migrated(
             "SELECT data FROM messages WHERE channel = 'chat:forever' AND \"offset\" = 2"
         ).fetchone()[0]
         columns = [row[1] for row in db.execute("PRAGMA table_info(channels)")]
-    assert caplog.messages == ["history: migrated 4 messages to schema 2"]
+    assert caplog.messages == ["history: migrated 4 messages to schema 3"]
     assert columns == ["channel", "epoch", "top_offset", "updated_ms", "expires_ms", "namespace"]
     assert channels["chat:forever"] == ("chat", None)  # its messages never expire
     assert channels["news:soon"] == ("news", before + 60_000 + GRACE_MS)
@@ -574,7 +575,7 @@ async def test_failures_are_logged_once_per_interval(
 async def test_each_failure_is_counted(
     engine: Harness, gate: CommitGate, caplog: pytest.LogCaptureFixture, monkeypatch: Any
 ) -> None:
-    monkeypatch.setattr(sqlite_module, "ERROR_LOG_INTERVAL", -1.0)  # log every one
+    monkeypatch.setattr(sqlite_writer, "ERROR_LOG_INTERVAL", -1.0)  # log every one
     caplog.set_level(logging.WARNING, logger="plexus.engines.sqlite")
     for n in range(2):
         gate.fail = sqlite3.OperationalError("disk full")
@@ -622,7 +623,7 @@ async def test_the_durability_mode_is_the_connections_and_marked(engine: Harness
 
     store.before_commit = look
     await publish(engine, "a")
-    assert seen == [({"NORMAL": 1, "FULL": 2}[mode], f"{sqlite_module._boot_id()} {mode}")]
+    assert seen == [({"NORMAL": 1, "FULL": 2}[mode], f"{sqlite_schema.boot_id()} {mode}")]
 
 
 def test_a_bad_durability_mode_is_refused(tmp_path: Path) -> None:

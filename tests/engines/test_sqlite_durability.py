@@ -23,7 +23,7 @@ from plexus.engines.base import Retention
 from plexus.engines.sqlite import SqliteBroker
 from plexus.models import Publication
 
-RETENTION = Retention(size=1_000_000)
+RETENTION = Retention(size=int(sys.argv[2]))
 
 async def one(broker, n):
     pub = Publication("chat:d", {"n": n, "b": bytes([n % 256])}, 0, "", 1_764_129_600_000 + n)
@@ -45,12 +45,12 @@ asyncio.run(main())
 ACKNOWLEDGED_BEFORE_KILL = 400
 
 
-def run_and_kill(data_dir: Path) -> list[tuple[int, str]]:
+def run_and_kill(data_dir: Path, size: int = 1_000_000) -> list[tuple[int, str]]:
     """Run the child until it acknowledged enough publishes, SIGKILL it, return all it printed."""
     env = dict(os.environ)
     src = str(Path(plexus.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-    command = [sys.executable, "-c", CHILD, str(data_dir)]
+    command = [sys.executable, "-c", CHILD, str(data_dir), str(size)]
     lines: list[str] = []
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
@@ -97,5 +97,26 @@ async def test_acknowledged_publishes_survive_kill_9(tmp_path: Path) -> None:
         following = await broker.publish(message("after", channel="chat:d"), keep(10))
         assert isinstance(following, Publication)
         assert following.offset == position.offset + 1
+    finally:
+        await broker.close()
+
+
+async def test_a_crash_leaves_the_journal_to_the_next_open(tmp_path: Path) -> None:
+    """Killed between two moves of its journal, the store moves it at the next
+    open, trimmed to the retention the messages were published with."""
+    size = 5
+    acknowledged = await asyncio.wait_for(
+        asyncio.to_thread(run_and_kill, tmp_path, size), 3 * TIMEOUT
+    )
+    printed = sorted(offset for offset, _ in acknowledged)
+    broker = SqliteBroker(tmp_path)
+    try:
+        top = (await broker.position("chat:d")).offset
+        assert top >= printed[-1]
+        page = await broker.read("chat:d", since=0)
+        assert [p.offset for p in page.publications] == list(range(top - size + 1, top + 1))
+        assert [p.data for p in page.publications] == [
+            {"n": n, "b": bytes([n % 256])} for n in range(top - size, top)
+        ]
     finally:
         await broker.close()

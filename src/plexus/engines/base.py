@@ -9,7 +9,7 @@ contracts below.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -156,6 +156,23 @@ class Broker(Protocol):
         self, pub: Publication, retention: Retention, key: str | None = None
     ) -> Publication | Duplicate:
         """Store and deliver `pub` (its `offset` and `epoch` are filled in and it is returned)."""
+        ...
+
+    def publish_then(
+        self,
+        pub: Publication,
+        retention: Retention,
+        key: str | None,
+        then: Callable[[Publication | Duplicate | Exception], None],
+    ) -> None:
+        """`publish` started now: `then` is called once, on the loop and after this
+        returns, with what `publish` would return, or with what it would raise.
+
+        For callers that only act on the outcome (a connection answering its
+        pipelined publishes): no coroutine, no task and no future per message.
+        Calls made one after the other are stored in that order, as with
+        `publish`.
+        """
         ...
 
     def publish_nowait(

@@ -22,11 +22,11 @@ import itertools
 import secrets
 import time as _time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any, Final
 
 from plexus.engines.base import EventSink, Health, Retention
-from plexus.exceptions import Unavailable
+from plexus.exceptions import PlexusError, Unavailable
 from plexus.models import ClientInfo, Duplicate, HistoryPage, Presence, Publication, StreamPosition
 from plexus.supervisor import Supervisor
 
@@ -232,6 +232,21 @@ class MemoryBroker:
     ) -> Publication | Duplicate:
         """See `Broker.publish`; never suspends here."""
         return self.publish_nowait(pub, retention, key)
+
+    def publish_then(
+        self,
+        pub: Publication,
+        retention: Retention,
+        key: str | None,
+        then: Callable[[Publication | Duplicate | Exception], None],
+    ) -> None:
+        """See `Broker.publish_then`: done now, `then` called soon."""
+        outcome: Publication | Duplicate | Exception
+        try:
+            outcome = self.publish_nowait(pub, retention, key)
+        except PlexusError as exc:
+            outcome = exc
+        asyncio.get_running_loop().call_soon(then, outcome)
 
     def publish_nowait(
         self, pub: Publication, retention: Retention, key: str | None = None

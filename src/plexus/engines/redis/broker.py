@@ -21,7 +21,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -269,6 +269,29 @@ class RedisBroker:
                 lost connection may hide a publish that happened: retry with
                 the same idempotency key to be sure).
         """
+        return await self._start(pub, retention, key)
+
+    def publish_then(
+        self,
+        pub: Publication,
+        retention: Retention,
+        key: str | None,
+        then: Callable[[Publication | Duplicate | Exception], None],
+    ) -> None:
+        """`publish` started now: see `Broker.publish_then`."""
+
+        def done(future: asyncio.Future[Publication | Duplicate]) -> None:
+            error = future.exception()  # only ever Unavailable (nobody cancels it)
+            if error is None:
+                then(future.result())
+            else:
+                then(error if isinstance(error, Exception) else Unavailable(repr(error)))
+
+        self._start(pub, retention, key).add_done_callback(done)
+
+    def _start(
+        self, pub: Publication, retention: Retention, key: str | None
+    ) -> asyncio.Future[Publication | Duplicate]:
         shard = self.shard(pub.channel)
         pub.raw  # noqa: B018 - encoded now, in call order, not in the batch
         future: asyncio.Future[Publication | Duplicate] = asyncio.get_running_loop().create_future()
@@ -276,7 +299,7 @@ class RedisBroker:
         if not shard.sending:
             shard.sending = True
             asyncio.get_running_loop().create_task(self._send_batches(shard))
-        return await future
+        return future
 
     async def _send_batches(self, shard: Shard) -> None:
         try:

@@ -1,0 +1,583 @@
+"""The writer thread: owns the only connection, runs queued jobs in group commits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from plexus.engines.base import Retention
+from plexus.engines.memory import new_epoch, now_ms
+from plexus.engines.sqlite.jobs import (
+    NO_STREAM,
+    Append,
+    Job,
+    Pin,
+    Position,
+    Positions,
+    Read,
+    Refused,
+    Row,
+    Sweep,
+    Top,
+)
+from plexus.engines.sqlite.schema import (
+    JOURNAL_CHUNK,
+    JOURNAL_STATE,
+    MOVE,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SELECT,
+    boot_id,
+    count_namespaces,
+    journal_insert,
+    migrate,
+)
+from plexus.exceptions import Unavailable
+from plexus.models import Duplicate, Publication, StreamPosition
+
+if TYPE_CHECKING:
+    from plexus.engines.sqlite.broker import SqliteBroker
+
+logger = logging.getLogger("plexus.engines.sqlite")
+
+SWEEP_BATCH: Final = 10_000  # bounds how long one sweep holds up the appends queued behind it
+ERROR_LOG_INTERVAL: Final = 5.0
+# The journal moves into `messages` once it holds this many rows or payload
+# bytes: more rows per move share more of its page writes (several messages
+# of each channel per index page), fewer bound the pause of the batch that
+# moves (2-3 us per row: a few ms) and the replay after a crash.
+MOVE_ROWS: Final = 1024
+MOVE_BYTES: Final = 4 << 20
+# Seconds without jobs after which the journal is moved anyway.
+IDLE_MOVE: Final = 1.0
+
+
+@dataclass(slots=True)
+class Pending:
+    """A channel's rows in the journal, not yet moved into `messages`."""
+
+    offset: int  # of its newest
+    time: int  # of its newest
+    forget: int | None  # the channel's `expires_ms` once they are moved
+    size: int  # the retention they are trimmed to
+    max_bytes: int
+    bytes: int  # their payload bytes
+
+
+@dataclass(slots=True)  # attributes read per message: no instance dict
+class Writer:
+    """The writer thread: owns the connection and each channel's top position.
+
+    An append commits one row in `journal` (a table without index, so a
+    batch's rows fill a few pages whatever their channels) rather than in
+    `messages` (whose index gives each channel of the batch a page of its
+    own to write). The journal moves into `messages` in one statement once it
+    is big enough, when idle, before a read of a channel it holds, before a
+    sweep and at close; the move also trims each channel to its retention and
+    writes its row in `channels`. So every read sees what a trim at each
+    append would leave, and a restart moves what a crash left in the journal
+    before anything else.
+    """
+
+    file: Path
+    synchronous: str
+    busy_timeout: float
+    conn: sqlite3.Connection | None = None
+    tops: dict[str, Top] = field(default_factory=dict)  # committed, or written by this batch
+    counts: Counter[str] = field(default_factory=Counter)  # channels per namespace
+    pinned: set[str] = field(default_factory=set)  # channels a local client subscribes to
+    grace_ms: int = 300_000
+    # The journal: channels with rows there, and rows and payload bytes in all.
+    journal: dict[str, Pending] = field(default_factory=dict)
+    journal_rows: int = 0
+    journal_bytes: int = 0
+    # Rows of the batch under way, written to the journal in one INSERT per 64.
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+    # The journal's state above is not known (at open, after a failed batch):
+    # the next transaction reads it from the database and moves the journal.
+    replay: bool = True
+    failures: int = 0
+    logged_at: float = -1e9
+    taken: int = 0  # jobs taken from `jobs` so far (see SqliteBroker.pending)
+    # Lists of jobs, one per hand-over from the loop (None = stop).
+    jobs: queue.SimpleQueue[list[Job] | None] = field(default_factory=queue.SimpleQueue)
+    before_commit: Callable[[list[Publication]], None] | None = None  # see SqliteBroker
+
+    def run(self, loop: asyncio.AbstractEventLoop, store: SqliteBroker) -> None:
+        """Thread body: run batches until the stop mark, then close the database.
+
+        However it ends, the store hears of it (`_stopped_now`): even a thread
+        ended by an exception that is not an `Exception` leaves no caller waiting.
+        """
+        try:
+            self._serve(loop, store)
+        finally:
+            call_soon(loop, store._stopped_now)
+
+    def _serve(self, loop: asyncio.AbstractEventLoop, store: SqliteBroker) -> None:
+        stop = False
+        while not stop:
+            try:
+                items = [self.jobs.get(timeout=IDLE_MOVE if self.journal else None)]
+            except queue.Empty:
+                self._settle_quietly()
+                continue
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    items.append(self.jobs.get_nowait())
+            # `close()` refuses new jobs before it queues the stop mark, so it is last.
+            stop = items[-1] is None
+            batch = [job for jobs in items if jobs is not None for job in jobs]
+            self.taken += len(batch)
+            if not batch:
+                continue
+            try:
+                results = self.run_batch(batch)
+            except BaseException as exc:  # supervised: each caller of the batch hears of it
+                self.failures += 1
+                if not isinstance(exc, sqlite3.Error | OSError):
+                    logger.exception("history: unexpected failure in %s", self.file)
+                elif time.monotonic() - self.logged_at > ERROR_LOG_INTERVAL:
+                    # A full disk fails every batch: one line now and then, not thousands.
+                    self.logged_at = time.monotonic()
+                    logger.warning(
+                        "history: %s failed: %s (%d failed batches so far)",
+                        self.file,
+                        exc,
+                        self.failures,
+                    )
+                call_soon(loop, store._fail, batch, exc)
+                if not isinstance(exc, Exception):
+                    raise  # SystemExit and the like end the thread; `health` shows it
+            else:
+                call_soon(loop, store._deliver, batch, results)
+        self.shutdown()
+
+    def _settle_quietly(self) -> None:
+        """Move the journal while nothing else is asked; a failure is logged, and the
+        journal is moved again later (a rolled-back move loses nothing)."""
+        try:
+            self.settle()
+        except Exception as exc:
+            self.failures += 1
+            logger.warning("history: moving the journal of %s failed: %s", self.file, exc)
+
+    def settle(self) -> None:
+        """Move the journal into `messages` in a transaction of its own."""
+        conn = self.connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._move(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            self._abort()
+            raise
+
+    def connect(self) -> sqlite3.Connection:
+        if self.conn is not None:
+            return self.conn
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            self.file,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            # A journal INSERT for each row count up to 64, and the others.
+            cached_statements=JOURNAL_CHUNK + 64,
+        )
+        try:
+            # Exclusive: a second process must not hand out this one's offsets.
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise sqlite3.OperationalError(f"cannot enable WAL mode (got {mode!r})")
+            migrate(conn)
+            conn.executescript(SCHEMA)
+            self._mark_running(conn)
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            self.counts = count_namespaces(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self.conn = conn
+        return conn
+
+    def _mark_running(self, conn: sqlite3.Connection) -> None:
+        # Fsynced whatever the mode: were this commit lost to a power failure,
+        # so would be all later ones, and the next open could not tell.
+        conn.execute("PRAGMA synchronous=FULL")
+        boot = boot_id()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'running'").fetchone()
+            if row is not None:
+                last_boot, _, last_sync = str(row[0]).partition(" ")
+                if last_sync != "FULL" and (not boot or last_boot != boot):
+                    conn.execute("UPDATE channels SET epoch = ?", (new_epoch(),))
+                    logger.warning(
+                        "history: %s was not closed before a reboot and may have lost"
+                        " recent messages: every channel gets a new epoch",
+                        self.file,
+                    )
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('running', ?)",
+                (f"{boot} {self.synchronous}",),
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,)
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def shutdown(self) -> None:
+        if self.conn is None:
+            return
+        self._settle_quietly()  # or else the next open moves it
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        try:
+            conn.execute("DELETE FROM meta WHERE key = 'running'")
+            conn.close()
+        except sqlite3.Error:
+            logger.exception("history: could not close %s cleanly", self.file)
+
+    def run_batch(self, jobs: list[Job]) -> list[Any]:
+        """Execute `jobs` in one transaction and return one result per job."""
+        conn = self.connect()
+        results: list[Any] | None = None
+        try:
+            if not conn.in_transaction and self._plain(jobs):
+                # These run no statement of their own: their rows go in one
+                # INSERT that is its own transaction, rather than in BEGIN,
+                # INSERT and COMMIT. Each statement releases the GIL twice, and
+                # each release can cost a switch to the event loop and back.
+                results = [self._append(conn, job) for job in jobs if isinstance(job, Append)]
+                if not self._move_due():
+                    self._write_rows(conn)
+                    return results
+            conn.execute("BEGIN IMMEDIATE")
+            if results is None:
+                if self.replay:
+                    self._move(conn)
+                results = [self._run(conn, job) for job in jobs]
+            if self._move_due():
+                self._move(conn)
+            else:
+                self._write_rows(conn)
+            hook = self.before_commit
+            if hook is not None:
+                hook([job.pub for job in jobs if isinstance(job, Append)])
+            conn.execute("COMMIT")
+        except BaseException:
+            self._abort()
+            raise
+        return results
+
+    def _move_due(self) -> bool:
+        return self.journal_rows >= MOVE_ROWS or self.journal_bytes >= MOVE_BYTES
+
+    def _plain(self, jobs: list[Job]) -> bool:
+        """Whether `jobs` are appends that run no statement before their rows are
+        written, few enough for one INSERT, with nothing to hold before COMMIT."""
+        if self.before_commit is not None or self.replay or len(jobs) > JOURNAL_CHUNK:
+            return False
+        tops = self.tops
+        for job in jobs:
+            if type(job) is not Append or job.key is not None or job.pub.channel not in tops:
+                return False
+        return True
+
+    def _run(self, conn: sqlite3.Connection, job: Job) -> Any:
+        if isinstance(job, Append):
+            try:
+                return self._append(conn, job)
+            except Unavailable as exc:
+                return Refused(exc)
+        if isinstance(job, Read):
+            return self._read(conn, job)
+        if isinstance(job, Position):
+            try:
+                top = self._channel(conn, job.channel, job.create)
+            except Unavailable as exc:
+                return Refused(exc)
+            return StreamPosition(top.offset, top.epoch) if top else NO_STREAM
+        if isinstance(job, Positions):
+            found: dict[str, StreamPosition] = {}
+            for channel in job.channels:
+                top = self._channel(conn, channel, None)
+                found[channel] = StreamPosition(top.offset, top.epoch) if top else NO_STREAM
+            return found
+        if isinstance(job, Pin):
+            self._pin(conn, job)
+            return None
+        if isinstance(job, Sweep):
+            return self._sweep(conn, job.now)
+        return None
+
+    def _abort(self) -> None:
+        self.tops.clear()  # it may hold offsets of the rolled-back batch
+        self.rows.clear()
+        self.replay = True  # the journal is back to its last commit
+        conn = self.conn
+        if conn is None or not conn.in_transaction:
+            return
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            self.conn = None  # a connection that cannot roll back is not trusted again
+            conn.close()
+        else:
+            # Namespace counts may hold channels of the rolled-back batch.
+            self.counts = count_namespaces(conn)
+
+    def _channel(
+        self, conn: sqlite3.Connection, channel: str, create: Retention | None
+    ) -> Top | None:
+        top = self.tops.get(channel)
+        if top is not None:
+            return top
+        sql = "SELECT top_offset, epoch FROM channels WHERE channel = ?"
+        row = conn.execute(sql, (channel,)).fetchone()
+        if row is not None:
+            top = self.tops[channel] = Top(int(row[0]), str(row[1]))
+            return top
+        if create is None:
+            return None
+        namespace = create.namespace
+        if create.max_channels and self.counts[namespace] >= create.max_channels:
+            raise Unavailable(
+                f"namespace {namespace or 'default'} holds its maximum of"
+                f" {create.max_channels} channels: try again later"
+            )
+        now = now_ms()
+        top = Top(0, new_epoch(), 0)
+        conn.execute(
+            "INSERT INTO channels (channel, epoch, top_offset, updated_ms, expires_ms, namespace)"
+            " VALUES (?, ?, 0, ?, ?, ?)",
+            (channel, top.epoch, now, now + self.grace_ms, namespace),
+        )
+        self.counts[namespace] += 1
+        self.tops[channel] = top
+        return top
+
+    def _append(self, conn: sqlite3.Connection, job: Append) -> Publication | Duplicate:
+        pub, retention = job.pub, job.retention
+        channel = pub.channel
+        if job.key is not None:
+            row = conn.execute(
+                'SELECT "offset", epoch FROM idempotency WHERE channel = ? AND key = ?'
+                " AND expires > ?",
+                (channel, job.key, pub.time),
+            ).fetchone()
+            if row is not None:
+                return Duplicate(int(row[0]), str(row[1]))
+        top = self.tops.get(channel) or self._channel(conn, channel, retention)
+        assert top is not None  # created when missing
+        offset = top.offset = top.offset + 1
+        pub.offset, pub.epoch = offset, top.epoch
+        raw, at = pub.raw, pub.time
+        # Forgotten after its newest message expired (plus the grace), or never.
+        expires = forget = None
+        if retention.ttl > 0:
+            expires = at + round(retention.ttl * 1000)
+            forget = expires + self.grace_ms
+        size, max_bytes = retention.size, retention.max_bytes
+        self.rows.append((channel, offset, at, expires, pub.client, pub.user, raw, size, max_bytes))
+        pending = self.journal.get(channel)
+        if pending is None:
+            self.journal[channel] = Pending(offset, at, forget, size, max_bytes, len(raw))
+        else:
+            pending.offset, pending.time, pending.forget = offset, at, forget
+            pending.size, pending.max_bytes = size, max_bytes
+            pending.bytes += len(raw)
+        self.journal_rows += 1
+        self.journal_bytes += len(raw)
+        if job.key is not None:
+            conn.execute(
+                'INSERT OR REPLACE INTO idempotency (channel, key, "offset", epoch, expires)'
+                " VALUES (?, ?, ?, ?, ?)",
+                (channel, job.key, offset, top.epoch, at + job.idempotency_ttl),
+            )
+        return pub
+
+    def _write_rows(self, conn: sqlite3.Connection) -> None:
+        """Write the batch's rows to the journal: one INSERT per 64 rows."""
+        rows = self.rows
+        start, end = 0, len(rows)
+        while start < end:
+            count = min(JOURNAL_CHUNK, end - start)
+            chunk = rows[start : start + count]
+            conn.execute(journal_insert(count), [value for row in chunk for value in row])
+            start += count
+        rows.clear()
+
+    def _move(self, conn: sqlite3.Connection) -> None:
+        """Move the journal into `messages`, trim its channels, write their `channels` rows."""
+        if self.replay:
+            self._read_journal(conn)
+        else:
+            self._write_rows(conn)
+        journal = self.journal
+        if not journal:
+            return
+        conn.execute(MOVE)
+        conn.execute("DELETE FROM journal")
+        conn.executemany(
+            "UPDATE channels SET top_offset = ?, updated_ms = ?, expires_ms = ? WHERE channel = ?",
+            [(p.offset, p.time, p.forget, channel) for channel, p in journal.items()],
+        )
+        # A range delete on the primary key per channel.
+        conn.executemany(
+            'DELETE FROM messages WHERE channel = ? AND "offset" <= ?',
+            [(channel, p.offset - p.size) for channel, p in journal.items() if p.offset > p.size],
+        )
+        for channel, p in journal.items():
+            if p.max_bytes or p.offset > p.size:
+                top = self.tops.get(channel) or self._channel(conn, channel, None)
+                assert top is not None  # its row is there: it has messages
+                if p.offset > p.size:
+                    top.bytes = None  # unknown again; recounted only if a byte limit needs it
+                if p.max_bytes:
+                    self._trim_bytes(conn, channel, top, p.bytes, p.offset, p.max_bytes)
+        journal.clear()
+        self.journal_rows = self.journal_bytes = 0
+
+    def _read_journal(self, conn: sqlite3.Connection) -> None:
+        """Learn what the journal holds from the database (its state in memory is lost)."""
+        self.rows.clear()
+        self.journal.clear()
+        self.journal_rows = self.journal_bytes = 0
+        for channel, offset, at, expires, size, max_bytes, rows, size_bytes in conn.execute(
+            JOURNAL_STATE
+        ):
+            forget = None if expires is None else int(expires) + self.grace_ms
+            self.journal[str(channel)] = Pending(
+                int(offset), int(at), forget, int(size), int(max_bytes), int(size_bytes)
+            )
+            self.journal_rows += int(rows)
+            self.journal_bytes += int(size_bytes)
+        self.replay = False
+
+    def _trim_bytes(
+        self, conn: sqlite3.Connection, channel: str, top: Top, added: int, offset: int, limit: int
+    ) -> None:
+        if top.bytes is None:
+            row = conn.execute(
+                "SELECT coalesce(sum(length(data)), 0) FROM messages WHERE channel = ?", (channel,)
+            ).fetchone()
+            top.bytes = int(row[0])
+        else:
+            top.bytes += added
+        while top.bytes > limit:
+            row = conn.execute(
+                'SELECT "offset", length(data) FROM messages WHERE channel = ?'
+                ' AND "offset" < ? ORDER BY "offset" LIMIT 1',
+                (channel, offset),
+            ).fetchone()
+            if row is None:
+                return  # only the newest message is left: it is kept
+            conn.execute(
+                'DELETE FROM messages WHERE channel = ? AND "offset" = ?', (channel, row[0])
+            )
+            top.bytes -= int(row[1])
+
+    def _read(self, conn: sqlite3.Connection, job: Read) -> tuple[StreamPosition, list[Row], bool]:
+        if job.channel in self.journal:
+            self._move(conn)
+        top = self._channel(conn, job.channel, None)
+        if top is None:
+            return NO_STREAM, [], False
+        position = StreamPosition(top.offset, top.epoch)
+        cursor = conn.execute(SELECT, (job.channel, job.since, job.now, job.limit))
+        if job.max_bytes is None:
+            return position, cursor.fetchall(), False
+        rows: list[Row] = []
+        budget = job.max_bytes
+        # With a limit, one row more than wanted is fetched only to tell which
+        # offset follows the page: it is not returned, so it spends no budget.
+        wanted = job.limit - 1 if job.limit >= 0 else -1
+        for row in cursor:
+            if len(rows) == wanted:
+                rows.append(row)
+                break
+            budget -= len(row[4])
+            if budget < 0:
+                return position, rows, True  # cut: the caller cannot have it all
+            rows.append(row)
+        return position, rows, False
+
+    def _pin(self, conn: sqlite3.Connection, job: Pin) -> None:
+        if job.on:
+            self.pinned.add(job.channel)
+            return
+        self.pinned.discard(job.channel)
+        # The channel outlives its last subscriber by the grace period at least.
+        kept = now_ms() + self.grace_ms
+        conn.execute(
+            "UPDATE channels SET expires_ms = max(expires_ms, ?)"
+            " WHERE channel = ? AND expires_ms IS NOT NULL",
+            (kept, job.channel),
+        )
+        pending = self.journal.get(job.channel)
+        if pending is not None and pending.forget is not None:
+            pending.forget = max(pending.forget, kept)  # what the move will write
+
+    def _sweep(self, conn: sqlite3.Connection, now: int) -> list[str]:
+        """Delete expired messages, idempotency keys and idle channels; return the channels."""
+        self._move(conn)  # the messages to delete, and the channels' expiry, are all in place
+        stale = conn.execute(
+            "SELECT DISTINCT channel FROM messages WHERE expires <= ? LIMIT ?", (now, SWEEP_BATCH)
+        ).fetchall()
+        conn.execute(
+            "DELETE FROM messages WHERE rowid IN"
+            " (SELECT rowid FROM messages WHERE expires <= ? LIMIT ?)",
+            (now, SWEEP_BATCH),
+        )
+        for (channel,) in stale:
+            top = self.tops.get(channel)
+            if top is not None:
+                top.bytes = None
+        conn.execute(
+            "DELETE FROM idempotency WHERE (channel, key) IN"
+            " (SELECT channel, key FROM idempotency WHERE expires <= ? LIMIT ?)",
+            (now, SWEEP_BATCH),
+        )
+        idle = [
+            (str(row[0]), str(row[1]))
+            for row in conn.execute(
+                "SELECT channel, namespace FROM channels WHERE expires_ms <= ? LIMIT ?",
+                (now, SWEEP_BATCH),
+            )
+        ]
+        gone: list[str] = []
+        for channel, namespace in idle:
+            if channel in self.pinned:
+                continue
+            conn.execute("DELETE FROM messages WHERE channel = ?", (channel,))
+            conn.execute("DELETE FROM idempotency WHERE channel = ?", (channel,))
+            conn.execute("DELETE FROM channels WHERE channel = ?", (channel,))
+            self.tops.pop(channel, None)
+            self.counts[namespace] -= 1
+            if self.counts[namespace] <= 0:
+                del self.counts[namespace]
+            gone.append(channel)
+        return gone
+
+
+def call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the loop was closed without closing the store
+        logger.warning("history: event loop closed while the store was open")
