@@ -1,4 +1,4 @@
-"""Assembly and lifespan: one port serving `/ws`, the chat app, `/health` and `/api/*`.
+"""Assembly and lifespan: one port serving `/ws`, `/sse`, the chat app, `/health` and `/api/*`.
 
 `Server` is also the embedding API: an asyncio application can run Plexus in
 its own event loop, register RPC handlers in Python and decide connections,
@@ -36,6 +36,7 @@ from plexus.transports.http_api import HttpApi
 from plexus.transports.lean import LeanListener
 from plexus.transports.link import Endpoint
 from plexus.transports.origin import origin_allowed
+from plexus.transports.sse import SseTransport
 
 log = logging.getLogger("plexus")
 
@@ -185,6 +186,7 @@ class Server:
         self._stopping: asyncio.Task[None] | None = None
         self.node: Node | None = None
         self.endpoint: Endpoint | None = None
+        self.sse: SseTransport | None = None
         self.admin: AdminSite | None = None
         self._runner: web.AppRunner | None = None
         # The listening socket is ours; aiohttp gets the requests it serves.
@@ -234,6 +236,8 @@ class Server:
         app.add_routes([web.get("/ws", self._upgrade)])
         if self.settings.echo_endpoint:
             app.add_routes([web.get("/echo", self._upgrade)])
+        if self.sse is not None:  # the SSE transport: `GET /sse` is taken back like `/ws`
+            app.add_routes([web.get("/sse", self._upgrade), *self.sse.routes()])
         app.add_routes(
             [
                 web.get("/health", self._health),
@@ -326,6 +330,7 @@ class Server:
         await self.node.start()
         self.endpoint = Endpoint(self.node, Authenticator.from_settings(settings))
         self.endpoint.start()
+        self.sse = SseTransport(self.endpoint)
         self._runner = web.AppRunner(
             self.build_app(),
             handle_signals=False,
@@ -360,7 +365,7 @@ class Server:
         def http() -> asyncio.Protocol:
             return _LingerEndsWithSocket(server())
 
-        self._lean = LeanListener(self.endpoint, http, tls=settings.tls)
+        self._lean = LeanListener(self.endpoint, http, tls=settings.tls, sse=self.sse)
         self._listener = await asyncio.get_running_loop().create_server(
             self._lean, sock=sock, ssl=self._ssl_context(), backlog=1024
         )

@@ -103,6 +103,7 @@ class Connection:
         "outbox",
         "push_frame",
         "remote",
+        "session",
         "state",
         "subscriptions",
         "user",
@@ -121,6 +122,7 @@ class Connection:
         credentials: Credentials | None = None,
         remote: str = "",
         handshake: Handshake | None = None,
+        session: str | None = None,
     ) -> None:
         settings = node.settings
         self.node = node
@@ -136,6 +138,8 @@ class Connection:
         # What the upgrade said that the application's calls pass on (None
         # when nothing asks the application).
         self.handshake = handshake
+        # The SSE transport's session id, told in `welcome` (None on a WebSocket).
+        self.session = session
         self.opened_at = time.time()
         self.last_seen = time.monotonic()
         self.close_code: int | None = None
@@ -266,7 +270,7 @@ class Connection:
         """The `welcome` message sent on open."""
         from plexus import SERVER_NAME
 
-        return {
+        welcome = {
             "type": "welcome",
             "client": self.client_id,
             "user": self.user,
@@ -275,6 +279,9 @@ class Connection:
             "ping_interval": self.node.settings.ping_interval,
             "max_message_size": self.node.settings.max_message_size,
         }
+        if self.session is not None:
+            welcome["session"] = self.session
+        return welcome
 
     # ----- token expiry
 

@@ -48,12 +48,14 @@ class Counters:
         "closes",
         "commands",
         "deliveries",
+        "emulation_posts",
         "errors",
         "gaps",
         "insufficient_state",
         "published",
         "repaired",
         "slow_consumers",
+        "sse_connections",
     )
 
     def __init__(self) -> None:
@@ -67,6 +69,9 @@ class Counters:
         self.insufficient_state = 0  # subscriptions told to resubscribe
         self.errors: Counter[str] = Counter()  # error answers by code
         self.closes: Counter[int] = Counter()  # connection ends by close code
+        self.sse_connections = 0  # open now over Server-Sent Events (the rest: WebSocket)
+        # `POST /emulation` by (HTTP status, route: local, forwarded or none)
+        self.emulation_posts: Counter[tuple[str, str]] = Counter()
 
 
 class LatencyHistogram:
@@ -238,6 +243,20 @@ class _Collector(Collector):
         for close_code, count in sorted(c.closes.items()):
             closes.add_metric([str(close_code)], count)
         yield closes
+        yield GaugeMetricFamily(
+            "plexus_sse_connections",
+            "Connections open over Server-Sent Events (counted in plexus_connections too).",
+            value=c.sse_connections,
+        )
+        posts = CounterMetricFamily(
+            "plexus_emulation_posts",
+            "POST /emulation requests by status, and how they reached the session"
+            " (local, forwarded to its node, or neither).",
+            labels=["status", "route"],
+        )
+        for key, count in sorted(c.emulation_posts.items()):
+            posts.add_metric(list(key), count)
+        yield posts
 
 
 class Metrics:

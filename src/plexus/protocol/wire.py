@@ -2,7 +2,7 @@
 
 A format pairs a codec (JSON or MessagePack: what a message's bytes are) with
 what surrounds those bytes on the wire: a WebSocket frame, a WebSocket frame
-compressed with permessage-deflate (RFC 7692), and later a Server-Sent Event.
+compressed with permessage-deflate (RFC 7692), or a Server-Sent Event.
 Every connection has one format, and fan-out builds each push once per format
 in use (`pushes.EncodedPush`), never once per subscriber: every subscriber of
 a format gets the same bytes object.
@@ -54,16 +54,23 @@ class WireFormat:
             message once per codec, then frames it once per format).
         ping: what the server-wide heartbeat sends to check the peer is there
             (a WebSocket ping), or None when the transport has no such frame.
+        checks_pong: whether a peer that sent nothing since the last `ping`
+            is closed as dead (a WebSocket answers pings by itself; an event
+            stream cannot answer its `: ping` comments, and a dead reader is
+            found by the write side: the output limit, or the socket's error).
     """
 
-    __slots__ = ("codec", "codec_index", "index", "name", "ping")
+    __slots__ = ("checks_pong", "codec", "codec_index", "index", "name", "ping")
 
-    def __init__(self, name: str, codec: Codec, *, ping: bytes | None = None) -> None:
+    def __init__(
+        self, name: str, codec: Codec, *, ping: bytes | None = None, checks_pong: bool = True
+    ) -> None:
         self.name = name
         self.codec = codec
         self.codec_index = CODECS.index(codec)
         self.index = -1
         self.ping = ping
+        self.checks_pong = checks_pong
 
     def use(self) -> None:
         """A subscriber of this format exists: pushes make room for its frames.
@@ -149,6 +156,30 @@ class DeflateFormat(WireFormat):
         return self.deflater.frame(payload, self.opcode)
 
 
+# The heartbeat of an event stream: a comment line, which every SSE reader skips.
+SSE_PING: Final = b": ping\n\n"
+
+
+class SseFormat(WireFormat):
+    """Each message as one Server-Sent Event: `data: <JSON>` and a blank line (JSON only).
+
+    The stream's heartbeat is a comment (`SSE_PING`) that nothing answers.
+    """
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__("json+sse", JSON, ping=SSE_PING, checks_pong=False)
+
+    def frame(self, payload: bytes) -> bytes:
+        if b"\n" in payload or b"\r" in payload:
+            # JSON holds a raw line break only as whitespace between tokens
+            # (orjson never writes one): one `data:` line per line, which the
+            # reader joins with "\n" again, still the same JSON.
+            payload = b"\ndata: ".join(payload.splitlines())
+        return b"data: " + payload + b"\n\n"
+
+
 FORMATS: Final[list[WireFormat]] = []
 # One more than the highest index of a format any subscriber used so far:
 # pushes size their frame cache to it (most servers use the first two).
@@ -171,6 +202,10 @@ def register(wire: WireFormat) -> WireFormat:
 
 JSON_WS: Final = register(WebSocketFormat(JSON))
 MSGPACK_WS: Final = register(WebSocketFormat(MSGPACK))
+# Before the compressed formats: a push's frame cache is as long as the
+# highest index in use, and an event stream's subscribers are more common than
+# those of the smaller windows.
+JSON_SSE: Final = register(SseFormat())
 # One deflater per window size, shared by the JSON and MessagePack formats of
 # that size (a message is compressed by one of them at a time).
 DEFLATERS: Final = {bits: Deflater(bits) for bits in DEFLATE_WINDOW_BITS}

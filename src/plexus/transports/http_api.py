@@ -69,6 +69,37 @@ def json_body(payload: dict[str, Any]) -> web.Response:
     return web.json_response(to_json_compatible(payload))
 
 
+async def read_body(request: web.Request, limit: int, timeout: float) -> bytes:
+    """The whole body, however many reads it takes, capped at `limit` bytes.
+
+    One `read(n)` returns what has arrived so far: a body sent in several
+    TCP segments would be cut. A body that stops coming is given up after
+    `timeout` seconds, so that it cannot hold the socket forever.
+
+    Raises:
+        TooLarge: the body is over `limit`.
+        RequestTimeout: it did not arrive whole in time.
+        BadRequest: the client went away or broke the chunked encoding.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"request body over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await request.content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise TooLarge(f"request body over {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"request body not received within {timeout:g} s") from None
+    except (ConnectionError, web.RequestPayloadError) as exc:
+        # The client went away, or broke the chunked encoding: nobody to tell.
+        raise BadRequest(f"request body incomplete: {exc}") from None
+    return b"".join(chunks)
+
+
 class HttpApi:
     """Handlers of `/api/*`, bound to one node."""
 
@@ -161,33 +192,8 @@ class HttpApi:
             raise PermissionDenied("no API key configured: the API accepts loopback callers only")
 
     async def _read_body(self, request: web.Request) -> bytes:
-        """The whole body, however many reads it takes, capped at `max_body_size`.
-
-        One `read(n)` returns what has arrived so far: a body sent in several
-        TCP segments would be cut. A body that stops coming is given up after
-        `http_request_timeout`, so that it cannot hold the socket forever.
-        """
         settings = self.settings
-        limit = settings.max_body_size
-        if request.content_length is not None and request.content_length > limit:
-            raise TooLarge(f"request body over {limit} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(settings.http_request_timeout):
-                while chunk := await request.content.readany():
-                    size += len(chunk)
-                    if size > limit:
-                        raise TooLarge(f"request body over {limit} bytes")
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise RequestTimeout(
-                f"request body not received within {settings.http_request_timeout:g} s"
-            ) from None
-        except (ConnectionError, web.RequestPayloadError) as exc:
-            # The client went away, or broke the chunked encoding: nobody to tell.
-            raise BadRequest(f"request body incomplete: {exc}") from None
-        return b"".join(chunks)
+        return await read_body(request, settings.max_body_size, settings.http_request_timeout)
 
     async def read_json(self, request: web.Request) -> dict[str, Any]:
         """The request's body as a JSON object (`max_body_size`, `http_request_timeout`).

@@ -3,8 +3,9 @@
 `LeanListener` is the protocol factory of the listening socket. Each new socket
 gets a `LeanProtocol`, which counts it against its address's
 `max_connections_per_ip` and buffers the request head (within
-`http_request_timeout`). A `GET /ws` (or `/echo`) upgrade stays here; any other
-request is handed to aiohttp untouched, with the bytes read so far, so the web
+`http_request_timeout`). A `GET /ws` (or `/echo`) upgrade stays here, and so
+does a `GET /sse`, whose socket becomes an event stream (`transports/sse.py`);
+any other request is handed to aiohttp untouched, with the bytes read so far, so the web
 app, `/health` and `/api/*` are served by aiohttp; the socket stays counted
 until it closes.
 
@@ -27,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 from http import HTTPStatus
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from aiohttp import web
 from websockets.extensions.permessage_deflate import (
@@ -52,6 +53,9 @@ from plexus.protocol.codes import CloseCode
 from plexus.protocol.wire import DeflateFormat, websocket_format
 from plexus.transports.frames import Failure, FrameReader, Inflater, max_fragments
 from plexus.transports.link import Endpoint, Link, Refusal, write_high_water
+
+if TYPE_CHECKING:
+    from plexus.transports.sse import SseTransport
 
 log = logging.getLogger("plexus.ws")
 # websockets logs every handshake at INFO: Plexus logs connections itself, so
@@ -131,10 +135,10 @@ class _Handed(asyncio.Protocol):
     def __init__(self, inner: asyncio.Protocol, endpoint: Endpoint, remote: str) -> None:
         self._inner = inner
         self._endpoint = endpoint
-        self._lean: LeanProtocol | None = None
+        self._lean: asyncio.Protocol | None = None
         self.remote = remote
 
-    def take_back(self, lean: LeanProtocol) -> None:
+    def take_back(self, lean: asyncio.Protocol) -> None:
         """Read for `lean` from now on (it takes over the socket's count too)."""
         self._lean = lean
 
@@ -172,6 +176,7 @@ class LeanListener:
         endpoint: the transport-neutral endpoint (admission, bookkeeping).
         http: aiohttp's protocol factory (`AppRunner.server`).
         tls: whether the socket serves TLS (the scheme the Origin check compares).
+        sse: the event streams' transport, which takes `GET /sse` (None: aiohttp's 404).
     """
 
     def __init__(
@@ -180,10 +185,12 @@ class LeanListener:
         http: Callable[[], asyncio.Protocol],
         *,
         tls: bool,
+        sse: SseTransport | None = None,
     ) -> None:
         settings = endpoint.settings
         self.endpoint = endpoint
         self.http = http
+        self.sse = sse
         self.scheme = "https" if tls else "http"
         # path -> whether it is the echo endpoint
         self.paths: dict[bytes, bool] = {b"/ws": False}
@@ -208,26 +215,27 @@ class LeanListener:
             else None
         )
         # Every socket not (yet) handed to aiohttp, for the shutdown.
-        self.protocols: set[LeanProtocol] = set()
+        self.protocols: set[Link] = set()
         self._endings: set[asyncio.Task[None]] = set()
 
     def __call__(self) -> LeanProtocol:
         return LeanProtocol(self)
 
     def upgrade(self, request: web.Request) -> web.StreamResponse:
-        """aiohttp's handler of `GET /ws` (and `/echo`): a request aiohttp was given.
+        """aiohttp's handler of `GET /ws` (and `/echo`, `/sse`): a request aiohttp was given.
 
-        An upgrade reaches aiohttp only on a keep-alive socket it already
-        served a request on: the socket is taken back and the upgrade done
-        here, as on a new socket (frames a client sent before the answer to
-        its upgrade would stay with aiohttp; clients wait for the answer).
-        Anything else is answered 426.
+        An upgrade (or a `GET /sse`) reaches aiohttp only on a keep-alive
+        socket it already served a request on: the socket is taken back and
+        the upgrade done here, as on a new socket (frames a client sent
+        before the answer to its upgrade would stay with aiohttp; clients
+        wait for the answer). Anything else is answered 426.
         """
         transport = request.transport
         handed = transport.get_protocol() if transport is not None else None
         echo = self.paths.get(request.path.encode())
-        upgrade = "websocket" in request.headers.get("Upgrade", "").lower()
-        if not upgrade or echo is None or not isinstance(handed, _Handed) or transport is None:
+        upgrade = "websocket" in request.headers.get("Upgrade", "").lower() and echo is not None
+        stream = request.path == "/sse" and self.sse is not None
+        if not (upgrade or stream) or not isinstance(handed, _Handed) or transport is None:
             return web.json_response(
                 {"error": {"code": "bad_request", "message": "a WebSocket endpoint: upgrade"}},
                 status=426,
@@ -336,6 +344,9 @@ class LeanProtocol(Link, asyncio.Protocol):
         if self._over_limit:
             self._refuse(_TOO_MANY)
             return
+        if self.listener.sse is not None and _target(head) == b"/sse":
+            self._stream(bytes(head[:end]))
+            return
         echo = self._route(bytes(head[:end]))
         if echo is None:
             self._hand_off()
@@ -407,6 +418,23 @@ class LeanProtocol(Link, asyncio.Protocol):
         handler.connection_made(transport)
         transport.set_protocol(_Handed(handler, listener.endpoint, self.remote))
         handler.data_received(data)
+
+    def _stream(self, head: bytes) -> None:
+        """`GET /sse`: the socket becomes an event stream, or is answered with a refusal."""
+        sse = self.listener.sse
+        assert sse is not None
+        self._head = None
+        self.stop_abort_timer()
+        transport = self.transport
+        stream = sse.open(self.listener, transport, self.remote, head)
+        if stream is None:
+            return  # refused: this protocol sees the socket to its end
+        self.listener.protocols.discard(self)
+        handed = transport.get_protocol()
+        if isinstance(handed, _Handed):  # taken back from aiohttp (`upgrade`)
+            handed.take_back(stream)
+        else:
+            transport.set_protocol(stream)
 
     def _refuse(self, refusal: Refusal, headers: Sequence[tuple[str, str]] = ()) -> None:
         """End the socket with an HTTP error instead of a WebSocket."""
@@ -658,6 +686,15 @@ class LeanProtocol(Link, asyncio.Protocol):
             await self.endpoint.finish(self)
         except Exception:  # nobody awaits this task: log here
             log.exception("cleanup of %s failed", self.conn.client_id)
+
+
+def _target(head: bytearray) -> bytes | None:
+    """The path (without query) of a `GET` request head; None for another method."""
+    line = head[: head.find(b"\r\n")]
+    parts = bytes(line).split(b" ")
+    if len(parts) != 3 or parts[0] != b"GET":
+        return None
+    return parts[1].split(b"?", 1)[0]
 
 
 def _refuse_token(transport: asyncio.Transport, refused: AuthError, remote: str) -> None:

@@ -1,8 +1,8 @@
 """What every transport shares: the `Link` and the `Endpoint`.
 
-A transport moves bytes between sockets and `Connection`s: today the
-WebSocket listener (`lean.py`); Server-Sent Events and an ASGI WebSocket are
-next, and must reuse `Connection` unchanged. What does not depend on the
+A transport moves bytes between sockets and `Connection`s: the WebSocket
+listener (`lean.py`) and Server-Sent Events (`sse.py`); an ASGI WebSocket is
+next, and must reuse `Connection` unchanged too. What does not depend on the
 transport lives here: the `Endpoint` (admission, bookkeeping, the server-wide
 heartbeat, the shutdown) and the `Link` (one connection's socket side, as the
 connection sees it: where its output goes and how it is closed).
@@ -160,8 +160,8 @@ class Endpoint:
                     conn.outbox.push(conn.wire.ping)
             await asyncio.sleep(settings.pong_timeout)
             for conn in list(self.connections):
-                # Only a transport with pings can answer them.
-                silent = conn.last_seen < sent_at and conn.wire.ping is not None
+                # Only a transport with pings can answer them (not an event stream).
+                silent = conn.last_seen < sent_at and conn.wire.checks_pong
                 if conn.close_code is None and silent:
                     log.info("client %s did not answer ping: closing", conn.client_id)
                     conn.close(CloseCode.POLICY_VIOLATION, "no pong")
@@ -226,13 +226,16 @@ class Endpoint:
         wire: WireFormat,
         credentials: Credentials | None,
         handshake: Handshake | None = None,
+        *,
+        session: str | None = None,
     ) -> Connection:
         """Make the connection of an accepted link, count it and greet it.
 
         When `conn.starting` (and not `link.echo`) the transport then awaits
         `conn.start()` before the peer's first message: the application's
         connect decision, which `welcome` waits for, and the server-side
-        subscriptions.
+        subscriptions. `session`: the id `welcome` gives a transport whose
+        commands come apart from its stream (SSE).
         """
         conn = Connection(
             self.node,
@@ -244,6 +247,7 @@ class Endpoint:
             credentials=credentials,
             remote=link.remote,
             handshake=handshake,
+            session=session,
         )
         link.conn = conn
         self.connections.add(conn)
