@@ -408,3 +408,109 @@ async def open_raw_ws(
     assert head.startswith(b"HTTP/1.1 101 "), head
     assert (await read_message(reader))["type"] == "welcome"
     return reader, writer
+
+
+# ----- the SSE transport, read raw
+
+
+class EventStream:
+    """A raw SSE client: `GET /sse` read event by event, commands sent as `POST /emulation`.
+
+    `post_url`: the node the POSTs go to (default: the stream's own), for
+    tests of forwarding between nodes.
+    """
+
+    def __init__(
+        self, http: aiohttp.ClientSession, url: str, *, post_url: str | None = None
+    ) -> None:
+        self.http = http
+        self.url = url
+        self.post_url = post_url or url
+        self.response: aiohttp.ClientResponse | None = None
+        self.welcome: dict[str, Any] = {}
+        self.pings = 0  # `: ping` comments read so far
+        self.ended = False
+
+    @property
+    def session(self) -> str:
+        return str(self.welcome["session"])
+
+    async def open(self, query: str = "", headers: Mapping[str, str] | None = None) -> Any:
+        """Open the stream and return its first event (the `welcome`, or a `close`)."""
+        self.response = await self.http.get(
+            f"{self.url}/sse{query}",
+            headers={"Accept": "text/event-stream", **(headers or {})},
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=TIMEOUT),
+        )
+        assert self.response.status == 200, await self.response.text()
+        assert self.response.headers["Content-Type"].startswith("text/event-stream")
+        first = await self.event()
+        if first is not None and first["type"] == "welcome":
+            self.welcome = first
+        return first
+
+    async def event(self, timeout: float = TIMEOUT, *, comments: bool = False) -> Any:
+        """The next event's message; None at the end.
+
+        Comments are counted in `pings`, and returned as `{"comment": TEXT}`
+        with `comments=True`.
+        """
+        assert self.response is not None
+        async with asyncio.timeout(timeout):
+            while True:
+                block = await self.response.content.readuntil(b"\n\n")
+                if not block.endswith(b"\n\n"):
+                    assert block == b"", f"the stream ended inside an event: {block!r}"
+                    self.ended = True
+                    return None
+                lines = block[:-2].split(b"\n")
+                data = [line[6:] if line.startswith(b"data: ") else line[5:] for line in lines
+                        if line.startswith(b"data:")]  # fmt: skip
+                if data:
+                    return orjson.loads(b"\n".join(data))
+                assert all(line.startswith(b":") for line in lines), block
+                self.pings += 1
+                if comments:
+                    return {"comment": lines[0][1:].strip().decode()}
+
+    async def until(self, predicate: Callable[[Any], bool], timeout: float = TIMEOUT) -> Any:
+        """Read events until one matches; return it (fails at the end of the stream)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await self.event()
+                assert message is not None, "the stream ended"
+                if predicate(message):
+                    return message
+
+    async def post(
+        self,
+        commands: list[Any],
+        *,
+        session: str | None = None,
+        node: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        """POST `commands`; (status, decoded JSON body or None for 204)."""
+        body = {
+            "session": self.session if session is None else session,
+            "node": self.welcome.get("node") if node is None else node,
+            "commands": commands,
+        }
+        return await self.post_raw(orjson.dumps(body), headers=headers)
+
+    async def post_raw(
+        self, body: bytes, *, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, Any]:
+        """POST a body as it is (`application/json` unless `headers` say otherwise)."""
+        async with self.http.post(
+            self.post_url + "/emulation",
+            data=body,
+            headers={"Content-Type": "application/json", **(headers or {})},
+            timeout=aiohttp.ClientTimeout(total=TIMEOUT),
+        ) as response:
+            text = await response.read()
+            return response.status, orjson.loads(text) if text else None
+
+    def close(self) -> None:
+        if self.response is not None:
+            self.response.close()
