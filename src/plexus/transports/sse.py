@@ -426,13 +426,22 @@ class SseStream(Link, asyncio.Protocol):
         entry = (commands, room)
         self._waiting.append(entry)
         try:
+            # Shielded: a timeout must not cancel `room`, which `_room` may
+            # be about to resolve (its commands then were taken: 204).
             async with asyncio.timeout(self.sse.room_timeout):
-                taken = await room
+                taken = await asyncio.shield(room)
         except TimeoutError:
             if room.done():
                 return 204 if room.result() else 404
             self._waiting.remove(entry)
             return 429
+        except asyncio.CancelledError:
+            # The POST was given up (its client went away): its commands
+            # are not taken later behind the back of whoever sent them.
+            if not room.done():
+                self._waiting.remove(entry)
+                room.cancel()
+            raise
         return 204 if taken else 404
 
     def _take(self, commands: Sequence[str | bytes]) -> None:
