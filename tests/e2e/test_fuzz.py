@@ -19,11 +19,21 @@ command that caused it. The test holds the server to the spec:
   publish to it;
 - afterwards the process still answers `/health` and logged no ERROR nor
   traceback.
+
+The same 10,000 messages go over SSE too (`test_fuzzed_commands_over_sse`):
+each is spliced as it is into a `POST /emulation` body with its sentinel
+behind it (a MessagePack one as the JSON it maps to, `$bytes` for bytes, or
+as raw bytes when there is none). A body that is not JSON, or a command that
+cannot be encoded again (nested over 254 levels), must be refused whole with
+400 and leave no trace on the stream; a command over 64 KiB is refused with
+413 and closes the stream with 1009; every other POST is answered 204 and its
+answers must come on the stream exactly as on a WebSocket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import random
@@ -44,7 +54,7 @@ from plexus.auth import make_token
 from plexus.client import Client
 from plexus.protocol.codec import MSGPACK_SUBPROTOCOL
 from plexus.protocol.commands import command_id
-from tests.helpers import TIMEOUT, ServerProcess
+from tests.helpers import TIMEOUT, EventStream, ServerProcess
 
 TOTAL: Final = 10_000
 BATCH: Final = 25  # commands per Hypothesis example
@@ -594,6 +604,124 @@ class FuzzConnection:
             stats.closes[closed] = stats.closes.get(closed, 0) + 1
 
 
+# ----- the same over SSE
+
+
+def _bytes_as_json(value: Any) -> Any:
+    """`bytes` as the protocol writes them in JSON; nothing else JSON lacks has a form."""
+    if isinstance(value, bytes):
+        return {"$bytes": base64.b64encode(value).decode()}
+    raise TypeError(type(value).__name__)
+
+
+def over_sse(item: Fuzzed) -> bytes:
+    """The command an SSE client posts for `item` (only JSON travels over SSE).
+
+    JSON goes as it is, valid or not. A MessagePack message goes as the JSON
+    it maps to (bytes as `$bytes`); one with no JSON form (bytes keys,
+    extension types) or none at all goes as its raw bytes, a body that is
+    not JSON.
+    """
+    if item.codec == "json":
+        return item.payload
+    message = None if item.text else decode_like_the_spec("msgpack", False, item.payload)
+    if message is None:
+        return item.payload
+    try:
+        return orjson.dumps(message, default=_bytes_as_json)
+    except orjson.JSONEncodeError:
+        return item.payload
+
+
+def post_body(session: str, node: str, command: bytes, sentinel_ping: bytes) -> bytes:
+    """A `POST /emulation` body with `command` spliced in as it is, the sentinel behind it."""
+    head = orjson.dumps({"session": session, "node": node})[:-1]
+    return head + b',"commands":[' + command + b"," + sentinel_ping + b"]}"
+
+
+def expect_post(command: bytes, body: bytes) -> tuple[int, str | None, Fuzzed]:
+    """What the spec makes of `body` (carrying `command`): the POST's status and
+    error code, and what its stream must show, as a `Fuzzed` for `check`."""
+    nothing = Fuzzed("json", True, command, None, None, None)
+    try:
+        commands = orjson.loads(body)["commands"]
+        # The server hands each command on as a WebSocket message would
+        # carry it: one it cannot write again refuses the whole POST.
+        encoded = [orjson.dumps(c) for c in commands]
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        return 400, "bad_request", nothing
+    assert len(commands) == 2, f"{command[:200]!r} changed the shape of the body"
+    if len(encoded[0]) > MAX_MESSAGE:
+        return 413, "too_large", Fuzzed("json", True, command, None, 1009, None)
+    message = commands[0]
+    kind = message.get("type") if isinstance(message, dict) else None
+    return 204, None, Fuzzed("json", True, command, command_id(message), None, kind)
+
+
+class SseFuzzConnection(FuzzConnection):
+    """The fuzzing client over SSE: one POST per command, answers read from the stream.
+
+    The stream is reopened (a new session) whenever the server ends it.
+    """
+
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        super().__init__(session, url, "json")
+        self.stream: EventStream | None = None
+        self.refused: dict[int, int] = {}  # POSTs refused whole, by status
+
+    async def open_stream(self) -> EventStream:
+        stream = EventStream(self.session, self.url)
+        welcome = await stream.open()
+        assert welcome["type"] == "welcome", welcome
+        self.stream, self.bad = stream, 0
+        return stream
+
+    async def post(self, command: bytes, number: int, stats: Stats) -> None:
+        """Post one command and a sentinel ping; check the answer and the stream."""
+        stream = self.stream or await self.open_stream()
+        mark = sentinel(number)
+        ping = orjson.dumps({"type": "ping", "id": mark})
+        body = post_body(stream.session, stream.welcome["node"], command, ping)
+        status, code, item = expect_post(command, body)
+        where = f"after posting {command[:200]!r}"
+        got, answer = await stream.post_raw(body)
+        stats.sent += 1
+        assert got == status, (where, got, answer)
+        if status != 204:
+            assert answer["error"]["code"] == code, (where, answer)
+            self.refused[status] = self.refused.get(status, 0) + 1
+        if status == 400:
+            # Nothing of a refused POST may reach the stream: the sentinel
+            # alone comes first.
+            assert await stream.post([{"type": "ping", "id": mark}]) == (204, None), where
+        answers, closed = await self.read_until(stream, mark, stats)
+        if status == 400:
+            assert (answers, closed) == ([], None), where
+        self.check(item, answers, closed, stats)
+        if closed is not None:
+            assert await stream.event() is None, "an event after the close event"
+            stream.close()
+            self.stream = None
+
+    async def read_until(
+        self, stream: EventStream, mark: str, stats: Stats
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """The answers before the sentinel's pong, or before the close event (and its code)."""
+        answers: list[dict[str, Any]] = []
+        while True:
+            message = await stream.event()
+            assert message is not None, "the stream ended without a close event"
+            kind = message.get("type")
+            if kind == "close":
+                return answers, int(message["code"])
+            if kind in PUSHES:
+                stats.pushes += 1
+            elif kind == "pong" and message.get("id") == mark:
+                return answers, None
+            else:
+                answers.append(message)
+
+
 # ----- the bystanders
 
 
@@ -663,6 +791,61 @@ class Bystanders:
                     seqs.append(message["data"]["seq"])
             assert seqs == list(range(1, last + 1))
         return last
+
+
+class SseBystander:
+    """An SSE stream on `chat:bystander`, read all along (one left unread is closed 4008)."""
+
+    def __init__(self, server: ServerProcess, session: aiohttp.ClientSession) -> None:
+        self.stream = EventStream(session, server.url)
+        self.messages: list[dict[str, Any]] = []
+        self.offset = 0
+        self._seen: dict[int, asyncio.Event] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> SseBystander:
+        await self.stream.open()
+        subscribe = {"type": "subscribe", "id": 1, "channel": BYSTANDER_CHANNEL}
+        assert await self.stream.post([subscribe]) == (204, None)
+        reply = await self.stream.until(lambda m: m["type"] == "reply")
+        self.offset = reply["result"]["offset"]
+        self._task = asyncio.get_running_loop().create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.stream.close()
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.stream.event()
+            assert message is not None, "the bystander's stream ended"
+            if message["type"] == "message":
+                self.messages.append(message)
+                if "from" not in message:
+                    seq = message["data"]["seq"]
+                    self._seen.setdefault(seq, asyncio.Event()).set()
+
+    async def verify(self, last: int) -> None:
+        """Wait for the API's message `last`; check all came in offset order, none lost."""
+        assert self._task is not None
+        seen = self._seen.setdefault(last, asyncio.Event())
+        waiter = asyncio.ensure_future(seen.wait())
+        try:
+            await asyncio.wait(
+                [self._task, waiter], timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            waiter.cancel()
+        assert not self._task.done(), self._task.exception()
+        assert seen.is_set(), f"message {last} never came over SSE"
+        offsets = [m["offset"] for m in self.messages]
+        assert offsets == list(range(self.offset + 1, self.offset + 1 + len(offsets)))
+        seqs = [m["data"]["seq"] for m in self.messages if "from" not in m]
+        assert seqs == list(range(1, last + 1))
 
 
 # ----- the test
@@ -735,4 +918,55 @@ async def test_fuzzed_commands(
         f"\n{stats.sent} fuzzed commands in {elapsed:.1f}s: {stats.replies} replies,"
         f" errors {dict(sorted(stats.errors.items()))}, closes {stats.closes},"
         f" {stats.pushes} pushes; bystanders got {published} API messages in order"
+    )
+
+
+def test_posted_commands_cover_the_cases(commands: list[Fuzzed]) -> None:
+    statuses: dict[int, int] = {}
+    for item in commands:
+        command = over_sse(item)
+        body = post_body("session", "node", command, b'{"type":"ping","id":"~0"}')
+        status, _, _ = expect_post(command, body)
+        statuses[status] = statuses.get(status, 0) + 1
+    assert sum(statuses.values()) == TOTAL
+    assert statuses[204] > TOTAL * 0.5  # most reach the session
+    assert statuses[400] > TOTAL * 0.1  # many are refused whole
+    assert statuses[413] >= 4  # the edge sizes over 64 KiB
+
+
+async def test_fuzzed_commands_over_sse(
+    commands: list[Fuzzed], fuzz_server: ServerProcess, http: aiohttp.ClientSession
+) -> None:
+    stats = Stats()
+    started = time.monotonic()
+    conn = SseFuzzConnection(http, fuzz_server.url)
+    async with (
+        Bystanders(fuzz_server, http) as bystanders,
+        SseBystander(fuzz_server, http) as sse_bystander,
+    ):
+        for number, item in enumerate(commands):
+            await conn.post(over_sse(item), number, stats)
+        published = await bystanders.verify()
+        await sse_bystander.verify(published)
+    if conn.stream is not None:
+        conn.stream.close()
+    async with http.get(fuzz_server.url + "/health") as response:
+        assert response.status == 200
+        assert (await response.json())["status"] == "ok"
+    elapsed = time.monotonic() - started
+    assert fuzz_server.proc is not None
+    assert fuzz_server.proc.poll() is None
+    log = fuzz_server.output()
+    assert "Traceback" not in log
+    assert " ERROR " not in log
+    assert " CRITICAL " not in log
+    assert stats.sent == TOTAL
+    assert stats.closes.get(4000, 0) > 0
+    assert stats.closes.get(1009, 0) >= 4
+    assert stats.replies > TOTAL * 0.05
+    print(
+        f"\n{stats.sent} fuzzed commands over SSE in {elapsed:.1f}s: {stats.replies} replies,"
+        f" errors {dict(sorted(stats.errors.items()))}, closes {stats.closes},"
+        f" refused POSTs {conn.refused}, {stats.pushes} pushes;"
+        f" bystanders got {published} API messages in order"
     )
