@@ -97,6 +97,9 @@ class ChatPage:
     errors: list[str] = field(default_factory=list)
     # The HTTP headers of each WebSocket handshake's answer, as Chromium saw them.
     handshakes: list[dict[str, str]] = field(default_factory=list)
+    # The URL of every HTTP request the page made, and of every WebSocket it opened.
+    requests: list[str] = field(default_factory=list)
+    websockets: list[str] = field(default_factory=list)
 
     def locator(self, testid: str) -> Any:
         return self.page.get_by_test_id(testid)
@@ -135,12 +138,19 @@ def open_chat(browser: Any, server: ServerProcess, room: str) -> Iterator[OpenCh
     """Open the chat app as `nick` in `room` (and wait until its history is shown)."""
     contexts: list[Any] = []
 
-    def factory(nick: str, *, viewport: dict[str, int] | None = None) -> ChatPage:
+    def factory(
+        nick: str, *, viewport: dict[str, int] | None = None, init_script: str | None = None
+    ) -> ChatPage:
+        """`init_script` runs in the page before its own scripts (e.g. to remove WebSocket)."""
         context = browser.new_context(viewport=viewport or {"width": 1100, "height": 720})
         context.set_default_timeout(WAIT_MS)
         contexts.append(context)
+        if init_script is not None:
+            context.add_init_script(init_script)
         page = context.new_page()
         chat = ChatPage(page=page, nick=nick)
+        page.on("request", lambda request: chat.requests.append(request.url))
+        page.on("websocket", lambda ws: chat.websockets.append(ws.url))
 
         def on_dialog(dialog: Any) -> None:
             chat.dialogs.append(dialog.message)

@@ -289,7 +289,7 @@ def test_reconnect_after_server_restart_gets_every_message_once_in_order(
         expect(chat.page.locator("[data-testid=message-text]")).to_have_text(
             expected, timeout=WAIT_MS
         )
-        expect(chat.badge).to_have_text("Connected")
+        expect(chat.badge).to_have_text("Connected · WebSocket")
         offsets = chat.messages.evaluate_all("n => n.map(e => Number(e.dataset.offset))")
         assert offsets == sorted(set(offsets)), f"{chat.nick}: offsets {offsets}"
 

@@ -632,3 +632,26 @@ async def test_posts_to_another_node_reach_the_stream_through_redis(
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_the_forwarding_action_on_one_node_with_the_memory_engine(
+    server: Server, stream_to: OpenStream
+) -> None:
+    """The action other nodes call: with the memory engine the cluster reaches only
+    this node, in-process, and the commands join the stream's queue in order."""
+    assert server.node is not None
+    cluster = server.node.cluster
+    stream = stream_to(server.url)
+    welcome = await stream.open()
+    assert await stream.post([{"type": "ping", "id": 0}]) == (204, None)
+    commands = [orjson.dumps({"type": "ping", "id": n}).decode() for n in range(1, 4)]
+    answers = await cluster.call(
+        "emulation", {"session": welcome["session"], "commands": commands}, node=welcome["node"]
+    )
+    assert answers == [204]
+    assert await stream.post([{"type": "ping", "id": 4}]) == (204, None)
+    assert [a["id"] for a in await read_answers(stream, 5)] == list(range(5))
+    # No such session here; no such node for a single-node engine.
+    assert await cluster.call("emulation", {"session": "gone", "commands": []}) == [404]
+    nowhere = {"session": welcome["session"], "commands": commands}
+    assert await cluster.call("emulation", nowhere, node="elsewhere") == []

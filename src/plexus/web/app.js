@@ -226,7 +226,10 @@ function renderTyping(room) {
 function renderBadge() {
   const state = px.state;
   let label;
-  if (state === 'connected') label = 'Connected';
+  // Which transport carries the chat: a page that fell back to SSE (its
+  // WebSocket was blocked) says so, for whoever wonders why.
+  const transport = px.transport === 'sse' ? 'SSE' : 'WebSocket';
+  if (state === 'connected') label = `Connected · ${transport}`;
   else if (state === 'connecting') label = 'Connecting…';
   else if (state === 'reconnecting') {
     if (px.retryAt !== null) {
@@ -239,7 +242,8 @@ function renderBadge() {
   if (state !== 'connected' && typeof navigator !== 'undefined' && navigator.onLine === false) label = 'Offline';
   el.badge.textContent = label;
   el.badge.dataset.state = state;
-  el.badge.title = state === 'reconnecting' ? 'Click to retry now' : 'Connection status';
+  el.badge.dataset.transport = px.transport || '';
+  el.badge.title = state === 'reconnecting' ? 'Click to retry now' : `Connection status (${transport})`;
   if (state === 'reconnecting' && badgeTimer === null) {
     badgeTimer = setInterval(renderBadge, 500);
   } else if (state !== 'reconnecting' && badgeTimer !== null) {
