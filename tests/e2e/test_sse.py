@@ -655,3 +655,90 @@ async def test_the_forwarding_action_on_one_node_with_the_memory_engine(
     assert await cluster.call("emulation", {"session": "gone", "commands": []}) == [404]
     nowhere = {"session": welcome["session"], "commands": commands}
     assert await cluster.call("emulation", nowhere, node="elsewhere") == []
+
+
+# What differs between two runs of the same script: ids, epochs, names, times.
+VOLATILE = frozenset({"client", "epoch", "node", "session", "time", "timestamp"})
+
+
+def normal(value: Any, clients: dict[str, str]) -> Any:
+    """`value` with what differs from run to run replaced by stable stand-ins."""
+    if isinstance(value, dict):
+        found = {}
+        for key, item in value.items():
+            if key in clients:  # presence is keyed by client id
+                key = clients[key]
+            found[key] = "*" if key in VOLATILE and key != "client" else normal(item, clients)
+            if key == "client" and isinstance(item, str):
+                found[key] = clients.get(item, "someone else")
+        return found
+    if isinstance(value, list):
+        return [normal(item, clients) for item in value]
+    return value
+
+
+SCRIPT: list[list[dict[str, Any]]] = [
+    [
+        {"type": "subscribe", "id": 1, "channel": "chat:same", "info": {"nick": "sse"}},
+        {"type": "presence", "id": 2, "channel": "chat:same"},
+        {"type": "subscribe", "id": 3, "channel": "chat:same"},
+    ],
+    [{"type": "publish", "id": 10 + n, "channel": "chat:same", "data": {"n": n}} for n in range(5)],
+    [
+        {"type": "history", "id": 20, "channel": "chat:same", "limit": 3},
+        {"type": "history", "id": 21, "channel": "chat:same", "since": {"offset": 2, "epoch": ""}},
+        {"type": "publish", "id": 22, "channel": "news", "data": 1},
+        {"type": "rpc", "id": 23, "method": "nothing", "data": None},
+        {"type": "nope", "id": 24},
+        {"type": "ping", "id": 25},
+        {"type": "publish", "id": 26, "channel": "chat:same", "data": {"$bytes": "AAE="}},
+    ],
+    [
+        {"type": "unsubscribe", "id": 30, "channel": "chat:same"},
+        {"type": "unsubscribe", "id": 31, "channel": "chat:same"},
+        {"type": "presence", "id": 32, "channel": "chat:same"},
+    ],
+]
+
+
+async def run_script(stream: EventStream) -> tuple[list[Any], list[Any]]:
+    """Post `SCRIPT` batch by batch; the answers and the pushes, normalised."""
+    welcome = await stream.open()
+    clients = {welcome["client"]: "me"}
+    answers: list[Any] = []
+    pushes: list[Any] = []
+    for batch in SCRIPT:
+        assert await stream.post(batch) == (204, None)
+        while len(answers) < sum(len(b) for b in SCRIPT[: SCRIPT.index(batch) + 1]):
+            message = await stream.event()
+            assert message is not None, "the stream ended"
+            (answers if message["type"] in ANSWERS else pushes).append(normal(message, clients))
+    return answers, pushes
+
+
+async def test_across_two_nodes_exactly_as_on_one(
+    redis_server: RedisServer, redis_prefix: str, stream_to: OpenStream
+) -> None:
+    one = await start_node(redis_server, redis_prefix + "-one", "one")
+    a = await start_node(redis_server, redis_prefix + "-two", "A")
+    b = await start_node(redis_server, redis_prefix + "-two", "B")
+    try:
+        alone = await run_script(stream_to(one.url))
+        across = await run_script(stream_to(a.url, post_url=b.url))
+        assert across == alone
+        answers, pushes = alone
+        assert [m["type"] for m in answers].count("reply") == 12
+        assert [m["code"] for m in answers if m["type"] == "error"] == [
+            "already_subscribed",
+            "permission_denied",
+            "not_found",
+            "unknown_type",
+            "not_subscribed",
+        ]
+        assert [p["data"] for p in pushes if p["type"] == "message"] == [
+            *({"n": n} for n in range(5)),
+            {"$bytes": "AAE="},
+        ]
+    finally:
+        for server in (one, a, b):
+            await server.stop()
