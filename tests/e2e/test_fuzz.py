@@ -799,6 +799,7 @@ class SseBystander:
     def __init__(self, server: ServerProcess, session: aiohttp.ClientSession) -> None:
         self.stream = EventStream(session, server.url)
         self.messages: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []  # everything the stream brought
         self.offset = 0
         self._seen: dict[int, asyncio.Event] = {}
         self._task: asyncio.Task[None] | None = None
@@ -823,6 +824,7 @@ class SseBystander:
         while True:
             message = await self.stream.event()
             assert message is not None, "the bystander's stream ended"
+            self.events.append(message)
             if message["type"] == "message":
                 self.messages.append(message)
                 if "from" not in message:
@@ -843,7 +845,11 @@ class SseBystander:
         assert not self._task.done(), self._task.exception()
         assert seen.is_set(), f"message {last} never came over SSE"
         offsets = [m["offset"] for m in self.messages]
-        assert offsets == list(range(self.offset + 1, self.offset + 1 + len(offsets)))
+        assert offsets == list(range(self.offset + 1, self.offset + 1 + len(offsets))), (
+            self.offset,
+            [e for e in self.events if e["type"] != "message"],
+            offsets[:5],
+        )
         seqs = [m["data"]["seq"] for m in self.messages if "from" not in m]
         assert seqs == list(range(1, last + 1))
 
@@ -940,9 +946,11 @@ async def test_fuzzed_commands_over_sse(
     stats = Stats()
     started = time.monotonic()
     conn = SseFuzzConnection(http, fuzz_server.url)
+    # The SSE bystander first: it subscribes before the API publisher starts,
+    # so it must get every one of its messages.
     async with (
-        Bystanders(fuzz_server, http) as bystanders,
         SseBystander(fuzz_server, http) as sse_bystander,
+        Bystanders(fuzz_server, http) as bystanders,
     ):
         for number, item in enumerate(commands):
             await conn.post(over_sse(item), number, stats)
