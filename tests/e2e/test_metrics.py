@@ -35,6 +35,7 @@ from tests.engines.test_sqlite import CommitGate
 from tests.helpers import (
     ROOT,
     TIMEOUT,
+    EventStream,
     api_post,
     masked,
     metrics,
@@ -159,6 +160,17 @@ async def test_every_documented_metric_moves(make_server: ServerFactory, tmp_pat
             'plexus_errors_total{code="bad_request"}',
         )
         assert now["plexus_channel_gaps_total"] == 0
+
+        # A connection over SSE, and a POST of its commands.
+        stream = EventStream(session, url)
+        await stream.open()
+        assert await stream.post([{"type": "ping", "id": 1}]) == (204, None)
+        assert await stream.event() == {"type": "pong", "id": 1}
+        now = await metrics(url)
+        assert (now["plexus_connections"], now["plexus_sse_connections"]) == (2, 1)
+        moved.add("plexus_sse_connections")
+        grew(now, 'plexus_emulation_posts_total{route="local",status="204"}')
+        stream.close()
 
         # The hub's gap path: offsets 2 and 3 are stored but never reach the
         # node, so 4 arrives after 1; the repair delivers 2, 3 and 4, in order.
