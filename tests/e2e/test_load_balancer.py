@@ -19,7 +19,16 @@ import aiohttp
 import pytest
 
 from tests.e2e.test_scale_out import Follower, node_env, ws_publisher
-from tests.helpers import ROOT, TIMEOUT, RedisServer, ServerProcess, api_post, free_port
+from tests.helpers import (
+    ROOT,
+    TIMEOUT,
+    EventStream,
+    RedisServer,
+    ServerProcess,
+    api_post,
+    free_port,
+    metrics,
+)
 
 CONFIG = ROOT / "deploy" / "nginx.conf"
 
@@ -64,6 +73,22 @@ class Nginx:
         return f"http://127.0.0.1:{self.port}"
 
 
+async def wait_for_nginx(session: aiohttp.ClientSession, proxy: Nginx) -> None:
+    """Until nginx answers `/health` from a node."""
+
+    async def healthy() -> bool:
+        try:
+            async with session.get(proxy.url + "/health") as response:
+                return response.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while not await healthy():
+        assert asyncio.get_running_loop().time() < deadline, "nginx did not start"
+        await asyncio.sleep(0.05)  # sleep-ok: waits for nginx to listen
+
+
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[RedisServer]:
     with RedisServer(tmp_path / "redis") as server:
@@ -79,18 +104,7 @@ async def test_nodes_behind_nginx_lose_nothing_when_one_dies(
     proxy = Nginx(tmp_path / "nginx", [a.port, b.port]).start()
     try:
         async with aiohttp.ClientSession() as session:
-
-            async def healthy() -> bool:
-                try:
-                    async with session.get(proxy.url + "/health") as response:
-                        return response.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            deadline = asyncio.get_running_loop().time() + TIMEOUT
-            while not await healthy():
-                assert asyncio.get_running_loop().time() < deadline, "nginx did not start"
-                await asyncio.sleep(0.05)  # sleep-ok: waits for nginx to listen
+            await wait_for_nginx(session, proxy)
             ws_url = proxy.url.replace("http", "ws", 1) + "/ws"
             followers = [Follower(session, [ws_url]) for _ in range(6)]
             total = 500
@@ -118,4 +132,54 @@ async def test_nodes_behind_nginx_lose_nothing_when_one_dies(
     finally:
         proxy.stop()
         a.kill()
+        b.stop()
+
+
+async def test_sse_behind_nginx_needs_no_sticky_sessions(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """nginx spreads requests by least connections: the POSTs of a stream held by
+    one node mostly reach the other, which forwards them; nothing is lost or reordered."""
+    env = node_env(redis, "lb-sse")
+    a = ServerProcess(env={**env, "PLEXUS_NODE_NAME": "A"}).start()
+    b = ServerProcess(env={**env, "PLEXUS_NODE_NAME": "B"}).start()
+    proxy = Nginx(tmp_path / "nginx", [a.port, b.port]).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_for_nginx(session, proxy)
+            stream = EventStream(session, proxy.url)
+            welcome = await stream.open()
+            assert welcome["node"] in ("A", "B")
+            subscribe = {"type": "subscribe", "id": 0, "channel": "chat:lb-sse"}
+            assert await stream.post([subscribe]) == (204, None)
+            for batch in range(20):
+                publishes = [
+                    {"type": "publish", "id": n, "channel": "chat:lb-sse", "data": n}
+                    for n in range(batch * 5 + 1, batch * 5 + 6)
+                ]
+                assert await stream.post(publishes) == (204, None)
+            events: list[Any] = []
+            # Messages come through Redis pub/sub, replies after the store
+            # answered: either may come first. Read until all of both came.
+            while (
+                sum(e["type"] == "message" for e in events) < 100
+                or sum(e["type"] == "reply" for e in events) < 101
+            ):
+                event = await stream.event()
+                assert event is not None, "the stream ended"
+                events.append(event)
+            replies = [e for e in events if e["type"] == "reply"]
+            assert [r["id"] for r in replies] == list(range(101))
+            assert [e["data"] for e in events if e["type"] == "message"] == list(range(1, 101))
+            stream.close()
+            forwarded = 0.0
+            for node in (a, b):
+                samples = await metrics(node.url)
+                forwarded += samples.get(
+                    'plexus_emulation_posts_total{route="forwarded",status="204"}', 0.0
+                )
+            assert forwarded > 0, "every POST reached the stream's node: nothing was proven"
+    finally:
+        proxy.stop()
+        a.stop()
         b.stop()
