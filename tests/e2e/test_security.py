@@ -154,6 +154,23 @@ class Ctx:
             await ws.close()
         return outcome
 
+    async def event_stream(self, tok: str | None = None, *, origin: str | None = None) -> Outcome:
+        """Open `GET /sse`; report ("http", status), ("close", code) or ("welcome", user)."""
+        params = {"token": tok} if tok is not None else {}
+        headers = {"Origin": origin} if origin is not None else {}
+        async with self.session.get(
+            self.server.url + "/sse",
+            params=params,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=TIMEOUT),
+        ) as response:
+            if response.status != 200:
+                return ("http", response.status)
+            first = json.loads((await response.content.readuntil(b"\n\n"))[6:])
+            if first["type"] == "close":
+                return ("close", first["code"])
+            return ("welcome", first["user"])
+
     async def api(self, path: str, body: Any, headers: dict[str, str] | None = None) -> Outcome:
         status, answer = await api_post(self.server.url, path, body, headers=headers or {})
         return ("http", status, answer["error"]["code"] if status >= 400 else answer)
@@ -176,6 +193,12 @@ class Ctx:
                 response.status,
                 answer["error"]["code"] if answer.get("error") else "ok",
             )
+
+
+def sse_commands() -> bytes:
+    """A POST /emulation body publishing to the bystander's channel, in a made-up session."""
+    publish = {"type": "publish", "id": 1, "channel": BYSTANDER_CHANNEL, "data": "forged"}
+    return json.dumps({"session": "guessed", "commands": [publish]}).encode()
 
 
 async def trickled_publish(ctx: Ctx) -> Outcome:
@@ -721,6 +744,36 @@ ATTACKS = [
         "origin whose IDNA label does not decode",
         lambda c: c.first_frame(origin="http://xn--zz"),
         ("http", 403),
+    ),
+    # --- the SSE transport: the same checks as the upgrade and the API
+    Attack(
+        "cross-origin event stream",
+        lambda c: c.event_stream(origin="https://evil.example"),
+        ("http", 403),
+    ),
+    Attack(
+        "forged token on an event stream",
+        lambda c: c.event_stream(make_token(OTHER_SECRET, user="alice")),
+        ("close", 4001),
+    ),
+    Attack(
+        "CSRF: a text/plain POST /emulation (no-cors fetch)",
+        lambda c: c.post("/emulation", sse_commands(), {"Content-Type": "text/plain"}),
+        ("http", 415, "bad_request"),
+    ),
+    Attack(
+        "POST /emulation from a foreign Origin",
+        lambda c: c.post(
+            "/emulation",
+            sse_commands(),
+            {"Content-Type": "application/json", "Origin": "https://evil.example"},
+        ),
+        ("http", 403, "permission_denied"),
+    ),
+    Attack(
+        "POST /emulation to a guessed session",
+        lambda c: c.post("/emulation", sse_commands(), {"Content-Type": "application/json"}),
+        ("http", 404, "not_found"),
     ),
     Attack(
         "DNS rebinding: own origin under a foreign Host",
