@@ -449,6 +449,7 @@ class EventStream:
 
     @property
     def session(self) -> str:
+        """The session the stream's `welcome` named."""
         return str(self.welcome["session"])
 
     async def open(self, query: str = "", headers: Mapping[str, str] | None = None) -> Any:
@@ -528,5 +529,6 @@ class EventStream:
             return response.status, orjson.loads(text) if text else None
 
     def close(self) -> None:
+        """Drop the stream's connection (the server sees its reader go)."""
         if self.response is not None:
             self.response.close()

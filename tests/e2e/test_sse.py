@@ -70,10 +70,12 @@ async def read_answers(stream: EventStream, count: int) -> list[dict[str, Any]]:
 
 
 def pings(first: int, last: int) -> list[dict[str, Any]]:
+    """`ping` commands with ids `first` .. `last - 1`."""
     return [{"type": "ping", "id": n} for n in range(first, last)]
 
 
 def error_code(body: Any) -> str:
+    """The protocol error code of an HTTP error body."""
     return str(body["error"]["code"])
 
 
