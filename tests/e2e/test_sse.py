@@ -196,7 +196,7 @@ async def test_a_batch_is_answered_in_order_on_the_stream(
 
 
 async def test_posts_one_after_another_keep_their_order(
-    make_server: ServerFactory, stream_to: OpenStream, tmp_path: Any
+    make_server: ServerFactory, stream_to: OpenStream
 ) -> None:
     # SQLite history: publishes wait for the store, later commands queue behind them.
     server = await make_server(history_backend="sqlite")
