@@ -197,7 +197,10 @@ async def test_vanished_clients_leave_no_ghosts(make_server: ServerFactory) -> N
             if erin.returncode is None:
                 erin.send_signal(signal.SIGKILL)
             await asyncio.wait_for(erin.wait(), TIMEOUT)
-        assert erin.returncode == -signal.SIGKILL
+        # 255 is asyncio's word for "reaped by another waiter": pids wrap at 32768
+        # here, and a stale subprocess object of an earlier test can reap a reused
+        # pid. Either way she did not exit cleanly; her `leave` below is the proof.
+        assert erin.returncode in (-signal.SIGKILL, 255)
 
         left: dict[str, float] = {}  # client -> when its leave came
         while len(left) < 3:
