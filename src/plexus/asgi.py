@@ -51,7 +51,7 @@ from plexus.transports.asgi import Receive, Scope, Send, refuse, serve_websocket
 from plexus.transports.asgi_http import serve_http
 from plexus.transports.link import Refusal
 
-__all__ = ["PlexusApp", "create_app", "mount"]
+__all__ = ["PlexusApp", "Receive", "Scope", "Send", "create_app", "mount"]
 
 log = logging.getLogger("plexus")
 
@@ -164,10 +164,6 @@ class PlexusApp:
                 )
                 claim_addresses(server.claim, listening_addresses(), engine)
             await server.start(listen=False)
-        except ConfigError as exc:
-            server.claim.release()
-            log.error("plexus: %s", exc)
-            raise
         except BaseException:
             server.claim.release()
             raise
@@ -204,7 +200,12 @@ class PlexusApp:
         `Starlette(lifespan=...)`), or enter it from the host's own:
         `async with plexus_app.lifespan(): yield`.
         """
-        await self.startup()
+        try:
+            await self.startup()
+        except ConfigError as exc:
+            # The host's lifespan reports a traceback: say what is wrong in one line first.
+            log.error("plexus: %s", exc)
+            raise
         try:
             yield
         finally:
@@ -272,7 +273,8 @@ class PlexusApp:
             return None
         if self._stopped:
             return Refusal(503, "unavailable", "plexus is shutting down")
-        if self._starting is None:
+        first = self._starting is None
+        if first:
             log.warning(
                 "plexus lazily started by a request: give the host app plexus_app.lifespan"
                 " for a graceful shutdown"
@@ -280,6 +282,8 @@ class PlexusApp:
         try:
             await self.startup()
         except Exception as exc:
+            if first:
+                log.error("plexus could not start: %s", exc)
             return Refusal(503, "unavailable", f"plexus could not start: {exc}")
         return None
 
