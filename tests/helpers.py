@@ -235,6 +235,22 @@ async def api_post(
         return response.status, await response.json()
 
 
+def serve_refused(args: list[str], env: Mapping[str, str] | None = None) -> str:
+    """Run `plexus serve ARGS` (environment: this one plus `env`), which must refuse
+    to start: exit status 2 and one line on stderr, returned."""
+    result = subprocess.run(
+        [sys.executable, "-m", "plexus", "serve", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -18,7 +16,7 @@ from plexus.app import Server
 from plexus.client import Client
 from plexus.connection import Connection
 from tests.conftest import ClientFactory, ServerFactory
-from tests.helpers import TIMEOUT, ServerProcess, metrics, wait_for
+from tests.helpers import TIMEOUT, ServerProcess, metrics, serve_refused, wait_for
 
 
 async def test_oversized_message_closes_1009_others_unaffected(
@@ -216,58 +214,28 @@ def test_sigterm_closes_every_client_with_1001() -> None:
 def test_bad_config_exits_2_with_one_line(
     args: list[str], env: dict[str, str], needle: str
 ) -> None:
-    import os
-
-    result = subprocess.run(
-        [sys.executable, "-m", "plexus", "serve", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert needle in lines[0]
+    assert needle in serve_refused(args, env)
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_unwritable_data_dir_exits_2_with_one_line(tmp_path: Any, how: str) -> None:
-    import os
-
     # Under a regular file: no one can create it, root included (chmod would
     # not stop root).
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     data_dir = str(blocker / "sub")
     args = ["--data-dir", data_dir] if how == "flag" else []
-    env = {**os.environ, "PLEXUS_DATA_DIR": data_dir} if how == "env" else dict(os.environ)
-    env.pop("PLEXUS_HISTORY_BACKEND", None)  # the default, sqlite, needs the directory
-    result = subprocess.run(
-        [sys.executable, "-m", "plexus", "serve", "--port", "0", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "data_dir" in lines[0]
-    assert data_dir in lines[0]
+    env = {"PLEXUS_DATA_DIR": data_dir} if how == "env" else {}
+    # The default history backend, sqlite, needs the directory.
+    line = serve_refused(["--port", "0", *args], {**env, "PLEXUS_HISTORY_BACKEND": "sqlite"})
+    assert "data_dir" in line
+    assert data_dir in line
 
 
 def test_bad_toml_setting_names_it(tmp_path: Any) -> None:
     config = tmp_path / "plexus.toml"
     config.write_text("ping_interval = 5\npong_timeout = 9\n[namespaces.chat]\nhistory_size = -1\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "plexus", "serve", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert result.returncode == 2
-    assert "pong_timeout" in result.stderr
+    assert "pong_timeout" in serve_refused(["--config", str(config)])
 
 
 async def test_origin_check(server: Server) -> None:

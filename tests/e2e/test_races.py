@@ -276,13 +276,14 @@ async def redis_race(
 
 def read_marker(server: Server, recovering: bool) -> bytes:
     """The bytes that make the subscribe's read of `CH` on the wire: `EVALSHA <sha>
-    2 <meta key>` of the READ script (with `since`) or the POSITION script."""
+    <keys> <meta key>` of the READ script (with `since`; 2 keys) or the POSITION
+    script (3 keys)."""
     broker = node_of(server).broker
     assert isinstance(broker, RedisBroker)
-    script = scripts.READ if recovering else scripts.POSITION
+    script, keys = (scripts.READ, b"2") if recovering else (scripts.POSITION, b"3")
     sha = hashlib.sha1(script.encode()).hexdigest().encode()
     meta = broker.keys.meta(CH).encode()
-    return b"%s\r\n$1\r\n2\r\n$%d\r\n%s" % (sha, len(meta), meta)
+    return b"%s\r\n$1\r\n%s\r\n$%d\r\n%s" % (sha, keys, len(meta), meta)
 
 
 async def first_subscriber(server: Server, session: aiohttp.ClientSession) -> tuple[Peer, str]:

@@ -185,7 +185,6 @@ ENGINES: list[EngineKind] = [
         needs=("redis_server",),
         lose_meta=_redis_lose_meta,
         own_clock=True,
-        counts_channels=False,
     ),
 ]
 

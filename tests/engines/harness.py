@@ -75,7 +75,6 @@ class EngineKind:
             not by the publication times and `now`s a test passes: tests that
             move time skip it, and an unused channel's state lives until its
             TTL rather than going at once.
-        counts_channels: the engine enforces `Retention.max_channels`.
     """
 
     name: str
@@ -85,7 +84,6 @@ class EngineKind:
     sweep: Callable[[Engine, int], Awaitable[None]] | None = None
     lose_meta: Callable[[Harness, str], Awaitable[None]] | None = None
     own_clock: bool = False
-    counts_channels: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,8 +216,8 @@ class Harness:
         """Skip the test unless the engine has `capability` (an `EngineKind` flag)."""
         if capability == "driven_clock" and self.kind.own_clock:
             pytest.skip(f"{self.kind.name} expires state on its own clock")
-        if capability == "counts_channels" and not self.kind.counts_channels:
-            pytest.skip(f"{self.kind.name} does not limit channels per namespace")
+        if capability == "forgets_unused_at_once" and self.kind.own_clock:
+            pytest.skip(f"{self.kind.name} keeps an unused channel's state until its TTL")
 
     async def lose_meta(self, channel: str) -> None:
         if self.kind.lose_meta is None:

@@ -288,7 +288,6 @@ async def test_publish_then_is_publish_started_now(engine: Harness, retention: R
     await engine.sink.wait_for(lambda: len(engine.sink.of(CH)) >= 3)
     assert engine.sink.of(CH) == outcomes[:3]
     assert await engine.history.position(CH) == StreamPosition(3, first.epoch)
-    engine.requires("counts_channels")
     full = Retention(retention.size, max_channels=1, namespace="full")
     for channel in ("full:a", "full:b"):
         await engine.broker.subscribe(channel)  # without history, only these hold state
@@ -421,7 +420,6 @@ async def test_a_created_channel_without_messages_is_forgotten_after_the_grace(
 async def test_max_channels_refuses_only_new_channels_of_a_full_namespace(
     engine: Harness, retention: Retention
 ) -> None:
-    engine.requires("counts_channels")
     limited = Retention(retention.size, max_channels=2, namespace="ns")
     for channel in ("ns:a", "ns:b", "ns:c"):
         await engine.broker.subscribe(channel)  # without history, only these hold state
@@ -444,7 +442,6 @@ async def test_max_channels_refuses_only_new_channels_of_a_full_namespace(
 
 async def test_a_forgotten_channel_frees_its_slot(launch: Launcher) -> None:
     engine = await launch(Tuning(grace=1))
-    engine.requires("counts_channels")
     t = now_ms()
     limited = Retention(10, ttl=1, max_channels=1, namespace="ns")
     await publish(engine, "a", t, channel="ns:a", retention=limited)
@@ -456,7 +453,6 @@ async def test_a_forgotten_channel_frees_its_slot(launch: Launcher) -> None:
 
 async def test_forgetting_a_channel_frees_one_slot(launch: Launcher) -> None:
     engine = await launch(Tuning(grace=1))
-    engine.requires("counts_channels")
     t = now_ms()
     full = Retention(10, ttl=1, max_channels=2, namespace="ns")
     for name in ("ns:a", "ns:b"):
@@ -470,7 +466,6 @@ async def test_forgetting_a_channel_frees_one_slot(launch: Launcher) -> None:
 
 
 async def test_a_full_namespace_says_which_and_how_many(engine: Harness) -> None:
-    engine.requires("counts_channels")
     named = Retention(10, max_channels=1, namespace="x")
     await publish(engine, 1, channel="x:a", retention=named)
     with pytest.raises(Unavailable) as refused:
@@ -502,7 +497,7 @@ async def test_a_sweep_passes_over_subscribed_channels(launch: Launcher) -> None
 async def test_unsubscribing_frees_the_slot_of_a_channel_without_history(
     engine: Harness,
 ) -> None:
-    engine.requires("counts_channels")
+    engine.requires("forgets_unused_at_once")
     limited = Retention(0, max_channels=1, namespace="ns")
     await engine.broker.subscribe("ns:a")
     await engine.broker.subscribe("ns:b")

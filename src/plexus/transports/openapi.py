@@ -71,6 +71,27 @@ def _post(
     }
 
 
+# Where /api/subscribe and /api/unsubscribe act.
+_CHANNEL_TARGET: Final[dict[str, Any]] = {
+    "type": "object",
+    "description": "The channel and exactly one of `user` and `client`.",
+    "properties": {
+        "channel": _ref("Channel"),
+        "user": {
+            "type": "string",
+            "minLength": 1,
+            "description": "Every connection of this user.",
+        },
+        "client": {
+            "type": "string",
+            "minLength": 1,
+            "description": "The connection with this client id (from `welcome`).",
+        },
+    },
+    "required": ["channel"],
+    "oneOf": [{"required": ["user"]}, {"required": ["client"]}],
+}
+
 _SCHEMAS: Final[dict[str, Any]] = {
     "Channel": {
         "type": "string",
@@ -289,44 +310,8 @@ _SCHEMAS: Final[dict[str, Any]] = {
         "required": ["disconnected"],
         "additionalProperties": False,
     },
-    "UnsubscribeRequest": {
-        "type": "object",
-        "description": "The channel and exactly one of `user` and `client`.",
-        "properties": {
-            "channel": _ref("Channel"),
-            "user": {
-                "type": "string",
-                "minLength": 1,
-                "description": "Every connection of this user.",
-            },
-            "client": {
-                "type": "string",
-                "minLength": 1,
-                "description": "The connection with this client id (from `welcome`).",
-            },
-        },
-        "required": ["channel"],
-        "oneOf": [{"required": ["user"]}, {"required": ["client"]}],
-    },
-    "SubscribeRequest": {
-        "type": "object",
-        "description": "The channel and exactly one of `user` and `client`.",
-        "properties": {
-            "channel": _ref("Channel"),
-            "user": {
-                "type": "string",
-                "minLength": 1,
-                "description": "Every connection of this user.",
-            },
-            "client": {
-                "type": "string",
-                "minLength": 1,
-                "description": "The connection with this client id (from `welcome`).",
-            },
-        },
-        "required": ["channel"],
-        "oneOf": [{"required": ["user"]}, {"required": ["client"]}],
-    },
+    "UnsubscribeRequest": _CHANNEL_TARGET,
+    "SubscribeRequest": _CHANNEL_TARGET,
     "SubscribeResult": {
         "type": "object",
         "properties": {

@@ -319,12 +319,15 @@ class RedisBroker:
         pub, retention, key = job.pub, job.retention, job.key
         channel = pub.channel
         keys = self.keys
-        idempotency = keys.idempotency(channel, key) if key is not None else keys.meta(channel)
+        meta = keys.meta(channel)
+        idempotency = keys.idempotency(channel, key) if key is not None else meta
+        limit = self._channel_limit(retention)
         return [
-            3,
-            keys.meta(channel),
+            4,
+            meta,
             keys.stream(channel),
             idempotency,
+            keys.namespace(retention.namespace) if limit else meta,
             body(pub),
             retention.size,
             round(retention.ttl * 1000),
@@ -334,7 +337,27 @@ class RedisBroker:
             self.idempotency_ttl_ms if key is not None else 0,
             self._epoch_candidate(),
             pub.time,
+            limit,
+            channel,
         ]
+
+    def _channel_limit(self, retention: Retention) -> int:
+        """How many channels of the namespace one server may hold (0 = no limit).
+
+        Each server counts the channels it holds (Redis Cluster is not
+        supported, and a script may not reach other servers): the limit is
+        shared out evenly, so together they never hold much more than it.
+        """
+        if not retention.max_channels:
+            return 0
+        return -(-retention.max_channels // len(self.shards))
+
+    @staticmethod
+    def _full(retention: Retention) -> Unavailable:
+        return Unavailable(
+            f"namespace {retention.namespace or 'default'} holds its maximum of"
+            f" {retention.max_channels} channels: try again later"
+        )
 
     async def _send(self, shard: Shard, batch: list[_Publish]) -> None:
         script = shard.script("publish")
@@ -370,7 +393,9 @@ class RedisBroker:
                 job.future.set_exception(self._failed(shard, reply))
                 continue
             offset, epoch, duplicate = reply
-            if duplicate:
+            if offset == -1:
+                job.future.set_exception(self._full(job.retention))
+            elif duplicate:
                 job.future.set_result(Duplicate(int(offset), as_text(epoch)))
             else:
                 job.pub.offset, job.pub.epoch = int(offset), as_text(epoch)
@@ -436,13 +461,18 @@ class RedisBroker:
     async def position(self, channel: str, *, create: Retention | None = None) -> StreamPosition:
         """The channel's top offset and epoch; see `HistoryStore.position`."""
         shard = self.shard(channel)
+        meta = self.keys.meta(channel)
+        limit = 0 if create is None else self._channel_limit(create)
+        counted = self.keys.namespace(create.namespace) if create is not None and limit else meta
         try:
             top, epoch = await shard.script("position")(
-                keys=[self.keys.meta(channel), self.keys.stream(channel)],
-                args=[1 if create is not None else 0, new_epoch(), self.grace_ms],
+                keys=[meta, self.keys.stream(channel), counted],
+                args=[1 if create is not None else 0, new_epoch(), self.grace_ms, limit, channel],
             )
         except RedisError as exc:
             raise self._failed(shard, exc) from None
+        if top == -1 and create is not None:
+            raise self._full(create)
         if epoch is None:
             return _NO_STREAM
         return StreamPosition(int(top), as_text(epoch))
@@ -459,9 +489,10 @@ class RedisBroker:
             try:
                 async with shard.client.pipeline(transaction=False) as pipe:
                     for channel in names:
+                        meta = self.keys.meta(channel)
                         await shard.script("position")(
-                            keys=[self.keys.meta(channel), self.keys.stream(channel)],
-                            args=[0, "", self.grace_ms],
+                            keys=[meta, self.keys.stream(channel), meta],
+                            args=[0, "", self.grace_ms, 0, channel],
                             client=pipe,
                         )
                     replies = await pipe.execute()

@@ -6,12 +6,45 @@ from __future__ import annotations
 
 from typing import Final
 
-# KEYS: meta, stream, idempotency (the meta key again when there is none)
+# Channels of a namespace holding state, for `Retention.max_channels`: a sorted
+# set per namespace (on each server, for the channels that server holds) of
+# channel -> when its meta expires on the server's clock (ms; +inf: never).
+# Expired members are dropped when a channel is created, so the set never
+# holds more than the limit. Outside this module's scripts nothing reads it.
+# Its key is not the channel's hash tag: Redis Cluster is not supported.
+COUNTED: Final = """
+local function clock()
+  local t = redis.call('time')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- May `name` hold state in the namespace counted in `ns`, at most `limit` channels?
+local function room(ns, limit, name)
+  if limit <= 0 then return true end
+  redis.call('zremrangebyscore', ns, '-inf', clock())
+  if redis.call('zscore', ns, name) then return true end
+  return redis.call('zcard', ns) < limit
+end
+-- `name`'s meta now lives `ms` more (nil: for ever).
+local function counted(ns, limit, name, ms)
+  if limit <= 0 then return end
+  if ms then
+    redis.call('zadd', ns, clock() + ms, name)
+  else
+    redis.call('zadd', ns, '+inf', name)
+  end
+end
+"""
+
+# KEYS: meta, stream, idempotency (the meta key again when there is none), the
+#       namespace's channel count (see COUNTED)
 # ARGV: body, size, ttl_ms, max_bytes, grace_ms, pubsub channel, idempotency_ttl_ms
-#       (0 = no key), a new epoch (used if the channel has none), now_ms
-# Returns {offset, epoch, duplicate (0/1)}.
-PUBLISH: Final = """
-local meta, stream, idem = KEYS[1], KEYS[2], KEYS[3]
+#       (0 = no key), a new epoch (used if the channel has none), now_ms,
+#       max_channels on this server (0 = no limit), the channel's name
+# Returns {offset, epoch, duplicate (0/1)}; offset -1: the namespace is full.
+PUBLISH: Final = (
+    COUNTED
+    + """
+local meta, stream, idem, ns = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local body = ARGV[1]
 local size = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
@@ -20,6 +53,8 @@ local grace = tonumber(ARGV[5])
 local pubsub = ARGV[6]
 local idem_ttl = tonumber(ARGV[7])
 local now = tonumber(ARGV[9])
+local limit = tonumber(ARGV[10])
+local name = ARGV[11]
 -- Byte limits count the payload only (what follows the header's newline).
 local function payload_size(stored)
   return #stored - string.find(stored, '\\n', 1, true)
@@ -39,9 +74,12 @@ if not epoch then
     end
     return {1, epoch, 0}
   end
+  if not room(ns, limit, name) then return {-1, '', 0} end
   -- A new epoch starts empty, whatever an expired or evicted meta left behind.
   redis.call('del', stream)
   redis.call('hset', meta, 'e', epoch, 't', 0, 'b', 0)
+  -- Where the channel is counted, for the refreshes of calls that do not know.
+  if limit > 0 then redis.call('hset', meta, 'n', ns) end
 end
 local offset = redis.call('hincrby', meta, 't', 1)
 if size > 0 then
@@ -74,8 +112,10 @@ if size > 0 then
 end
 if size > 0 and ttl == 0 then
   redis.call('persist', meta)
+  counted(ns, limit, name, nil)
 else
   redis.call('pexpire', meta, ttl + grace)
+  counted(ns, limit, name, ttl + grace)
 end
 redis.call('publish', pubsub, 'm' .. offset .. ' ' .. epoch .. ' ' .. body)
 if idem_ttl > 0 then
@@ -84,25 +124,40 @@ if idem_ttl > 0 then
 end
 return {offset, epoch, 0}
 """
+)
 
-# KEYS: meta, stream
-# ARGV: create (0/1), a new epoch, keep_ms (the meta lives at least this long now)
-# Returns {top, epoch or nil}.
-POSITION: Final = """
+# KEYS: meta, stream, the namespace's channel count (see COUNTED; with create)
+# ARGV: create (0/1), a new epoch, keep_ms (the meta lives at least this long now),
+#       max_channels on this server (0 = no limit), the channel's name
+# Returns {top, epoch or nil}; top -1: the namespace is full.
+POSITION: Final = (
+    COUNTED
+    + """
 local epoch = redis.call('hget', KEYS[1], 'e')
 local keep = tonumber(ARGV[3])
+local limit = tonumber(ARGV[4])
+local name = ARGV[5]
 if not epoch then
   if ARGV[1] == '0' then return {0, false} end
+  if not room(KEYS[3], limit, name) then return {-1, false} end
   epoch = ARGV[2]
   redis.call('del', KEYS[2])
   redis.call('hset', KEYS[1], 'e', epoch, 't', 0, 'b', 0)
+  -- Where the channel is counted, for the refreshes of calls that do not know.
+  if limit > 0 then redis.call('hset', KEYS[1], 'n', KEYS[3]) end
   redis.call('pexpire', KEYS[1], keep)
+  counted(KEYS[3], limit, name, keep)
   return {0, epoch}
 end
 local left = redis.call('pttl', KEYS[1])
-if left >= 0 and left < keep then redis.call('pexpire', KEYS[1], keep) end
+if left >= 0 and left < keep then
+  redis.call('pexpire', KEYS[1], keep)
+  local ns = redis.call('hget', KEYS[1], 'n')
+  if ns then redis.call('zadd', ns, 'XX', 'GT', clock() + keep, name) end
+end
 return {tonumber(redis.call('hget', KEYS[1], 't')), epoch}
 """
+)
 
 # KEYS: meta, stream
 # ARGV: since, count (-1 = all), max_bytes (-1 = no limit), now_ms, how many of

@@ -55,6 +55,11 @@ class Keys:
         """Sorted set: client id -> expiry ms (Redis 7.0 has no per-field hash expiry)."""
         return f"{self.prefix}:pz:{{{channel}}}"
 
+    def namespace(self, name: str) -> str:
+        """Sorted set: the namespace's channels holding state on this server -> when
+        their state expires (see `scripts.COUNTED`)."""
+        return f"{self.prefix}:ns:{name}"
+
     def pubsub(self, channel: str) -> str:
         """The pub/sub channel carrying the channel's messages and joins/leaves."""
         return f"{self.prefix}.c.{{{channel}}}"
