@@ -57,9 +57,8 @@ async def _plain(scope: Scope, receive: Receive, send: Send) -> None:
     """A host app with no router for ASGI apps that refuses lifespan, as Django's does."""
     if scope["type"] != "http":
         raise ValueError(f"this app handles HTTP only, not {scope['type']}")
-    await send(
-        {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
-    )
+    head = [(b"content-type", b"text/plain")]
+    await send({"type": "http.response.start", "status": 200, "headers": head})
     await send({"type": "http.response.body", "body": b"host " + scope["path"].encode()})
 
 
