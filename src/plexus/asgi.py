@@ -308,7 +308,7 @@ def create_app(
     settings: Settings | None = None,
     *,
     hooks: object = None,
-    engine: Engine | None = None,
+    engine: Engine | str | None = None,
     config_file: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     **overrides: Any,
@@ -322,15 +322,24 @@ def create_app(
             `overrides` (setting names: `engine="redis"`, `api_keys=[...]`).
         hooks: the application's hooks: a module, any object with `on_connect`,
             `on_subscribe`, ... or a module's dotted name (the `hooks` setting).
-        engine: a ready engine instead of the settings' (tests, custom stores);
-            not checked for sharing between processes.
+        engine: a ready engine instead of the settings' (tests, custom stores),
+            not checked for sharing between processes; or, as a string, the
+            `engine` setting (`engine="redis"`).
 
     `uvicorn --factory plexus.asgi:create_app` serves it alone, from the
     environment's settings.
 
     Raises:
-        ConfigError: the first bad setting, in one line.
+        ConfigError: the first bad setting or argument, in one line.
     """
+    if isinstance(engine, str):
+        # The setting, not an engine object: `create_app(engine="redis")` reads as one.
+        overrides["engine"] = engine
+        engine = None
+    elif engine is not None and not isinstance(engine, Engine):
+        raise ConfigError(
+            f"create_app: engine must be an Engine or a setting name, got {type(engine).__name__}"
+        )
     if settings is None:
         path = config_file if config_file is not None else os.environ.get("PLEXUS_CONFIG")
         settings = load_settings(path or None, env, overrides)
