@@ -20,7 +20,7 @@ import pytest
 
 from plexus.protocol.codes import CloseCode
 from tests.e2e.test_scale_out import node_env
-from tests.helpers import TIMEOUT, RedisServer, ServerProcess, UvicornProcess
+from tests.helpers import TIMEOUT, RedisServer, ServerProcess, UvicornProcess, serve_refused
 
 HOST_APP = "tests.e2e.asgi_host:fastapi_app"
 KEY = "k-asgi-test-key"
@@ -346,3 +346,16 @@ async def test_without_the_lifespan_plexus_starts_at_the_first_request(
         assert (await peer.message())["data"] == "late"
         await peer.ws.close()
     assert uvicorn.output().count("plexus lazily started by a request") == 1
+
+
+def test_a_native_server_on_the_mounted_apps_sqlite_data_dir_is_refused(tmp_path: Path) -> None:
+    data_dir = str(tmp_path / "data")
+    env = {"PLEXUS_ENGINE": "sqlite", "PLEXUS_DATA_DIR": data_dir}
+    with UvicornProcess(HOST_APP, env) as uvicorn:
+        line = serve_refused(["--port", "0"], env)
+        assert uvicorn.proc is not None
+        # uvicorn without --workers serves in its own process: the pid named is its.
+        assert line.startswith(
+            f"plexus: data_dir: {data_dir} is in use by another process (pid {uvicorn.proc.pid})"
+        )
+        assert 'share channels with engine = "redis"' in line
