@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--server",
-        choices=("plexus", "node", "floor", "both", "asgi"),
+        choices=("plexus", "node", "floor", "both", "asgi", "plexus-asgi"),
         default="both",
         help="both: plexus and node; asgi: plexus and plexus-asgi (mounted in FastAPI, uvicorn)",
     )
