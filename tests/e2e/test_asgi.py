@@ -18,6 +18,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from plexus.asgi import PlexusApp, Scope, create_app, mount
+from plexus.exceptions import ConfigError
 from plexus.protocol.codes import CloseCode
 from tests.e2e.test_scale_out import node_env
 from tests.helpers import TIMEOUT, RedisServer, ServerProcess, UvicornProcess, serve_refused
@@ -108,6 +110,76 @@ async def joined(session: aiohttp.ClientSession, base: str, channel: str) -> Pee
     answer = await peer.reply({"type": "subscribe", "id": 1, "channel": channel})
     assert answer["type"] == "reply", answer
     return peer
+
+
+# ----- the ASGI protocol in-process (no uvicorn): lifespan events and mount()
+
+
+async def lifespan(app: PlexusApp, *events: str) -> list[dict[str, Any]]:
+    """Run the ASGI lifespan protocol with `events`; what the app sent back."""
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    for event in events:
+        inbox.put_nowait({"type": event})
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return await inbox.get()
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
+
+    scope: Scope = {"type": "lifespan", "asgi": {"version": "3.0"}}
+    await asyncio.wait_for(app(scope, receive, send), TIMEOUT)
+    return sent
+
+
+async def test_the_lifespan_starts_and_stops_the_node(tmp_path: Any) -> None:
+    app = create_app(env={}, engine="memory", data_dir=str(tmp_path))
+    sent = await lifespan(app, "lifespan.startup", "lifespan.shutdown")
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert not app.started
+    with pytest.raises(RuntimeError, match="plexus was stopped"):
+        await app.startup()
+
+
+async def test_hooks_that_cannot_load_fail_the_startup_in_one_line(tmp_path: Any) -> None:
+    app = create_app(env={}, engine="memory", data_dir=str(tmp_path), hooks="no.such.hooks")
+    sent = await lifespan(app, "lifespan.startup")
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert sent[0]["message"].startswith("plexus: hooks: cannot import 'no.such.hooks'")
+    assert "\n" not in sent[0]["message"]
+    with pytest.raises(ConfigError, match="hooks: cannot import"):
+        async with app.lifespan():
+            pass  # pragma: no cover - the start fails
+
+
+async def test_mount_sends_its_path_to_plexus_and_the_rest_to_the_host(tmp_path: Any) -> None:
+    plexus_app = create_app(env={}, engine="memory", data_dir=str(tmp_path))
+    seen: list[Scope] = []
+
+    async def host(scope: Scope, receive: Any, send: Any) -> None:
+        seen.append(scope)
+
+    app = mount(host, plexus_app, "/rt/")
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async with plexus_app.lifespan():
+        await app({"type": "http", "path": "/rtx", "root_path": ""}, receive, send)
+        assert [s["path"] for s in seen] == ["/rtx"]
+        scope = {"type": "http", "path": "/rt/nothing", "root_path": "", "headers": []}
+        await app(scope, receive, send)
+    assert len(seen) == 1
+    assert sent[0]["status"] == 404
+    assert b"no route /nothing" in sent[-1]["body"]
+
+
+# ----- under a real uvicorn
 
 
 async def test_mounted_app_serves_websocket_api_script_and_health(
