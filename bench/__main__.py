@@ -42,7 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="WORKLOAD",
         help=f"any of {', '.join(ALL_WORKLOADS)} (default: {' '.join(DEFAULT_WORKLOADS)})",
     )
-    p.add_argument("--server", choices=("plexus", "node", "floor", "both"), default="both")
+    p.add_argument(
+        "--server",
+        choices=("plexus", "node", "floor", "both", "asgi", "plexus-asgi"),
+        default="both",
+        help="both: plexus and node; asgi: plexus and plexus-asgi (mounted in FastAPI, uvicorn)",
+    )
     p.add_argument("--quick", action="store_true", help="small sizes, a few minutes in all")
     p.add_argument("--subs", type=ints, help="fanout subscriber counts (default 1000,5000)")
     p.add_argument(
@@ -83,7 +88,9 @@ def plan(args: argparse.Namespace) -> list[Run]:
     """The runs, in order: (group title, server kind, run function), servers side by side."""
     quick = args.quick
     names = args.workloads or list(DEFAULT_WORKLOADS)
-    kinds = ["plexus", "node"] if args.server == "both" else [args.server]
+    kinds = {"both": ["plexus", "node"], "asgi": ["plexus", "plexus-asgi"]}.get(
+        args.server, [args.server]
+    )
     runs: list[Run] = []
 
     def each(

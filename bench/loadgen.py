@@ -9,7 +9,8 @@ time; long commands send `progress` events before their answer.
 
 Commands (dicts with an `op`), and what they answer besides `cpu` (CPU seconds
 the worker used during the command) and `t0_ns`/`t1_ns` (wall clock):
-  connect   host, port, n, channel|None, sources, concurrency, timeout, stop_after_failures
+  connect   host, port, path, n, channel|None, sources, concurrency, timeout,
+            stop_after_failures
             -> connected, failed, errors
   expect    count (per connection), timeout -> messages, min/max per connection,
             last_ns, latencies (array of ns, when latency)
@@ -173,6 +174,7 @@ class Worker:
                         host,
                         port,
                         self.counters,
+                        path=cmd.get("path", "/ws"),
                         source=sources[(base + i) % len(sources)],
                         timeout=cmd.get("timeout", 30.0),
                         deflate=cmd.get("deflate", False),
@@ -288,7 +290,7 @@ class Worker:
     async def _burst_http(self, cmd: Reply) -> Reply:
         import aiohttp
 
-        url = f"http://{cmd['host']}:{cmd['port']}/api/publish"
+        url = f"http://{cmd['host']}:{cmd['port']}{cmd.get('prefix', '')}/api/publish"
         channel, count, window = cmd["channel"], cmd["count"], cmd.get("window", 100)
         pad = pad_for(cmd.get("size", 100))
         state = PublishState()

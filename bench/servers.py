@@ -26,7 +26,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 NODE_PEER = BENCH_DIR / "peers" / "node-ws"
 PLEXUS_CONFIG = BENCH_DIR / "plexus-bench.toml"
-LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)")
+# `plexus serve` says "listening on", uvicorn "Uvicorn running on".
+LISTENING = re.compile(rb"(?:listening on|running on) http://127\.0\.0\.1:(\d+)")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
 
@@ -39,6 +40,8 @@ PR_SET_PDEATHSIG = 1
 # what another node published.
 # `plexus-deflate` and `node-deflate` negotiate permessage-deflate (Plexus with
 # `compression = "on"`, Node ws with its defaults and no size threshold).
+# `plexus-asgi` is the `plexus` settings mounted at /rt in a FastAPI app
+# (bench/asgi_host.py) served by uvicorn, one process: the mount's cost.
 # `plexus-default` is Plexus with its built-in settings (no bench config, rate
 # limits on, the default engine): what the soak runs.
 KINDS = (
@@ -47,6 +50,7 @@ KINDS = (
     "plexus-redis",
     "plexus-deflate",
     "plexus-default",
+    "plexus-asgi",
     "node",
     "node-deflate",
     "floor",
@@ -67,6 +71,7 @@ class Server:
     # Started with it and stopped after it: the publishing node and redis-server.
     companions: list[Server] = field(default_factory=list)
     publisher_port: int = 0  # where fan-out publishes go (its own port unless set)
+    prefix: str = ""  # the path Plexus is mounted at (`/ws` and `/api/*` are below it)
 
     @property
     def pid(self) -> int:
@@ -164,7 +169,7 @@ def start(
             env["PERMESSAGE_DEFLATE"] = "1"
     elif kind == "floor":
         cmd = [sys.executable, str(FLOOR_PEER), "0"]
-    elif kind in ("plexus", "plexus-sqlite", "plexus-redis-node", "plexus-deflate"):
+    elif kind in ("plexus", "plexus-sqlite", "plexus-redis-node", "plexus-deflate", "plexus-asgi"):
         tmpdir = Path(tempfile.mkdtemp(prefix="plexus-bench-"))
         env.update(
             PLEXUS_PUBLISH_RATE="0",
@@ -174,6 +179,13 @@ def start(
             PLEXUS_COMPRESSION="on" if kind == "plexus-deflate" else "off",
         )
         cmd = [*plexus_command(), "serve", "--port", "0"]
+        if kind == "plexus-asgi":
+            # uvicorn picks uvloop and httptools as the native server uses uvloop;
+            # no access log (the native server keeps none either).
+            cmd = [
+                sys.executable, "-m", "uvicorn", "--factory", "bench.asgi_host:create_app",
+                "--host", "127.0.0.1", "--port", "0", "--no-access-log",
+            ]  # fmt: skip
     elif kind == "plexus-default":
         tmpdir = Path(tempfile.mkdtemp(prefix="plexus-soak-"))
         env = {k: v for k, v in env.items() if not k.startswith("PLEXUS_")}
@@ -206,7 +218,8 @@ def start(
     while time.monotonic() < deadline:
         found = LISTENING.search(log.read_bytes())
         if found:
-            return Server(kind, proc, int(found.group(1)), log, tmpdir)
+            prefix = "/rt" if kind == "plexus-asgi" else ""
+            return Server(kind, proc, int(found.group(1)), log, tmpdir, prefix=prefix)
         if proc.poll() is not None:
             break
         time.sleep(0.05)

@@ -107,6 +107,7 @@ class Session:
                 "op": "connect",
                 "host": "127.0.0.1",
                 "port": port or self.server.port,
+                "path": self.server.prefix + "/ws",
                 "n": share,
                 "channel": channel,
                 "sources": sources,
@@ -223,7 +224,7 @@ def fanout(
         s.connect(1, None, [ctx.pub_worker], port=pub_port)
         base = {"op": "burst", "channel": channel, "size": size, "via": via, "window": 100}
         base["chat"] = chat
-        base.update(host="127.0.0.1", port=pub_port, timeout=120.0)
+        base.update(host="127.0.0.1", port=pub_port, prefix=s.server.prefix, timeout=120.0)
         warm = min(50, messages)
         ctx.status(f"{kind}: warm-up")
         _publish_and_wait(s, {**base, "count": warm}, warm, subs, 60.0)

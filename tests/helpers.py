@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import re
 import shutil
@@ -532,3 +533,136 @@ class EventStream:
         """Drop the stream's connection (the server sees its reader go)."""
         if self.response is not None:
             self.response.close()
+
+
+class UvicornProcess:
+    """An ASGI app served by a real `uvicorn` in a child process, on a loopback port.
+
+    The test binds the listening socket (port 0: a free port, no race) and
+    hands it over with `--fd`, as a supervisor does; with `workers` > 1 every
+    worker inherits it. Ready once every worker's application has started.
+
+    Args:
+        app: the uvicorn app argument, e.g. `tests.e2e.asgi_host:fastapi_app`
+            (a factory: `--factory` is passed).
+        env: extra environment variables (PLEXUS_* settings of the app).
+        args: extra uvicorn arguments.
+        workers: uvicorn's `--workers`.
+        cwd: the directory the app is imported from.
+    """
+
+    def __init__(
+        self,
+        app: str,
+        env: Mapping[str, str] | None = None,
+        args: list[str] | None = None,
+        *,
+        workers: int = 1,
+        cwd: Path = ROOT,
+    ) -> None:
+        self.app = app
+        self.env = dict(env or {})
+        self.args = list(args or [])
+        self.workers = workers
+        self.cwd = cwd
+        self.port = 0
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+        self._started = 0
+        self._ready = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = TIMEOUT) -> UvicornProcess:
+        """Start, and wait until every worker started its application."""
+        self.launch()
+        if not self._ready.wait(timeout):
+            self.kill()
+            raise RuntimeError("uvicorn did not start:\n" + self.output()[-4000:])
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError("uvicorn exited:\n" + self.output()[-4000:])
+        return self
+
+    def launch(self) -> UvicornProcess:
+        """Start the process without waiting for it."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        self.port = sock.getsockname()[1]
+        env = {**os.environ, **self.env}
+        cmd = [
+            sys.executable, "-m", "uvicorn", "--factory", self.app,
+            "--fd", str(sock.fileno()), "--workers", str(self.workers),
+            "--timeout-graceful-shutdown", "3", *self.args,
+        ]  # fmt: skip
+        try:
+            self.proc = subprocess.Popen(
+                cmd,
+                env=env,
+                cwd=str(self.cwd),
+                pass_fds=[sock.fileno()],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                # Its own process group: `kill` reaches the workers too.
+                start_new_session=True,
+            )
+        finally:
+            sock.close()  # the child holds it now
+        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.lines.append(line)
+            if "Application startup complete" in line:
+                self._started += 1
+                if self._started >= self.workers:
+                    self._ready.set()
+        self._ready.set()  # EOF: let start() report the failure
+
+    def wait(self, timeout: float = TIMEOUT) -> int:
+        """Wait for the process to exit by itself; return its status."""
+        assert self.proc is not None
+        status = self.proc.wait(timeout)
+        if self._reader is not None:
+            self._reader.join(TIMEOUT)
+        return status
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, timeout: float = TIMEOUT) -> int:
+        """SIGTERM and wait; return the exit status."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            status = self.proc.wait(timeout)
+        finally:
+            self.kill()
+        return status
+
+    def kill(self) -> None:
+        """SIGKILL to the supervisor and its workers (the process group it leads)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(TIMEOUT)
+        if self._reader is not None:
+            self._reader.join(TIMEOUT)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> UvicornProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

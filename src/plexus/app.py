@@ -32,6 +32,7 @@ from plexus.engines.base import Engine
 from plexus.logs import quiet_malformed_requests
 from plexus.metrics import CONTENT_TYPE
 from plexus.node import Node, RpcHandler
+from plexus.sharing import Claim, claim_data_dir
 from plexus.transports.http_api import HttpApi
 from plexus.transports.lean import LeanListener
 from plexus.transports.link import Endpoint
@@ -194,6 +195,8 @@ class Server:
         self._lean: LeanListener | None = None
         self._rpc: dict[str, RpcHandler] = {}
         self._closed = asyncio.Event()
+        # What this process must not share with another (plexus.sharing).
+        self.claim = Claim()
         self.port = 0
         self.started_at = 0.0
 
@@ -209,6 +212,14 @@ class Server:
             return handler
 
         return register
+
+    @property
+    def http_factory(self) -> Callable[[], asyncio.Protocol]:
+        """aiohttp's protocol factory: one protocol per HTTP connection (after `start`)."""
+        server = self._runner.server if self._runner is not None else None
+        if server is None:
+            raise RuntimeError("the server is not started")
+        return server
 
     @property
     def url(self) -> str:
@@ -317,17 +328,31 @@ class Server:
         context.load_cert_chain(self.settings.certfile, self.settings.keyfile)
         return context
 
-    async def start(self) -> None:
-        """Start the stores, the broker and the listener."""
+    async def start(self, *, listen: bool = True) -> None:
+        """Start the stores, the broker and the listener.
+
+        Args:
+            listen: bind `host:port` and serve it. False when another server
+                takes the requests (`plexus.asgi`): the node, its endpoint
+                and the aiohttp application (`http_factory`) are ready, no
+                socket is bound and no signal handled.
+        """
         settings = self.settings
         quiet_malformed_requests()
         # aiohttp puts its default into every response it prepares, its own
         # 400s for requests it cannot parse included: no route, middleware or
         # signal sees those, so the default itself is replaced (process-wide).
         setattr(web_response, "SERVER_SOFTWARE", SERVER_HEADER)  # noqa: B010
-        self.node = Node(settings, self._engine or make_engine(settings), hooks=self._hooks)
-        self.node.rpc_handlers.update(self._rpc)
-        await self.node.start()
+        if self._engine is None and settings.history_backend == "sqlite":
+            # One process per SQLite data_dir (plexus.sharing).
+            claim_data_dir(self.claim, settings.data_dir)
+        try:
+            self.node = Node(settings, self._engine or make_engine(settings), hooks=self._hooks)
+            self.node.rpc_handlers.update(self._rpc)
+            await self.node.start()
+        except BaseException:
+            self.claim.release()
+            raise
         self.endpoint = Endpoint(self.node, Authenticator.from_settings(settings))
         self.endpoint.start()
         self.sse = SseTransport(self.endpoint)
@@ -341,6 +366,9 @@ class Server:
             lingering_time=LINGERING_TIME,
         )
         await self._runner.setup()
+        if not listen:
+            self.started_at = time.time()
+            return
         family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -352,6 +380,7 @@ class Server:
             sock.close()
             await self._runner.cleanup()
             await self.node.close()
+            self.claim.release()
             raise
         sock.listen(1024)
         sock.setblocking(False)
@@ -438,6 +467,7 @@ class Server:
                 await asyncio.wait_for(endpoint.wait_drained(), 0.5)
         await runner.cleanup()
         await node.close()
+        self.claim.release()
         self._closed.set()
         log.info("stopped")
 

@@ -230,6 +230,8 @@ def _serve(args: argparse.Namespace) -> int:
         return Workers(settings, forwarded).run()
     try:
         _run(serve(settings))
+    except ConfigError as exc:  # what the start finds, e.g. a data_dir another process holds
+        return _fail(str(exc))
     except OSError as exc:
         return _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
     except KeyboardInterrupt:
