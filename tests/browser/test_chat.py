@@ -73,6 +73,7 @@ def test_two_pages_chat_with_each_other(open_chat: OpenChat) -> None:
     bob.wait_online(["alice", "bob"])
 
     alice.send("你好世界 👋🏽 hello")
+    expect(bob.messages).to_have_count(1, timeout=WAIT_MS)  # the order is then the test's
     bob.send("Привет! 🎉 مرحبا")
     for chat in (alice, bob):
         expect(chat.page.locator("[data-testid=message-text]")).to_have_text(
@@ -138,6 +139,7 @@ def test_image_sent_by_one_page_is_shown_in_the_other(open_chat: OpenChat) -> No
     alice = open_chat("alice")
     bob = open_chat("bob")
     bob.send("Hi Alice! 你好 👋")
+    expect(alice.messages).to_have_count(1, timeout=WAIT_MS)
     alice.send("Look at this sunset 🌄 看这个")
     image = gradient_png()
     assert len(image) < 48 * 1024
@@ -193,6 +195,7 @@ def test_chat_with_compression(open_chat: OpenChat, server_env: dict[str, str]) 
     alice.wait_online(["alice", "bob"])
     line = "A line long enough to be compressed, and then some more words. 你好世界 👋🏽 " * 4
     alice.send(line.strip())
+    expect(bob.messages).to_have_count(1, timeout=WAIT_MS)
     bob.send("short")
     for chat in (alice, bob):
         expect(chat.page.locator("[data-testid=message-text]")).to_have_text(

@@ -72,8 +72,12 @@ def test_sse_pages_recover_every_message_once_in_order_after_a_restart(
 ) -> None:
     alice = open_chat("alice", init_script=NO_WEBSOCKET)
     bob = open_chat("bob", init_script=NO_WEBSOCKET)
+    # One at a time, each seen by the other page first: the order of messages
+    # sent at once from different places is the server's to choose.
     alice.send("before restart")
+    expect(bob.messages).to_have_count(1, timeout=WAIT_MS)
     bob.send("also before")
+    expect(alice.messages).to_have_count(2, timeout=WAIT_MS)
     api_publish(server, f"chat:{room}", {"kind": "text", "text": "api 0", "nick": "backend"})
     for chat in (alice, bob):
         expect(chat.messages).to_have_count(3, timeout=WAIT_MS)
@@ -102,6 +106,7 @@ def test_sse_pages_recover_every_message_once_in_order_after_a_restart(
         expect(chat.badge).to_have_text("Connected · SSE")
     # The conversation goes on over the new sessions, both ways.
     alice.send("after restart ✅")
+    expect(bob.messages).to_have_count(len(expected) + 1, timeout=WAIT_MS)
     bob.send("me too")
     for chat in (alice, bob):
         expect(chat.locator("message-text")).to_have_text(
@@ -117,6 +122,7 @@ def test_a_working_websocket_is_used_and_sse_never_asked_for(open_chat: OpenChat
     alice = open_chat("alice")
     bob = open_chat("bob", init_script=NO_WEBSOCKET)
     alice.send("from the WebSocket page")
+    expect(bob.messages).to_have_count(1, timeout=WAIT_MS)
     bob.send("from the SSE page")
     for chat in (alice, bob):
         expect(chat.locator("message-text")).to_have_text(
