@@ -892,6 +892,19 @@ def test_generated_commands_cover_the_cases(commands: list[Fuzzed]) -> None:
     assert sum(b"[" * 200 in c.payload or b'{"a":' * 200 in c.payload for c in commands) > 100
 
 
+async def assert_unharmed(server: ServerProcess, http: aiohttp.ClientSession) -> None:
+    """The server survived the fuzzing: still running, healthy, and nothing logged as an error."""
+    async with http.get(server.url + "/health") as response:
+        assert response.status == 200
+        assert (await response.json())["status"] == "ok"
+    assert server.proc is not None
+    assert server.proc.poll() is None
+    log = server.output()
+    assert "Traceback" not in log
+    assert " ERROR " not in log
+    assert " CRITICAL " not in log
+
+
 async def test_fuzzed_commands(
     commands: list[Fuzzed], fuzz_server: ServerProcess, http: aiohttp.ClientSession
 ) -> None:
@@ -907,16 +920,8 @@ async def test_fuzzed_commands(
     for conn in conns.values():
         if conn.ws is not None:
             await conn.ws.close()
-    async with http.get(fuzz_server.url + "/health") as response:
-        assert response.status == 200
-        assert (await response.json())["status"] == "ok"
+    await assert_unharmed(fuzz_server, http)
     elapsed = time.monotonic() - started
-    assert fuzz_server.proc is not None
-    assert fuzz_server.proc.poll() is None
-    log = fuzz_server.output()
-    assert "Traceback" not in log
-    assert " ERROR " not in log
-    assert " CRITICAL " not in log
     assert stats.sent == TOTAL
     assert stats.closes.get(4000, 0) > 0  # the bad-command rule was exercised
     assert stats.replies > TOTAL * 0.05  # and so were the real commands
@@ -958,16 +963,8 @@ async def test_fuzzed_commands_over_sse(
         await sse_bystander.verify(published)
     if conn.stream is not None:
         conn.stream.close()
-    async with http.get(fuzz_server.url + "/health") as response:
-        assert response.status == 200
-        assert (await response.json())["status"] == "ok"
+    await assert_unharmed(fuzz_server, http)
     elapsed = time.monotonic() - started
-    assert fuzz_server.proc is not None
-    assert fuzz_server.proc.poll() is None
-    log = fuzz_server.output()
-    assert "Traceback" not in log
-    assert " ERROR " not in log
-    assert " CRITICAL " not in log
     assert stats.sent == TOTAL
     assert stats.closes.get(4000, 0) > 0
     assert stats.closes.get(1009, 0) >= 4

@@ -7,12 +7,12 @@ on a loopback socket the test binds), with its own plexus.toml.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import aiohttp
 import pytest
 
 from plexus.protocol.codes import CloseCode
+from tests.examples.common import assert_team_refused, browser, receive
 from tests.helpers import ROOT, TIMEOUT, UvicornProcess
 
 EXAMPLE = ROOT / "examples" / "fastapi_mount"
@@ -25,13 +25,6 @@ def example() -> Iterator[UvicornProcess]:
     assert "Application shutdown complete" in uvicorn.output()
 
 
-def browser() -> aiohttp.ClientSession:
-    """A browser's cookie jar: keeps the app's session cookie (of an IP host, hence unsafe)."""
-    return aiohttp.ClientSession(
-        cookie_jar=aiohttp.CookieJar(unsafe=True), timeout=aiohttp.ClientTimeout(total=TIMEOUT)
-    )
-
-
 def ws_url(example: UvicornProcess) -> str:
     return example.url.replace("http", "ws", 1) + "/realtime/ws"
 
@@ -42,12 +35,6 @@ async def login(session: aiohttp.ClientSession, example: UvicornProcess, user: s
         example.url + "/login", json={"user": user, "password": password}
     ) as resp:
         assert resp.status == 200, await resp.text()
-
-
-async def receive(ws: aiohttp.ClientWebSocketResponse) -> Any:
-    msg = await ws.receive(TIMEOUT)
-    assert msg.type == aiohttp.WSMsgType.TEXT, (msg.type, msg.data, msg.extra)
-    return msg.json()
 
 
 async def test_the_session_cookie_connects_and_a_view_notifies(example: UvicornProcess) -> None:
@@ -80,15 +67,7 @@ async def test_the_session_cookie_connects_and_a_view_notifies(example: UvicornP
         bob_ws = await bob.ws_connect(ws_url(example))
         assert (await receive(bob_ws))["user"] == "bob"
         await receive(bob_ws)  # subscribed to #bob
-        await bob_ws.send_json({"type": "subscribe", "id": 1, "channel": "team:wonder"})
-        refused = await receive(bob_ws)
-        assert (refused["type"], refused["code"], refused["message"]) == (
-            "error",
-            "permission_denied",
-            "not a member of wonder",
-        )
-        await bob_ws.send_json({"type": "ping", "id": 2})
-        assert (await receive(bob_ws))["type"] == "pong", "the connection stays open"
+        await assert_team_refused(bob_ws)
         await ws.close()
         await bob_ws.close()
 

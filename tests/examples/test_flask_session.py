@@ -20,6 +20,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from plexus.app import Server
 from plexus.config import load_settings
 from plexus.protocol.codes import CloseCode
+from tests.examples.common import assert_team_refused, browser, receive
 from tests.helpers import ROOT, TIMEOUT
 
 EXAMPLE = ROOT / "examples" / "flask_session"
@@ -93,22 +94,11 @@ async def apps(
         await plexus.stop()
 
 
-def browser() -> aiohttp.ClientSession:
-    """A browser's cookie jar: keeps the Flask session cookie (of an IP host, hence unsafe)."""
-    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
-
-
 async def login(session: aiohttp.ClientSession, apps: Apps, user: str, password: str) -> None:
     async with session.post(
         apps.flask_url + "/login", data={"user": user, "password": password}
     ) as resp:
         assert resp.status == 200, await resp.text()
-
-
-async def receive(ws: aiohttp.ClientWebSocketResponse) -> Any:
-    msg = await ws.receive(TIMEOUT)
-    assert msg.type == aiohttp.WSMsgType.TEXT, (msg.type, msg.data, msg.extra)
-    return msg.json()
 
 
 async def test_the_session_cookie_connects_and_a_view_notifies(apps: Apps) -> None:
@@ -138,15 +128,7 @@ async def test_the_session_cookie_connects_and_a_view_notifies(apps: Apps) -> No
         bob_ws = await bob.ws_connect(apps.plexus.ws_url)
         assert (await receive(bob_ws))["user"] == "bob"
         await receive(bob_ws)  # subscribed to #bob
-        await bob_ws.send_json({"type": "subscribe", "id": 1, "channel": "team:wonder"})
-        refused = await receive(bob_ws)
-        assert (refused["type"], refused["code"], refused["message"]) == (
-            "error",
-            "permission_denied",
-            "not a member of wonder",
-        )
-        await bob_ws.send_json({"type": "ping", "id": 2})
-        assert (await receive(bob_ws))["type"] == "pong", "the connection stays open"
+        await assert_team_refused(bob_ws)
         await ws.close()
         await bob_ws.close()
 
