@@ -64,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rt-clients", type=int, default=100, help="roundtrip clients (default 100)")
     p.add_argument("--rt-mode", choices=("publish", "ping"), default="publish")
     p.add_argument("--rt-duration", type=float, help="roundtrip seconds (default 10, quick 3)")
+    p.add_argument(
+        "--durable-servers",
+        default="plexus,plexus-sqlite,plexus-redis",
+        help="durable: the history engines compared (default all three)",
+    )
     p.add_argument("--idle-conns", type=int, default=10_000, help="idle connections (10000)")
     p.add_argument("--max-conns", type=int, default=19_000, help="maxconn target (19000)")
     p.add_argument("--history-subs", type=ints, help="history subscriber counts (default 1000)")
@@ -172,7 +177,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
                 )
 
             group = f"durable clients={args.rt_clients} publish {rt_duration:g}s"
-            each(group, dur, ["plexus", "plexus-sqlite", "plexus-redis"])
+            each(group, dur, args.durable_servers.split(","))
         elif name == "compression":
             # Chat-like JSON to subscribers that offer permessage-deflate, each
             # server without and with compression.

@@ -357,12 +357,15 @@ async def test_sweep_deletes_expired_rows(tmp_path: Path) -> None:
     await store.publish(message("gone", t - 60_000, channel="chat:old"), keep(10, ttl=1))
     await store.publish(message("k", t, channel="chat:k"), keep(10), "key-1")
     assert await store.sweep(t) == ["chat:old"]
+    # The stale message shares its chunk with a newer one that never expires:
+    # reads skip it until a trim drops the chunk.
+    assert [p.offset for p in (await store.read(CH, since=0, now=t)).publications] == [2]
     await store.close()
     with database(store.file) as db:
-        rows = db.execute('SELECT channel, "offset" FROM messages ORDER BY channel').fetchall()
+        chunks = db.execute("SELECT DISTINCT channel FROM chunks ORDER BY channel").fetchall()
         tops = db.execute("SELECT channel, top_offset FROM channels ORDER BY channel").fetchall()
         keys = db.execute("SELECT channel, key FROM idempotency").fetchall()
-    assert rows == [("chat:k", 1), (CH, 2)]
+    assert chunks == [("chat:k",), (CH,)]
     assert tops == [("chat:k", 1), (CH, 2)]
     assert keys == [("chat:k", "key-1")]  # remembered for the idempotency TTL (300 s)
     store = SqliteBroker(tmp_path, grace=1)
@@ -370,6 +373,19 @@ async def test_sweep_deletes_expired_rows(tmp_path: Path) -> None:
     await store.close()
     with database(store.file) as db:
         assert db.execute("SELECT count(*) FROM idempotency").fetchone() == (0,)
+
+
+async def test_a_chunk_whose_newest_message_expired_is_deleted(tmp_path: Path) -> None:
+    store = SqliteBroker(tmp_path)
+    t = now_ms()
+    await store.publish(message("a", t - 60_000), keep(10, ttl=1))
+    await store.publish(message("b", t - 50_000), keep(10, ttl=1))
+    assert await store.sweep(t) == []  # the channel is kept for its grace
+    assert (await store.read(CH, since=0, now=t)).publications == []
+    assert await store.position(CH) == StreamPosition(2, (await store.position(CH)).epoch)
+    await store.close()
+    with database(store.file) as db:
+        assert db.execute("SELECT count(*) FROM chunks").fetchone() == (0,)
 
 
 @pytest.mark.parametrize(
@@ -497,17 +513,30 @@ async def test_a_version_1_database_is_migrated(
         await store.close()
     after = now_ms()
     with database(file) as db:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
         channels = {
             row[0]: row[1:]
             for row in db.execute("SELECT channel, namespace, expires_ms FROM channels")
         }
-        data = db.execute(
-            "SELECT data FROM messages WHERE channel = 'chat:forever' AND \"offset\" = 2"
-        ).fetchone()[0]
+        chunk = db.execute("SELECT data FROM chunks WHERE channel = 'chat:forever'").fetchone()[0]
         columns = [row[1] for row in db.execute("PRAGMA table_info(channels)")]
-    assert caplog.messages == ["history: migrated 4 messages to schema 3"]
-    assert columns == ["channel", "epoch", "top_offset", "updated_ms", "expires_ms", "namespace"]
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert caplog.messages == [
+        "history: migrated 4 messages to schema 2",
+        "history: moved 4 messages into chunks (schema 4)",
+    ]
+    assert columns == [
+        "channel",
+        "epoch",
+        "top_offset",
+        "updated_ms",
+        "expires_ms",
+        "namespace",
+        "size",
+        "max_bytes",
+    ]
+    assert "messages" not in tables
+    data = next(row[5] for row in msgpack.unpackb(chunk) if row[0] == 2)
     assert channels["chat:forever"] == ("chat", None)  # its messages never expire
     assert channels["news:soon"] == ("news", before + 60_000 + GRACE_MS)
     namespace, expires = channels["quiet"]
@@ -525,6 +554,62 @@ async def test_a_version_1_database_is_migrated(
         assert (await store.position("chat:forever")).epoch == "ep-forever"
     finally:
         await store.close()
+
+
+_V3_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE channels (
+    channel TEXT PRIMARY KEY, epoch TEXT NOT NULL,
+    top_offset INTEGER NOT NULL, updated_ms INTEGER NOT NULL, expires_ms INTEGER,
+    namespace TEXT NOT NULL DEFAULT ''
+) WITHOUT ROWID;
+CREATE TABLE messages (
+    channel TEXT NOT NULL, "offset" INTEGER NOT NULL, time INTEGER NOT NULL,
+    expires INTEGER, client TEXT, user TEXT, data BLOB NOT NULL,
+    PRIMARY KEY (channel, "offset")
+);
+CREATE TABLE idempotency (
+    channel TEXT NOT NULL, key TEXT NOT NULL, "offset" INTEGER NOT NULL,
+    epoch TEXT NOT NULL, expires INTEGER NOT NULL, PRIMARY KEY (channel, key)
+) WITHOUT ROWID;
+CREATE TABLE journal (
+    channel TEXT NOT NULL, "offset" INTEGER NOT NULL, time INTEGER NOT NULL,
+    expires INTEGER, client TEXT, user TEXT, data BLOB NOT NULL,
+    size INTEGER NOT NULL, max_bytes INTEGER NOT NULL
+);
+"""
+
+
+async def test_a_version_3_database_and_its_journal_are_migrated(tmp_path: Path) -> None:
+    """Schema 3 kept a row per message, and a crash could leave some in its journal."""
+    file = tmp_path / "v3.db"
+    with database(file) as db:
+        db.executescript(_V3_SCHEMA)
+        db.execute("INSERT INTO meta VALUES ('schema', '3')")
+        db.execute("INSERT INTO channels VALUES ('chat:a', 'ep-a', 2, ?, NULL, 'chat')", (T0,))
+        db.executemany(
+            "INSERT INTO messages VALUES ('chat:a', ?, ?, NULL, 'c-1', 'alice', ?)",
+            [(n, T0 + n, message(n).raw) for n in (1, 2)],
+        )
+        db.executemany(  # moved into messages by the next open, trimmed to its 3 newest
+            "INSERT INTO journal VALUES ('chat:a', ?, ?, NULL, NULL, NULL, ?, 3, 0)",
+            [(n, T0 + n, message(n).raw) for n in (3, 4, 5)],
+        )
+    store = SqliteBroker(file)
+    try:
+        page = await store.read("chat:a", since=0)
+        assert [(p.offset, p.data) for p in page.publications] == [(3, 3), (4, 4), (5, 5)]
+        assert not page.complete  # 1 and 2 were trimmed
+        assert page.position == StreamPosition(5, "ep-a")
+        following = await put(store, message(6, channel="chat:a"), keep(3))
+        assert (following.offset, following.epoch) == (6, "ep-a")
+        page = await store.read("chat:a", since=0)
+        assert [p.offset for p in page.publications] == [4, 5, 6]
+    finally:
+        await store.close()
+    with database(file) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert {"messages", "journal"}.isdisjoint(tables)
 
 
 # -- what it shows: health, logs, its thread ------------------------------------

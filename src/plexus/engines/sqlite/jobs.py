@@ -21,7 +21,10 @@ class Top:
 
     offset: int
     epoch: str
-    bytes: int | None = None  # None until a byte limit needs it
+    bytes: int | None = None  # of its chunks; None until a byte limit needs it
+    size: int | None = None  # its retention, as last moved (None: not known)
+    max_bytes: int | None = None
+    trimmed: int = 0  # its chunks up to this offset were dropped (0: maybe none)
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from plexus.engines.base import Retention
 from plexus.engines.memory import new_epoch, now_ms
@@ -30,16 +30,14 @@ from plexus.engines.sqlite.jobs import (
     Top,
 )
 from plexus.engines.sqlite.schema import (
-    JOURNAL_CHUNK,
-    JOURNAL_STATE,
-    MOVE,
+    CHUNKS,
     SCHEMA,
     SCHEMA_VERSION,
-    SELECT,
     boot_id,
     count_namespaces,
-    journal_insert,
     migrate,
+    pack,
+    unpack,
 )
 from plexus.exceptions import Unavailable
 from plexus.models import Duplicate, Publication, StreamPosition
@@ -51,19 +49,24 @@ logger = logging.getLogger("plexus.engines.sqlite")
 
 SWEEP_BATCH: Final = 10_000  # bounds how long one sweep holds up the appends queued behind it
 ERROR_LOG_INTERVAL: Final = 5.0
-# The journal moves into `messages` once it holds this many rows or payload
-# bytes: more rows per move share more of its page writes (several messages
-# of each channel per index page), fewer bound the pause of the batch that
-# moves (2-3 us per row: a few ms) and the replay after a crash.
+# The journal moves into `chunks` once it holds this many messages or payload
+# bytes: more per move make bigger chunks (fewer rows and index entries per
+# message), fewer bound the pause of the batch that moves and the replay
+# after a crash.
 MOVE_ROWS: Final = 1024
 MOVE_BYTES: Final = 4 << 20
 # Seconds without jobs after which the journal is moved anyway.
 IDLE_MOVE: Final = 1.0
 
 
+# A message as the journal holds it: channel, offset, time, expires, client,
+# user, data, size, max_bytes (see `schema.py`).
+JournalRow: TypeAlias = tuple[str, int, int, int | None, str | None, str | None, bytes, int, int]
+
+
 @dataclass(slots=True)
 class Pending:
-    """A channel's rows in the journal, not yet moved into `messages`."""
+    """A channel's messages in the journal, not yet moved into `chunks`."""
 
     offset: int  # of its newest
     time: int  # of its newest
@@ -71,20 +74,22 @@ class Pending:
     size: int  # the retention they are trimmed to
     max_bytes: int
     bytes: int  # their payload bytes
+    rows: list[JournalRow]  # the chunk they become
 
 
 @dataclass(slots=True)  # attributes read per message: no instance dict
 class Writer:
     """The writer thread: owns the connection and each channel's top position.
 
-    An append commits one row in `journal` (a table without index, so a
-    batch's rows fill a few pages whatever their channels) rather than in
-    `messages` (whose index gives each channel of the batch a page of its
-    own to write). The journal moves into `messages` in one statement once it
-    is big enough, when idle, before a read of a channel it holds, before a
-    sweep and at close; the move also trims each channel to its retention and
-    writes its row in `channels`. So every read sees what a trim at each
-    append would leave, and a restart moves what a crash left in the journal
+    An append commits its message in the journal: one row in `batches` per
+    batch, its messages packed in it (a table without index: a commit writes
+    a page or two whatever the channels). The journal moves into `chunks`,
+    one row per channel, once it is big enough, when idle, before a read of a
+    channel it holds, before a sweep and at close; the move also drops each
+    channel's chunks that retention left behind and writes its row in
+    `channels`, with the retention. Reads filter what a trim at each append
+    would have removed from the chunks they unpack, so every read sees what
+    that trim would leave; a restart moves what a crash left in the journal
     before anything else.
     """
 
@@ -100,8 +105,8 @@ class Writer:
     journal: dict[str, Pending] = field(default_factory=dict)
     journal_rows: int = 0
     journal_bytes: int = 0
-    # Rows of the batch under way, written to the journal in one INSERT per 64.
-    rows: list[tuple[Any, ...]] = field(default_factory=list)
+    # Messages of the batch under way, written to the journal in one row.
+    rows: list[JournalRow] = field(default_factory=list)
     # The journal's state above is not known (at open, after a failed batch):
     # the next transaction reads it from the database and moves the journal.
     replay: bool = True
@@ -172,7 +177,7 @@ class Writer:
             logger.warning("history: moving the journal of %s failed: %s", self.file, exc)
 
     def settle(self) -> None:
-        """Move the journal into `messages` in a transaction of its own."""
+        """Move the journal into `chunks` in a transaction of its own."""
         conn = self.connect()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -190,8 +195,6 @@ class Writer:
             self.file,
             timeout=self.busy_timeout,
             isolation_level=None,
-            # A journal INSERT for each row count up to 64, and the others.
-            cached_statements=JOURNAL_CHUNK + 64,
         )
         try:
             # Exclusive: a second process must not hand out this one's offsets.
@@ -200,7 +203,7 @@ class Writer:
             if mode != "wal":
                 raise sqlite3.OperationalError(f"cannot enable WAL mode (got {mode!r})")
             migrate(conn)
-            conn.executescript(SCHEMA)
+            conn.executescript(SCHEMA + CHUNKS)
             self._mark_running(conn)
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             self.counts = count_namespaces(conn)
@@ -259,7 +262,7 @@ class Writer:
         results: list[Any] | None = None
         try:
             if not conn.in_transaction and self._plain(jobs):
-                # These run no statement of their own: their rows go in one
+                # These run no statement of their own: their row goes in one
                 # INSERT that is its own transaction, rather than in BEGIN,
                 # INSERT and COMMIT. Each statement releases the GIL twice, and
                 # each release can cost a switch to the event loop and back.
@@ -289,9 +292,9 @@ class Writer:
         return self.journal_rows >= MOVE_ROWS or self.journal_bytes >= MOVE_BYTES
 
     def _plain(self, jobs: list[Job]) -> bool:
-        """Whether `jobs` are appends that run no statement before their rows are
-        written, few enough for one INSERT, with nothing to hold before COMMIT."""
-        if self.before_commit is not None or self.replay or len(jobs) > JOURNAL_CHUNK:
+        """Whether `jobs` are appends that run no statement before their journal
+        row is written, with nothing to hold before COMMIT."""
+        if self.before_commit is not None or self.replay:
             return False
         tops = self.tops
         for job in jobs:
@@ -348,10 +351,10 @@ class Writer:
         top = self.tops.get(channel)
         if top is not None:
             return top
-        sql = "SELECT top_offset, epoch FROM channels WHERE channel = ?"
+        sql = "SELECT top_offset, epoch, size, max_bytes FROM channels WHERE channel = ?"
         row = conn.execute(sql, (channel,)).fetchone()
         if row is not None:
-            top = self.tops[channel] = Top(int(row[0]), str(row[1]))
+            top = self.tops[channel] = Top(int(row[0]), str(row[1]), None, row[2], row[3])
             return top
         if create is None:
             return None
@@ -394,16 +397,9 @@ class Writer:
             expires = at + round(retention.ttl * 1000)
             forget = expires + self.grace_ms
         size, max_bytes = retention.size, retention.max_bytes
-        self.rows.append((channel, offset, at, expires, pub.client, pub.user, raw, size, max_bytes))
-        pending = self.journal.get(channel)
-        if pending is None:
-            self.journal[channel] = Pending(offset, at, forget, size, max_bytes, len(raw))
-        else:
-            pending.offset, pending.time, pending.forget = offset, at, forget
-            pending.size, pending.max_bytes = size, max_bytes
-            pending.bytes += len(raw)
-        self.journal_rows += 1
-        self.journal_bytes += len(raw)
+        row = (channel, offset, at, expires, pub.client, pub.user, raw, size, max_bytes)
+        self.rows.append(row)
+        self._pend(row, forget)
         if job.key is not None:
             conn.execute(
                 'INSERT OR REPLACE INTO idempotency (channel, key, "offset", epoch, expires)'
@@ -412,45 +408,73 @@ class Writer:
             )
         return pub
 
+    def _pend(self, row: JournalRow, forget: int | None) -> None:
+        """Count `row` in the journal (it becomes part of its channel's next chunk)."""
+        channel, offset, at, size, max_bytes = row[0], row[1], row[2], row[7], row[8]
+        length = len(row[6])
+        pending = self.journal.get(channel)
+        if pending is None:
+            self.journal[channel] = Pending(offset, at, forget, size, max_bytes, length, [row])
+        else:
+            pending.offset, pending.time, pending.forget = offset, at, forget
+            pending.size, pending.max_bytes = size, max_bytes
+            pending.bytes += length
+            pending.rows.append(row)
+        self.journal_rows += 1
+        self.journal_bytes += length
+
     def _write_rows(self, conn: sqlite3.Connection) -> None:
-        """Write the batch's rows to the journal: one INSERT per 64 rows."""
+        """Write the batch's messages to the journal: one row, packed."""
         rows = self.rows
-        start, end = 0, len(rows)
-        while start < end:
-            count = min(JOURNAL_CHUNK, end - start)
-            chunk = rows[start : start + count]
-            conn.execute(journal_insert(count), [value for row in chunk for value in row])
-            start += count
-        rows.clear()
+        if rows:
+            conn.execute("INSERT INTO batches (data) VALUES (?)", (pack(rows),))
+            rows.clear()
 
     def _move(self, conn: sqlite3.Connection) -> None:
-        """Move the journal into `messages`, trim its channels, write their `channels` rows."""
+        """Move the journal into `chunks`, drop what retention left behind, write
+        the channels' rows."""
         if self.replay:
             self._read_journal(conn)
-        else:
-            self._write_rows(conn)
+        # The batch under way moves with the rest: its messages need no journal row.
+        self.rows.clear()
         journal = self.journal
         if not journal:
             return
-        conn.execute(MOVE)
-        conn.execute("DELETE FROM journal")
         conn.executemany(
-            "UPDATE channels SET top_offset = ?, updated_ms = ?, expires_ms = ? WHERE channel = ?",
-            [(p.offset, p.time, p.forget, channel) for channel, p in journal.items()],
+            "INSERT INTO chunks (channel, last, expires, bytes, data) VALUES (?, ?, ?, ?, ?)",
+            [
+                (channel, p.offset, p.rows[-1][3], p.bytes, pack([r[1:7] for r in p.rows]))
+                for channel, p in journal.items()
+            ],
         )
-        # A range delete on the primary key per channel.
+        conn.execute("DELETE FROM batches")
         conn.executemany(
-            'DELETE FROM messages WHERE channel = ? AND "offset" <= ?',
-            [(channel, p.offset - p.size) for channel, p in journal.items() if p.offset > p.size],
+            "UPDATE channels SET top_offset = ?, updated_ms = ?, expires_ms = ?, size = ?,"
+            " max_bytes = ? WHERE channel = ?",
+            [
+                (p.offset, p.time, p.forget, p.size, p.max_bytes or None, channel)
+                for channel, p in journal.items()
+            ],
         )
+        trims: list[tuple[str, int]] = []
         for channel, p in journal.items():
-            if p.max_bytes or p.offset > p.size:
-                top = self.tops.get(channel) or self._channel(conn, channel, None)
-                assert top is not None  # its row is there: it has messages
-                if p.offset > p.size:
-                    top.bytes = None  # unknown again; recounted only if a byte limit needs it
-                if p.max_bytes:
-                    self._trim_bytes(conn, channel, top, p.bytes, p.offset, p.max_bytes)
+            top = self.tops.get(channel) or self._channel(conn, channel, None)
+            assert top is not None  # its row is there: it has messages
+            top.size, top.max_bytes = p.size, p.max_bytes or None
+            if top.bytes is not None:
+                top.bytes += p.bytes
+            # Chunks wholly older than the `size` newest messages go, in
+            # steps of a quarter of `size`: one range delete on the primary
+            # key now and then rather than one per channel and move.
+            horizon = p.offset - p.size
+            if horizon >= top.trimmed + max(p.size // 4, 1):
+                trims.append((channel, horizon))
+                top.trimmed = horizon
+                top.bytes = None  # unknown again; recounted only if a byte limit needs it
+            if p.max_bytes:
+                self._trim_bytes(conn, channel, top, p.max_bytes)
+        if trims:
+            conn.executemany("DELETE FROM chunks WHERE channel = ? AND last <= ?", trims)
         journal.clear()
         self.journal_rows = self.journal_bytes = 0
 
@@ -459,38 +483,29 @@ class Writer:
         self.rows.clear()
         self.journal.clear()
         self.journal_rows = self.journal_bytes = 0
-        for channel, offset, at, expires, size, max_bytes, rows, size_bytes in conn.execute(
-            JOURNAL_STATE
-        ):
-            forget = None if expires is None else int(expires) + self.grace_ms
-            self.journal[str(channel)] = Pending(
-                int(offset), int(at), forget, int(size), int(max_bytes), int(size_bytes)
-            )
-            self.journal_rows += int(rows)
-            self.journal_bytes += int(size_bytes)
+        grace = self.grace_ms
+        for (data,) in conn.execute("SELECT data FROM batches ORDER BY rowid").fetchall():
+            for row in unpack(data):
+                expires = row[3]
+                self._pend(tuple(row), None if expires is None else expires + grace)
         self.replay = False
 
-    def _trim_bytes(
-        self, conn: sqlite3.Connection, channel: str, top: Top, added: int, offset: int, limit: int
-    ) -> None:
+    def _trim_bytes(self, conn: sqlite3.Connection, channel: str, top: Top, limit: int) -> None:
+        """Drop the oldest chunks while the newer ones hold `limit` payload bytes
+        or more: none of their messages is within the limit (reads cut the rest)."""
         if top.bytes is None:
             row = conn.execute(
-                "SELECT coalesce(sum(length(data)), 0) FROM messages WHERE channel = ?", (channel,)
+                "SELECT coalesce(sum(bytes), 0) FROM chunks WHERE channel = ?", (channel,)
             ).fetchone()
             top.bytes = int(row[0])
-        else:
-            top.bytes += added
         while top.bytes > limit:
             row = conn.execute(
-                'SELECT "offset", length(data) FROM messages WHERE channel = ?'
-                ' AND "offset" < ? ORDER BY "offset" LIMIT 1',
-                (channel, offset),
+                "SELECT last, bytes FROM chunks WHERE channel = ? ORDER BY last LIMIT 1",
+                (channel,),
             ).fetchone()
-            if row is None:
-                return  # only the newest message is left: it is kept
-            conn.execute(
-                'DELETE FROM messages WHERE channel = ? AND "offset" = ?', (channel, row[0])
-            )
+            if row is None or top.bytes - int(row[1]) < limit:
+                return
+            conn.execute("DELETE FROM chunks WHERE channel = ? AND last = ?", (channel, row[0]))
             top.bytes -= int(row[1])
 
     def _read(self, conn: sqlite3.Connection, job: Read) -> tuple[StreamPosition, list[Row], bool]:
@@ -500,23 +515,48 @@ class Writer:
         if top is None:
             return NO_STREAM, [], False
         position = StreamPosition(top.offset, top.epoch)
-        cursor = conn.execute(SELECT, (job.channel, job.since, job.now, job.limit))
+        rows = self._kept(conn, job.channel, top, job.since, job.now)
+        if job.limit >= 0:
+            rows = rows[: job.limit]
         if job.max_bytes is None:
-            return position, cursor.fetchall(), False
-        rows: list[Row] = []
+            return position, rows, False
         budget = job.max_bytes
         # With a limit, one row more than wanted is fetched only to tell which
         # offset follows the page: it is not returned, so it spends no budget.
         wanted = job.limit - 1 if job.limit >= 0 else -1
-        for row in cursor:
-            if len(rows) == wanted:
-                rows.append(row)
-                break
+        for index, row in enumerate(rows):
+            if index == wanted:
+                return position, rows, False
             budget -= len(row[4])
             if budget < 0:
-                return position, rows, True  # cut: the caller cannot have it all
-            rows.append(row)
+                return position, rows[:index], True  # cut: the caller cannot have it all
         return position, rows, False
+
+    def _kept(
+        self, conn: sqlite3.Connection, channel: str, top: Top, since: int, now: int
+    ) -> list[Row]:
+        """The channel's messages after `since` that a trim at each append would
+        have kept, unexpired at `now`, oldest first."""
+        # Older than the `size` newest: trimmed (their chunk may still be there).
+        window = top.offset - top.size if top.size is not None else 0
+        # A byte limit counts from the newest message back: read the whole window.
+        first = window if top.max_bytes else max(since, window)
+        messages: list[list[Any]] = []
+        for (data,) in conn.execute(
+            "SELECT data FROM chunks WHERE channel = ? AND last > ? ORDER BY last",
+            (channel, first),
+        ):
+            messages.extend(unpack(data))
+        start = 0
+        while start < len(messages) and messages[start][0] <= first:
+            start += 1
+        if top.max_bytes:
+            start += _byte_cut(messages[start:], top.max_bytes)
+        return [
+            (offset, at, client, user, data)
+            for offset, at, expires, client, user, data in messages[start:]
+            if offset > since and (expires is None or expires > now)
+        ]
 
     def _pin(self, conn: sqlite3.Connection, job: Pin) -> None:
         if job.on:
@@ -537,12 +577,13 @@ class Writer:
     def _sweep(self, conn: sqlite3.Connection, now: int) -> list[str]:
         """Delete expired messages, idempotency keys and idle channels; return the channels."""
         self._move(conn)  # the messages to delete, and the channels' expiry, are all in place
+        # A chunk goes once its newest message expired (reads skip the others).
         stale = conn.execute(
-            "SELECT DISTINCT channel FROM messages WHERE expires <= ? LIMIT ?", (now, SWEEP_BATCH)
+            "SELECT DISTINCT channel FROM chunks WHERE expires <= ? LIMIT ?", (now, SWEEP_BATCH)
         ).fetchall()
         conn.execute(
-            "DELETE FROM messages WHERE rowid IN"
-            " (SELECT rowid FROM messages WHERE expires <= ? LIMIT ?)",
+            "DELETE FROM chunks WHERE rowid IN"
+            " (SELECT rowid FROM chunks WHERE expires <= ? LIMIT ?)",
             (now, SWEEP_BATCH),
         )
         for (channel,) in stale:
@@ -565,7 +606,7 @@ class Writer:
         for channel, namespace in idle:
             if channel in self.pinned:
                 continue
-            conn.execute("DELETE FROM messages WHERE channel = ?", (channel,))
+            conn.execute("DELETE FROM chunks WHERE channel = ?", (channel,))
             conn.execute("DELETE FROM idempotency WHERE channel = ?", (channel,))
             conn.execute("DELETE FROM channels WHERE channel = ?", (channel,))
             self.tops.pop(channel, None)
@@ -574,6 +615,19 @@ class Writer:
                 del self.counts[namespace]
             gone.append(channel)
         return gone
+
+
+def _byte_cut(messages: list[list[Any]], limit: int) -> int:
+    """Index of the oldest of `messages` a byte limit keeps: the newest ones
+    whose payloads add up to `limit` at most, and the newest one always."""
+    total = 0
+    index = len(messages)
+    while index > 0:
+        total += len(messages[index - 1][5])
+        if total > limit and index < len(messages):
+            break
+        index -= 1
+    return index
 
 
 def call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
