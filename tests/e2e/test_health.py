@@ -89,19 +89,20 @@ async def test_a_full_disk_makes_publishes_unavailable_and_not_ready(
     """SQLite's own "database or disk is full" (a page quota on the writer's
     connection): every publish answers `unavailable`, none is lost silently,
     /ready says 503 and /health names the store; room again: all is well."""
-    # The page quota is set by the writer thread itself (the connection is its own):
-    # FULL = no page beyond those in use, None = no quota.
+    # The page quota is set before each batch, on whichever thread runs it
+    # (the writer's, or the loop's for plain appends): FULL = no page beyond
+    # those in use, None = no quota.
     quota: list[str | None] = [None]
     real_run_batch = Writer.run_batch
 
-    def run_batch(writer: Any, jobs: list[Any]) -> list[Any]:
+    def run_batch(writer: Any, jobs: list[Any], **options: Any) -> list[Any]:
         conn = writer.connect()
         if quota[0] == "FULL":
             pages = conn.execute("PRAGMA page_count").fetchone()[0]
             conn.execute(f"PRAGMA max_page_count = {pages}")
         elif quota[0] == "ROOM":
             conn.execute("PRAGMA max_page_count = 1073741823")
-        result: list[Any] = real_run_batch(writer, jobs)
+        result: list[Any] = real_run_batch(writer, jobs, **options)
         return result
 
     monkeypatch.setattr(Writer, "run_batch", run_batch)

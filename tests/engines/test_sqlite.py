@@ -612,6 +612,133 @@ async def test_a_version_3_database_and_its_journal_are_migrated(tmp_path: Path)
     assert {"messages", "journal"}.isdisjoint(tables)
 
 
+# -- plain appends on the loop's thread -------------------------------------------
+
+
+def trace(store: SqliteBroker) -> list[tuple[int, str]]:
+    """From now on, record (thread id, SQL) of each statement the store's connection runs."""
+    seen: list[tuple[int, str]] = []
+    writer = store._writer
+    assert writer.conn is not None
+    with writer.lock:
+        writer.conn.set_trace_callback(lambda sql: seen.append((threading.get_ident(), sql)))
+    return seen
+
+
+@pytest.mark.parametrize(("mode", "on_loop"), [("NORMAL", True), ("FULL", False)])
+async def test_plain_appends_commit_on_the_loop_unless_each_commit_is_fsynced(
+    tmp_path: Path, mode: Any, on_loop: bool
+) -> None:
+    store = SqliteBroker(tmp_path, synchronous=mode)
+    try:
+        await put(store, message("new"), keep())  # creates the channel: on the writer
+        seen = trace(store)
+        for n in range(5):
+            await put(store, message(n), keep())
+        loop = threading.get_ident()
+        inserts = [thread for thread, sql in seen if sql.startswith("INSERT INTO batches")]
+        assert len(inserts) == 5
+        assert [thread == loop for thread in inserts] == [on_loop] * 5
+        page = await store.read(CH, since=1)
+        assert [p.data for p in page.publications] == [0, 1, 2, 3, 4]
+    finally:
+        await store.close()
+
+
+async def test_moves_and_checkpoints_stay_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_writer, "MOVE_ROWS", 8)
+    monkeypatch.setattr(sqlite_writer, "CHECKPOINT_COMMITS", 4)
+    monkeypatch.setattr(sqlite_writer, "IDLE_MOVE", 3600.0)
+    store = SqliteBroker(tmp_path)
+    try:
+        await put(store, message("new"), keep(5))
+        seen = trace(store)
+        for n in range(40):
+            await put(store, message(n), keep(5))
+        # The loop asked the writer to move the journal (and checkpoint) when it
+        # was due: the idle move, which would do it too, is an hour away.
+        writer = store._writer
+        await wait_for(lambda: writer.journal_rows < 8 and not writer.move_asked)
+        await wait_for(lambda: any("wal_checkpoint" in sql for _, sql in seen))
+        loop = threading.get_ident()
+        on_loop = {sql.split(" (")[0] for thread, sql in seen if thread == loop}
+        assert on_loop == {"INSERT INTO batches"}
+        page = await store.read(CH, since=0)
+        assert [p.data for p in page.publications] == [35, 36, 37, 38, 39]
+    finally:
+        await store.close()
+
+
+async def test_a_failed_append_on_the_loop_leaves_no_gap(tmp_path: Path) -> None:
+    store = SqliteBroker(tmp_path)
+    try:
+        first = await put(store, message("a"), keep())
+        writer = store._writer
+        assert writer.conn is not None
+        with writer.lock:
+            writer.conn.execute("ALTER TABLE batches RENAME TO hidden")
+        with pytest.raises(Unavailable):
+            await store.publish(message("boom"), keep())
+        assert store.health()["status"] == "down"
+        with writer.lock:
+            writer.conn.execute("ALTER TABLE hidden RENAME TO batches")
+        second = await put(store, message("b"), keep())
+        assert (second.offset, second.epoch) == (2, first.epoch)
+        assert store.health()["status"] == "ok"
+        page = await store.read(CH, since=0)
+        assert [(p.offset, p.data) for p in page.publications] == [(1, "a"), (2, "b")]
+    finally:
+        await store.close()
+
+
+async def test_appends_wait_behind_a_job_not_answered_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer finished a read but the loop has not heard yet: a publish made
+    now must not run on the loop, where it would be answered before the read."""
+    held: list[tuple[asyncio.AbstractEventLoop, Any, tuple[Any, ...]]] = []
+    holding = [False]
+    real_call_soon = sqlite_writer.call_soon
+
+    def call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
+        if holding[0]:
+            held.append((loop, callback, args))
+        else:
+            real_call_soon(loop, callback, *args)
+
+    monkeypatch.setattr(sqlite_writer, "call_soon", call_soon)
+
+    def release() -> None:
+        holding[0] = False
+        for loop, callback, args in held:
+            real_call_soon(loop, callback, *args)
+        held.clear()
+
+    store = SqliteBroker(tmp_path)
+    try:
+        await put(store, message("a"), keep())
+        answered: list[str] = []
+        holding[0] = True
+        read = asyncio.ensure_future(store.read(CH, since=0))
+        read.add_done_callback(lambda _: answered.append("read"))
+        await wait_for(lambda: len(held) == 1)  # done by the writer, not delivered
+        publish = asyncio.ensure_future(store.publish(message("b"), keep()))
+        publish.add_done_callback(lambda _: answered.append("publish"))
+        await wait_for(lambda: len(held) == 2)  # it went to the writer too
+        assert answered == []
+        release()
+        page, second = await asyncio.wait_for(asyncio.gather(read, publish), TIMEOUT)
+        assert answered == ["read", "publish"]
+        assert [p.data for p in page.publications] == ["a"]
+        assert isinstance(second, Publication)
+        assert second.offset == 2
+    finally:
+        release()  # whatever failed, the store can close
+        await store.close()
+
+
 # -- what it shows: health, logs, its thread ------------------------------------
 
 

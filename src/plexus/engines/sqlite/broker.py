@@ -70,6 +70,8 @@ class SqliteBroker:
         path = Path(path)
         file = path if path.suffix in _DB_SUFFIXES else path / DB_FILE
         self._writer = Writer(file, synchronous, busy_timeout, grace_ms=round(grace * 1000))
+        # A commit with FULL waits for the disk: never on the loop.
+        self._writer.inline = synchronous == "NORMAL"
         # Channels without history: in memory, no I/O (and their idempotency keys).
         self._local = MemoryBroker(idempotency_ttl=idempotency_ttl, grace=grace)
         self._sink: EventSink | None = None
@@ -81,6 +83,7 @@ class SqliteBroker:
         self._positions: dict[str, tuple[int, str]] = {}
         self._queued: list[Job] = []  # for the writer, at the end of this loop iteration
         self._handed = 0  # jobs handed to the writer so far (see `pending`)
+        self._answered = 0  # of those, delivered or failed here
         self._closed = False
         # Why the last batch that wrote (or any batch, if none wrote since) failed;
         # cleared by a batch that wrote.
@@ -373,16 +376,29 @@ class SqliteBroker:
         once per iteration rather than once per job, and it finds the
         iteration's publishes together, for one commit.
         """
-        if self._queued:
-            jobs, self._queued = self._queued, []
-            self._handed += len(jobs)
-            self._writer.jobs.put(jobs)
+        if not self._queued:
+            return
+        jobs, self._queued = self._queued, []
+        self._handed += len(jobs)
+        # Run here when nothing handed over earlier is outstanding (so these
+        # cannot overtake it) and the writer agrees (see `Writer.run_inline`).
+        if self._handed - len(jobs) == self._answered:
+            try:
+                results = self._writer.run_inline(jobs)
+            except Exception as exc:
+                self._fail(jobs, exc)
+                return
+            if results is not None:
+                self._deliver(jobs, results)
+                return
+        self._writer.jobs.put(jobs)
 
     def _deliver(self, jobs: list[Job], results: list[Any]) -> None:
         # The cache is updated and the messages delivered before any caller
         # resumes, in queue order: a channel's messages reach the node in
         # offset order, and a caller already sees its own publish in `position`.
-        if any(isinstance(job, Append) for job in jobs):
+        self._answered += len(jobs)
+        if self._failure is not None and any(isinstance(job, Append) for job in jobs):
             self._failure = None  # writes work again (a batch of reads proves nothing)
         sink = self._sink
         subscribed = self._subscribed
@@ -416,6 +432,7 @@ class SqliteBroker:
                 future.set_result(result)
 
     def _fail(self, jobs: list[Job], cause: BaseException) -> None:
+        self._answered += len(jobs)
         if any(isinstance(job, Append) for job in jobs) or self._failure is None:
             self._failure = f"{type(cause).__name__}: {cause}"[:300]
         for job in jobs:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import queue
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -57,6 +58,9 @@ MOVE_ROWS: Final = 1024
 MOVE_BYTES: Final = 4 << 20
 # Seconds without jobs after which the journal is moved anyway.
 IDLE_MOVE: Final = 1.0
+# Commits after which the WAL is checkpointed (by this thread, after a batch),
+# about SQLite's default of 1000 pages; also after each move when idle.
+CHECKPOINT_COMMITS: Final = 400
 
 
 # A message as the journal holds it: channel, offset, time, expires, client,
@@ -112,7 +116,13 @@ class Writer:
     replay: bool = True
     failures: int = 0
     logged_at: float = -1e9
-    taken: int = 0  # jobs taken from `jobs` so far (see SqliteBroker.pending)
+    taken: int = 0  # jobs taken from `jobs` (or run inline) so far (see SqliteBroker.pending)
+    # Held while the connection and the state above are used, by this thread
+    # or by the loop (`run_inline`, which never waits for it).
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    inline: bool = False  # the loop may run plain appends itself (see `run_inline`)
+    move_asked: bool = False  # the loop woke this thread to move the journal
+    commits: int = 0  # since the last checkpoint
     # Lists of jobs, one per hand-over from the loop (None = stop).
     jobs: queue.SimpleQueue[list[Job] | None] = field(default_factory=queue.SimpleQueue)
     before_commit: Callable[[list[Publication]], None] | None = None  # see SqliteBroker
@@ -132,9 +142,13 @@ class Writer:
         stop = False
         while not stop:
             try:
-                items = [self.jobs.get(timeout=IDLE_MOVE if self.journal else None)]
+                # Woken each second at least: the loop may have filled the
+                # journal by itself (see `run_inline`), and nothing tells.
+                items = [self.jobs.get(timeout=IDLE_MOVE)]
             except queue.Empty:
-                self._settle_quietly()
+                with self.lock:
+                    if self.journal or self.commits:
+                        self._settle_quietly()
                 continue
             with contextlib.suppress(queue.Empty):
                 while True:
@@ -142,42 +156,84 @@ class Writer:
             # `close()` refuses new jobs before it queues the stop mark, so it is last.
             stop = items[-1] is None
             batch = [job for jobs in items if jobs is not None for job in jobs]
-            self.taken += len(batch)
-            if not batch:
-                continue
-            try:
-                results = self.run_batch(batch)
-            except BaseException as exc:  # supervised: each caller of the batch hears of it
-                self.failures += 1
-                if not isinstance(exc, sqlite3.Error | OSError):
-                    logger.exception("history: unexpected failure in %s", self.file)
-                elif time.monotonic() - self.logged_at > ERROR_LOG_INTERVAL:
-                    # A full disk fails every batch: one line now and then, not thousands.
-                    self.logged_at = time.monotonic()
-                    logger.warning(
-                        "history: %s failed: %s (%d failed batches so far)",
-                        self.file,
-                        exc,
-                        self.failures,
-                    )
-                call_soon(loop, store._fail, batch, exc)
-                if not isinstance(exc, Exception):
-                    raise  # SystemExit and the like end the thread; `health` shows it
-            else:
-                call_soon(loop, store._deliver, batch, results)
-        self.shutdown()
+            with self.lock:
+                self.taken += len(batch)
+                if not batch:
+                    if self._move_due():  # asked by `run_inline`
+                        self._settle_quietly(idle=False)
+                    continue
+                try:
+                    results = self.run_batch(batch)
+                except BaseException as exc:  # supervised: each caller of the batch hears of it
+                    self.failed(exc)
+                    call_soon(loop, store._fail, batch, exc)
+                    if not isinstance(exc, Exception):
+                        raise  # SystemExit and the like end the thread; `health` shows it
+                    continue
+            call_soon(loop, store._deliver, batch, results)
+        with self.lock:
+            self.shutdown()
 
-    def _settle_quietly(self) -> None:
-        """Move the journal while nothing else is asked; a failure is logged, and the
-        journal is moved again later (a rolled-back move loses nothing)."""
+    def failed(self, exc: BaseException) -> None:
+        """Count and log the failure of a batch."""
+        self.failures += 1
+        if not isinstance(exc, sqlite3.Error | OSError):
+            logger.exception("history: unexpected failure in %s", self.file)
+        elif time.monotonic() - self.logged_at > ERROR_LOG_INTERVAL:
+            # A full disk fails every batch: one line now and then, not thousands.
+            self.logged_at = time.monotonic()
+            logger.warning(
+                "history: %s failed: %s (%d failed batches so far)",
+                self.file,
+                exc,
+                self.failures,
+            )
+
+    def run_inline(self, jobs: list[Job]) -> list[Any] | None:
+        """Run `jobs` on the calling thread (the event loop's) if they are plain
+        appends and the connection is free; None when they must be queued.
+
+        With `synchronous = NORMAL` a commit of plain appends writes a page or
+        two into the OS cache: it costs less than handing it to this thread and
+        back (two wake-ups and the GIL changing hands, several context switches
+        per batch on a busy CPU). The moves and checkpoints, which may wait for
+        the disk, stay on this thread: when the journal is due to move, this
+        thread is woken to do it. The caller has made sure that nothing it
+        queued before is still outstanding.
+
+        Raises:
+            BaseException: the batch failed (rolled back): as `run_batch`.
+        """
+        if not self.inline or self.conn is None or not self.lock.acquire(blocking=False):
+            return None
         try:
-            self.settle()
+            if not self._plain(jobs):
+                return None
+            self.taken += len(jobs)
+            try:
+                results = self.run_batch(jobs, inline=True)
+            except BaseException as exc:
+                self.failed(exc)
+                raise
+            if self._move_due() and not self.move_asked:
+                self.move_asked = True
+                self.jobs.put([])
+            return results
+        finally:
+            self.lock.release()
+
+    def _settle_quietly(self, *, idle: bool = True) -> None:
+        """Move the journal (`idle`: nothing else is asked); a failure is logged, and
+        the journal is moved again later (a rolled-back move loses nothing)."""
+        try:
+            self.settle(idle=idle)
         except Exception as exc:
             self.failures += 1
             logger.warning("history: moving the journal of %s failed: %s", self.file, exc)
 
-    def settle(self) -> None:
-        """Move the journal into `chunks` in a transaction of its own."""
+    def settle(self, *, idle: bool = True) -> None:
+        """Move the journal into `chunks` in a transaction of its own, then
+        checkpoint the WAL if it is due or nothing else is asked (`idle`)."""
         conn = self.connect()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -186,6 +242,18 @@ class Writer:
         except BaseException:
             self._abort()
             raise
+        if idle or self.commits >= CHECKPOINT_COMMITS:
+            self._checkpoint(conn)
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        """Copy the WAL into the database (SQLite's own automatic checkpoints are
+        off: one would run inside whichever COMMIT crossed the threshold, the
+        loop's own included). A failure is logged: the next one tries again."""
+        self.commits = 0
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            logger.warning("history: checkpoint of %s failed: %s", self.file, exc)
 
     def connect(self) -> sqlite3.Connection:
         if self.conn is not None:
@@ -195,6 +263,8 @@ class Writer:
             self.file,
             timeout=self.busy_timeout,
             isolation_level=None,
+            # Used by the loop too (`run_inline`), never at the same time: `lock`.
+            check_same_thread=False,
         )
         try:
             # Exclusive: a second process must not hand out this one's offsets.
@@ -206,6 +276,7 @@ class Writer:
             conn.executescript(SCHEMA + CHUNKS)
             self._mark_running(conn)
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # see `_checkpoint`
             self.counts = count_namespaces(conn)
         except BaseException:
             conn.close()
@@ -256,10 +327,12 @@ class Writer:
         except sqlite3.Error:
             logger.exception("history: could not close %s cleanly", self.file)
 
-    def run_batch(self, jobs: list[Job]) -> list[Any]:
-        """Execute `jobs` in one transaction and return one result per job."""
+    def run_batch(self, jobs: list[Job], *, inline: bool = False) -> list[Any]:
+        """Execute `jobs` in one transaction and return one result per job
+        (`inline`: plain appends on the loop's thread, which never move)."""
         conn = self.connect()
         results: list[Any] | None = None
+        self.commits += 1
         try:
             if not conn.in_transaction and self._plain(jobs):
                 # These run no statement of their own: their row goes in one
@@ -267,7 +340,7 @@ class Writer:
                 # INSERT and COMMIT. Each statement releases the GIL twice, and
                 # each release can cost a switch to the event loop and back.
                 results = [self._append(conn, job) for job in jobs if isinstance(job, Append)]
-                if not self._move_due():
+                if inline or not self._move_due():
                     self._write_rows(conn)
                     return results
             conn.execute("BEGIN IMMEDIATE")
@@ -286,6 +359,8 @@ class Writer:
         except BaseException:
             self._abort()
             raise
+        if self.commits >= CHECKPOINT_COMMITS:
+            self._checkpoint(conn)
         return results
 
     def _move_due(self) -> bool:
@@ -477,6 +552,7 @@ class Writer:
             conn.executemany("DELETE FROM chunks WHERE channel = ? AND last <= ?", trims)
         journal.clear()
         self.journal_rows = self.journal_bytes = 0
+        self.move_asked = False
 
     def _read_journal(self, conn: sqlite3.Connection) -> None:
         """Learn what the journal holds from the database (its state in memory is lost)."""
