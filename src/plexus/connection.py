@@ -103,6 +103,7 @@ class Connection:
         "outbox",
         "push_frame",
         "remote",
+        "send_frame",
         "session",
         "state",
         "subscriptions",
@@ -123,6 +124,7 @@ class Connection:
         remote: str = "",
         handshake: Handshake | None = None,
         session: str | None = None,
+        direct: bool = False,
     ) -> None:
         settings = node.settings
         self.node = node
@@ -144,10 +146,13 @@ class Connection:
         self.last_seen = time.monotonic()
         self.close_code: int | None = None
         self.subscriptions: dict[str, Subscription] = {}
-        self.outbox = Outbox(transport, settings.max_queue_bytes, flusher, self._on_overflow)
+        self.outbox = Outbox(
+            transport, settings.max_queue_bytes, flusher, self._on_overflow, direct=direct
+        )
         # Queue a pre-built frame (the fan-out path): the outbox's own method,
         # one call less per delivery.
         self.push_frame = self.outbox.push
+        self.send_frame = self.outbox.send if direct else self.outbox.push
         self.state = SessionState(codec, node.limits, time.monotonic())
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._inflight = 0  # pipelined publishes not answered yet

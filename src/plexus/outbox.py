@@ -31,13 +31,22 @@ class Transport(Protocol):
 class Flusher:
     """Flushes every outbox that got frames during this loop iteration, in one callback."""
 
-    __slots__ = ("_dirty", "_loop", "_scheduled", "bytes_written")
+    __slots__ = ("_dirty", "_loop", "_scheduled", "bytes_written", "tick")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._dirty: list[Outbox] = []
         self._scheduled = False
         self.bytes_written = 0
+        # Loop iterations that flushed (or were armed): the hub tells a
+        # message alone in its iteration from a burst by it (`hub.Ticker`).
+        self.tick = 0
+
+    def arm(self) -> None:
+        """Make sure `tick` moves on at the end of this loop iteration."""
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
 
     def mark(self, outbox: Outbox) -> None:
         """Remember `outbox` for the flush at the end of this iteration."""
@@ -49,6 +58,7 @@ class Flusher:
     def flush(self) -> None:
         """Write out every marked outbox now."""
         self._scheduled = False
+        self.tick += 1
         dirty, self._dirty = self._dirty, []
         written = 0
         # `Outbox.flush` inlined: in a steady fan-out this loop runs once per
@@ -83,6 +93,7 @@ class Outbox:
     """
 
     __slots__ = (
+        "_direct",
         "_first",
         "_flusher",
         "_more",
@@ -103,8 +114,13 @@ class Outbox:
         limit: int,
         flusher: Flusher,
         on_overflow: Callable[[], None],
+        *,
+        direct: bool = False,
     ) -> None:
         self._transport = transport
+        # `send` may write to the transport at once: it is the socket's own
+        # (not TLS, not a wrapper), on a loop that takes each write as it comes.
+        self._direct = direct
         self._flusher = flusher
         self._on_overflow = on_overflow
         # The queue: its first frame, and once there is a second, all of them
@@ -152,6 +168,28 @@ class Outbox:
         else:
             self._more.append(frame)
         self._queued += size
+        return True
+
+    def send(self, frame: bytes) -> bool:
+        """Write `frame` now if nothing is queued (and the outbox may), else `push` it.
+
+        For a message alone in its loop iteration: the frame does not wait for
+        the flush, and the outbox is touched once instead of twice. Counted
+        against the limit like any frame.
+        """
+        if self._first is not None or not self._direct or self.overflowed:
+            return self.push(frame)
+        size = len(frame)
+        unsent = self._unsent + size
+        if unsent > self.limit:
+            return self.push(frame)  # which asks the transport, and may overflow
+        transport = self._transport
+        if not transport.is_closing():
+            transport.write(frame)
+            self._unsent = unsent
+            self._flusher.bytes_written += size
+            if unsent > self.peak:
+                self.peak = unsent
         return True
 
     def push_pong(self, frame: bytes) -> bool:

@@ -437,7 +437,7 @@ class Listener:
         self.user: str | None = None
         self.format_index = 0
         self.frames: list[bytes] = []
-        self.push_frame = self.frames.append
+        self.push_frame = self.send_frame = self.frames.append
 
     def close(self, code: int, reason: str) -> None:
         raise AssertionError(f"closed {code} {reason}")

@@ -221,6 +221,10 @@ class Conn:
     def push_frame(self) -> Callable[[bytes], object]:
         return self.frames.append
 
+    @property
+    def send_frame(self) -> Callable[[bytes], object]:
+        return self.frames.append
+
 
 def subscribed_hub(counts: dict[str, int]) -> Hub:
     """A hub with `counts[name]` subscribers per channel, in sync at offset 0."""

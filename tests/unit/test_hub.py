@@ -32,7 +32,7 @@ class Conn:
         self.user = user
         self.format_index = format_index
         self.frames: list[bytes] = []
-        self.push_frame = self.frames.append
+        self.push_frame = self.send_frame = self.frames.append
 
     def pushes(self) -> list[dict[str, Any]]:
         """The frames received, decoded."""
@@ -529,3 +529,70 @@ def test_rebase_with_nothing_live(hub: Hub) -> None:
     channel.held = None
     assert hub.rebase(channel, at(4)) == []
     assert (channel.epoch, channel.last, channel.held) == (EPOCH, 4, None)
+
+
+# ----- a message alone in its loop iteration is written at once
+
+
+class SplitConn(Conn):
+    """A connection that tells frames written at once from frames queued."""
+
+    def __init__(self, client_id: str) -> None:
+        super().__init__(client_id)
+        self.sent: list[int] = []
+        self.queued: list[int] = []
+        self.send_frame = self._sent
+        self.push_frame = self._queued
+
+    def _sent(self, frame: bytes) -> None:
+        self.frames.append(frame)
+        self.sent.append(len(self.frames))
+
+    def _queued(self, frame: bytes) -> None:
+        self.frames.append(frame)
+        self.queued.append(len(self.frames))
+
+
+class Ticks:
+    """Stands in for the flusher: the test ends each loop iteration by hand."""
+
+    def __init__(self) -> None:
+        self.tick = 0
+        self.armed = 0
+
+    def arm(self) -> None:
+        self.armed += 1
+
+    def end_iteration(self) -> None:
+        self.tick += 1
+
+
+def test_a_message_alone_in_its_iteration_is_sent_and_a_burst_queued(hub: Hub) -> None:
+    ticks = Ticks()
+    hub.ticker = ticks
+    a, b = SplitConn("a"), SplitConn("b")
+    synced(hub, a, b)
+    hub.dispatch(pub(1))  # alone: written at once
+    ticks.end_iteration()
+    hub.dispatch(pub(2))  # a burst starts: its first message is sent, the rest queued
+    hub.dispatch(pub(3))
+    hub.dispatch(pub(4))
+    ticks.end_iteration()
+    hub.dispatch(pub(5))  # the iteration before was a burst: queued
+    ticks.end_iteration()
+    hub.dispatch(pub(6))  # the one before had one message: sent again
+    for conn in (a, b):
+        assert conn.offsets() == [1, 2, 3, 4, 5, 6]
+        assert conn.sent == [1, 2, 6]
+        assert conn.queued == [3, 4, 5]
+    # The ticker was asked to move on once per iteration that had a message.
+    assert ticks.armed == 4
+
+
+def test_without_a_ticker_every_frame_is_queued(hub: Hub) -> None:
+    a = SplitConn("a")
+    synced(hub, a)
+    hub.dispatch(pub(1))
+    hub.dispatch(pub(2))
+    assert a.sent == []
+    assert a.queued == [1, 2]

@@ -293,3 +293,65 @@ async def test_a_replaced_pong_is_counted_at_its_own_size() -> None:
     assert outbox.buffered == 4 + PONG_RUN - 1 + 2
     flusher.flush()
     assert transport.writes == [b"data" + b"p" * (PONG_RUN - 1) + b"pp"]
+
+
+# ----- send: written at once when nothing waits
+
+
+def test_send_writes_at_once_when_nothing_is_queued() -> None:
+    transport = FakeTransport()
+    flusher, loop = recording_flusher()
+    outbox = Outbox(transport, 1000, flusher, lambda: None, direct=True)
+    assert outbox.send(b"a")
+    assert transport.writes == [b"a"]
+    assert loop.scheduled == []  # no flush needed
+    assert flusher.bytes_written == 1
+    outbox.push(b"b")  # queued: what is sent next waits behind it
+    outbox.send(b"c")
+    assert transport.writes == [b"a"]
+    flusher.flush()
+    assert transport.writes == [b"a", b"bc"]
+
+
+def test_send_counts_against_the_limit() -> None:
+    transport = FakeTransport()
+    transport.unsent = 0
+    overflowed: list[bool] = []
+    flusher, _ = recording_flusher()
+    outbox = Outbox(transport, 10, flusher, lambda: overflowed.append(True), direct=True)
+    assert outbox.send(b"12345678")
+    assert outbox.peak == 8
+    assert not outbox.send(b"123")  # 8 unsent + 3 > 10, and the transport says 8 unsent
+    assert overflowed == [True]
+    assert transport.writes == [b"12345678"]
+    assert not outbox.send(b"1")  # an overflowed outbox takes nothing more
+
+
+def test_send_queues_where_the_outbox_may_not_write_directly() -> None:
+    transport = FakeTransport()
+    flusher, loop = recording_flusher()
+    outbox = Outbox(transport, 1000, flusher, lambda: None)
+    outbox.send(b"a")
+    assert transport.writes == []
+    assert len(loop.scheduled) == 1
+    flusher.flush()
+    assert transport.writes == [b"a"]
+
+
+def test_send_writes_nothing_to_a_closing_transport() -> None:
+    transport = FakeTransport()
+    transport.closing = True
+    flusher, _ = recording_flusher()
+    outbox = Outbox(transport, 1000, flusher, lambda: None, direct=True)
+    assert outbox.send(b"a")
+    assert transport.writes == []
+    assert flusher.bytes_written == 0
+
+
+def test_arm_moves_the_tick_on_once_per_iteration() -> None:
+    flusher, loop = recording_flusher()
+    flusher.arm()
+    flusher.arm()
+    assert len(loop.scheduled) == 1
+    loop.scheduled.pop()()
+    assert flusher.tick == 1

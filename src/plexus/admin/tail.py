@@ -70,6 +70,10 @@ class Tail:
     def push_frame(self) -> Callable[[bytes], object]:
         return self._push
 
+    @property
+    def send_frame(self) -> Callable[[bytes], object]:
+        return self._push
+
     def close(self, code: CloseCode, reason: str) -> None:
         """Nothing to close: the tail ends when nobody polls it."""
 

@@ -286,6 +286,8 @@ class LeanProtocol(Link, asyncio.Protocol):
         "reader",
     )
 
+    direct_writes = True
+
     def __init__(self, listener: LeanListener) -> None:
         super().__init__(listener.endpoint)
         self.listener = listener

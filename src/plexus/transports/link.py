@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import orjson
 
@@ -81,6 +82,10 @@ class Link:
 
     conn: Connection
     transport: asyncio.Transport
+    # `transport` is the socket's own, so a frame may be written to it
+    # directly rather than through the outbox's queue (`Outbox.send`);
+    # wrappers (event streams, ASGI) queue every frame.
+    direct_writes: ClassVar[bool] = False
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
@@ -127,6 +132,7 @@ class Endpoint:
         self.auth = auth
         self.settings = node.settings
         self.flusher = Flusher(asyncio.get_running_loop())
+        node.hub.ticker = self.flusher
         self.connections: set[Connection] = set()
         self._drained = asyncio.Event()
         # Open sockets per client address, HTTP and WebSocket alike (the
@@ -248,6 +254,7 @@ class Endpoint:
             remote=link.remote,
             handshake=handshake,
             session=session,
+            direct=link.direct_writes,
         )
         link.conn = conn
         self.connections.add(conn)
