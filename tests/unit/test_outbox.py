@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import socket
+from collections.abc import Callable, Iterator
 from typing import cast
+
+import pytest
 
 from plexus.outbox import PONG_RUN, Flusher, Outbox
 
@@ -355,3 +359,103 @@ def test_arm_moves_the_tick_on_once_per_iteration() -> None:
     assert len(loop.scheduled) == 1
     loop.scheduled.pop()()
     assert flusher.tick == 1
+
+
+# ----- send: straight to the socket while the transport holds nothing
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected pair of non-blocking sockets: ours, and the peer's."""
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    peer.setblocking(False)
+    yield ours, peer
+    ours.close()
+    peer.close()
+
+
+def received(peer: socket.socket) -> bytes:
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := peer.recv(1 << 20):
+            data += chunk
+    return data
+
+
+def test_send_writes_to_the_socket_while_the_transport_holds_nothing(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, peer = pair
+    transport = FakeTransport()
+    flusher, _ = recording_flusher()
+    outbox = Outbox(transport, 1 << 20, flusher, lambda: None, direct=True, fd=ours.fileno())
+    assert outbox.send(b"one")
+    assert received(peer) == b"one"
+    assert transport.writes == []
+    assert flusher.bytes_written == 3
+    transport.unsent = 5  # the transport holds bytes not sent yet: nothing may overtake them
+    outbox._unsent = 5
+    outbox.send(b"two")
+    assert transport.writes == [b"two"]
+    assert received(peer) == b""
+    transport.unsent = 0  # drained: the socket is written directly again
+    outbox.send(b"three")
+    assert received(peer) == b"three"
+    assert transport.writes == [b"two"]
+
+
+def test_what_the_transport_holds_at_the_start_goes_first(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, peer = pair
+    transport = FakeTransport()
+    transport.unsent = 100  # say, the handshake's response
+    flusher, _ = recording_flusher()
+    outbox = Outbox(transport, 1 << 20, flusher, lambda: None, direct=True, fd=ours.fileno())
+    outbox.send(b"welcome")
+    assert transport.writes == [b"welcome"]
+    assert received(peer) == b""
+
+
+def test_what_the_socket_does_not_take_follows_through_the_transport(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, peer = pair
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    transport = FakeTransport()
+    flusher, _ = recording_flusher()
+    outbox = Outbox(transport, 1 << 24, flusher, lambda: None, direct=True, fd=ours.fileno())
+    frame = bytes(range(256)) * 4096  # 1 MiB: more than the socket takes at once
+    assert outbox.send(frame)
+    assert len(transport.writes) == 1
+    rest = transport.writes[0]
+    assert 0 < len(rest) < len(frame)
+    assert received(peer) + rest == frame
+    assert outbox._unsent == len(rest)
+    assert flusher.bytes_written == len(frame)
+
+
+def test_a_peer_that_is_gone_costs_no_exception(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, peer = pair
+    peer.close()
+    transport = FakeTransport()
+    flusher, _ = recording_flusher()
+    outbox = Outbox(transport, 1000, flusher, lambda: None, direct=True, fd=ours.fileno())
+    assert outbox.send(b"x")  # EPIPE: the transport finds out by itself
+    assert transport.writes == []
+
+
+def test_a_closing_transport_keeps_its_socket_untouched(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, peer = pair
+    transport = FakeTransport()
+    transport.closing = True
+    flusher, _ = recording_flusher()
+    outbox = Outbox(transport, 1000, flusher, lambda: None, direct=True, fd=ours.fileno())
+    assert outbox.send(b"x")
+    assert received(peer) == b""
+    assert transport.writes == []
