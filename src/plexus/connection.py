@@ -103,7 +103,6 @@ class Connection:
         "outbox",
         "push_frame",
         "remote",
-        "send_frame",
         "session",
         "state",
         "subscriptions",
@@ -157,7 +156,6 @@ class Connection:
         # Queue a pre-built frame (the fan-out path): the outbox's own method,
         # one call less per delivery.
         self.push_frame = self.outbox.push
-        self.send_frame = self.outbox.send if direct else self.outbox.push
         self.state = SessionState(codec, node.limits, time.monotonic())
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._inflight = 0  # pipelined publishes not answered yet

@@ -40,6 +40,7 @@ import asyncio
 import hashlib
 import itertools
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -437,7 +438,8 @@ class Listener:
         self.user: str | None = None
         self.format_index = 0
         self.frames: list[bytes] = []
-        self.push_frame = self.send_frame = self.frames.append
+        self.push_frame = self.frames.append
+        self.outbox = SimpleNamespace(send=self.frames.append)
 
     def close(self, code: int, reason: str) -> None:
         raise AssertionError(f"closed {code} {reason}")

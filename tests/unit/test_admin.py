@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
 
 import jwt
 import orjson
@@ -222,8 +224,8 @@ class Conn:
         return self.frames.append
 
     @property
-    def send_frame(self) -> Callable[[bytes], object]:
-        return self.frames.append
+    def outbox(self) -> Any:
+        return SimpleNamespace(send=self.frames.append)
 
 
 def subscribed_hub(counts: dict[str, int]) -> Hub:

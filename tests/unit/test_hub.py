@@ -8,6 +8,7 @@ subscriber was told) is built here one call at a time.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import msgpack
@@ -32,7 +33,8 @@ class Conn:
         self.user = user
         self.format_index = format_index
         self.frames: list[bytes] = []
-        self.push_frame = self.send_frame = self.frames.append
+        self.push_frame = self.frames.append
+        self.outbox = SimpleNamespace(send=self.frames.append)
 
     def pushes(self) -> list[dict[str, Any]]:
         """The frames received, decoded."""
@@ -541,7 +543,7 @@ class SplitConn(Conn):
         super().__init__(client_id)
         self.sent: list[int] = []
         self.queued: list[int] = []
-        self.send_frame = self._sent
+        self.outbox = SimpleNamespace(send=self._sent)
         self.push_frame = self._queued
 
     def _sent(self, frame: bytes) -> None:

@@ -71,8 +71,12 @@ class Tail:
         return self._push
 
     @property
-    def send_frame(self) -> Callable[[bytes], object]:
-        return self._push
+    def outbox(self) -> Tail:
+        return self
+
+    def send(self, frame: bytes) -> None:
+        """What the fan-out writes at once is kept like the rest."""
+        self._push(frame)
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Nothing to close: the tail ends when nobody polls it."""
