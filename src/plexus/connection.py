@@ -151,7 +151,6 @@ class Connection:
             flusher,
             self._on_overflow,
             direct=direct,
-            fd=_socket_fd(transport) if direct else -1,
         )
         # Queue a pre-built frame (the fan-out path): the outbox's own method,
         # one call less per delivery.
@@ -815,12 +814,3 @@ class Connection:
                 await self.node.unsubscribe(sub)
             except Exception:  # logged here: this also runs as a task started by close()
                 log.exception("cleanup of %s in %s failed", self.client_id, sub.channel)
-
-
-def _socket_fd(transport: Transport) -> int:
-    """The plain socket under `transport`, or -1 (TLS, or none)."""
-    get = getattr(transport, "get_extra_info", None)
-    if get is None or get("sslcontext") is not None:
-        return -1
-    sock = get("socket")
-    return int(sock.fileno()) if sock is not None else -1

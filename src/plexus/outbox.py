@@ -17,6 +17,8 @@ from typing import Final, Protocol
 
 # Pongs queued in a row (within one flush) before each new one replaces the last.
 PONG_RUN: Final = 16
+# An outbox's socket not looked up yet (see `Outbox.send`).
+UNKNOWN: Final = -2
 
 
 class Transport(Protocol):
@@ -27,6 +29,15 @@ class Transport(Protocol):
     def get_write_buffer_size(self) -> int: ...
 
     def is_closing(self) -> bool: ...
+
+
+def socket_fd(transport: Transport) -> int:
+    """The plain socket under `transport`, or -1 (TLS, or none to be found)."""
+    get = getattr(transport, "get_extra_info", None)
+    if get is None or get("sslcontext") is not None:
+        return -1
+    sock = get("socket")
+    return int(sock.fileno()) if sock is not None else -1
 
 
 class Flusher:
@@ -118,14 +129,16 @@ class Outbox:
         on_overflow: Callable[[], None],
         *,
         direct: bool = False,
-        fd: int = -1,
+        fd: int | None = None,
     ) -> None:
         self._transport = transport
         # `send` may write to the transport at once: it is the socket's own,
-        # not a wrapper. `fd`: that socket, when it is a plain one (not TLS),
-        # which `send` may write to itself while the transport holds nothing.
+        # not a wrapper. `_fd`: that socket, when it is a plain one (not TLS),
+        # which `send` may write to itself while the transport holds nothing;
+        # -1 for none, and UNKNOWN until the first `send` looks (asking at
+        # once would make an idle connection keep uvloop's socket object).
         self._direct = direct
-        self._fd = fd
+        self._fd = (UNKNOWN if direct else -1) if fd is None else fd
         self._flusher = flusher
         self._on_overflow = on_overflow
         # The queue: its first frame, and once there is a second, all of them
@@ -143,7 +156,7 @@ class Outbox:
         # no call per write (the kernel usually takes a write whole). Asked at
         # once where `send` may write to the socket itself: a handshake's
         # response may still wait in the transport, and nothing may overtake it.
-        self._unsent = transport.get_write_buffer_size() if fd >= 0 else 0
+        self._unsent = transport.get_write_buffer_size() if direct else 0
         self.limit = limit
         self.peak = 0
         self.overflowed = False
@@ -200,9 +213,12 @@ class Outbox:
         if self._unsent:
             self._unsent = transport.get_write_buffer_size()
             unsent = self._unsent + size
-        if self._fd >= 0 and not self._unsent:
+        fd = self._fd
+        if fd == UNKNOWN:
+            fd = self._fd = socket_fd(transport)
+        if fd >= 0 and not self._unsent:
             try:
-                sent = os.write(self._fd, frame)
+                sent = os.write(fd, frame)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:

@@ -459,3 +459,36 @@ def test_a_closing_transport_keeps_its_socket_untouched(
     assert outbox.send(b"x")
     assert received(peer) == b""
     assert transport.writes == []
+
+
+class SocketTransport(FakeTransport):
+    """A transport over a socket, maybe under TLS, as `get_extra_info` tells."""
+
+    def __init__(self, sock: socket.socket, tls: bool = False) -> None:
+        super().__init__()
+        self.extra = {"socket": sock, "sslcontext": object() if tls else None}
+        self.asked: list[str] = []
+
+    def get_extra_info(self, name: str) -> object:
+        self.asked.append(name)
+        return self.extra.get(name)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_the_socket_is_looked_up_at_the_first_send_and_never_under_tls(
+    pair: tuple[socket.socket, socket.socket], tls: bool
+) -> None:
+    ours, peer = pair
+    transport = SocketTransport(ours, tls)
+    flusher, _ = recording_flusher()
+    outbox = Outbox(transport, 1000, flusher, lambda: None, direct=True)
+    assert transport.asked == []  # an idle connection costs no lookup
+    outbox.send(b"a")
+    outbox.send(b"b")
+    if tls:
+        assert transport.writes == [b"a", b"b"]  # the transport encrypts: only through it
+        assert received(peer) == b""
+    else:
+        assert transport.writes == []
+        assert received(peer) == b"ab"
+    assert transport.asked.count("sslcontext") == 1  # looked up once
