@@ -106,7 +106,8 @@ class SqliteBroker:
         or delivered before it is committed, or raise there to fail a batch
         (it then fails like a database error: rolled back, every caller
         hears `Unavailable`). The hook must not use the store. Unused, it
-        costs one attribute check per batch.
+        costs one attribute check per batch; set, every batch runs on the
+        writer thread (none is committed on the loop).
         """
         return self._writer.before_commit
 
