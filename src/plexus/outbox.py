@@ -3,9 +3,11 @@
 Fan-out never awaits a client: it appends a pre-built frame to the client's
 outbox and moves on. Frames queued for one socket within one event-loop
 iteration leave in a single `transport.write`, which costs the kernel far less
-than one write per frame (see shared/NOTES.md). A client whose unsent output
-(our queue plus the transport's buffer) would exceed the limit is a slow
-consumer: its outbox refuses the frame and reports the overflow once.
+than one write per frame (see shared/NOTES.md). A message alone in its
+iteration has nothing to share a write with: `Outbox.send` writes it at once
+(straight to the socket while the transport holds nothing). A client whose
+unsent output (our queue plus the transport's buffer) would exceed the limit
+is a slow consumer: its outbox refuses the frame and reports the overflow once.
 """
 
 from __future__ import annotations
