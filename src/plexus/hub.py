@@ -26,6 +26,10 @@ Event = Publication | Presence
 # Events a gapped channel holds while it is repaired; beyond this they are
 # dropped (and repaired from history in turn), so holding stays bounded.
 MAX_HELD: Final = 10_000
+# Fewest subscribers for which a lone message is written at once rather than
+# queued (see `Hub._fan_out`): with few, the flush pass costs next to nothing,
+# and the publisher's own copy would leave in a write apart from its reply.
+DIRECT_MIN: Final = 32
 
 
 class Subscriber(Protocol):
@@ -321,13 +325,14 @@ class Hub:
         offset = pub.offset
         delivered = 0
         # A message alone in its loop iteration (the channel's previous busy
-        # iteration had one too) is written to each socket at once: the
+        # iteration had one too) to many subscribers is written to each
+        # socket at once: the
         # outboxes' flush pass at the end of the iteration, over objects that
         # the system calls in between left cold, costs a steady fan-out more
         # than it saves. A burst is queued, to leave in one write per socket.
         ticker = self.ticker
         direct = False
-        if ticker is not None:
+        if ticker is not None and len(subs) >= DIRECT_MIN:
             tick = ticker.tick
             if channel.tick == tick:
                 channel.burst = True

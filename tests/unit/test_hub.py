@@ -15,6 +15,7 @@ import msgpack
 import orjson
 import pytest
 
+from plexus import hub as hub_module
 from plexus.hub import MAX_HELD, Channel, Hub, Subscription
 from plexus.models import ClientInfo, Presence, Publication, StreamPosition
 from plexus.protocol.codec import OP_BINARY, OP_TEXT
@@ -569,7 +570,10 @@ class Ticks:
         self.tick += 1
 
 
-def test_a_message_alone_in_its_iteration_is_sent_and_a_burst_queued(hub: Hub) -> None:
+def test_a_message_alone_in_its_iteration_is_sent_and_a_burst_queued(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_module, "DIRECT_MIN", 2)
     ticks = Ticks()
     hub.ticker = ticks
     a, b = SplitConn("a"), SplitConn("b")
@@ -589,6 +593,22 @@ def test_a_message_alone_in_its_iteration_is_sent_and_a_burst_queued(hub: Hub) -
         assert conn.queued == [3, 4, 5]
     # The ticker was asked to move on once per iteration that had a message.
     assert ticks.armed == 4
+
+
+def test_a_channel_with_few_subscribers_is_queued(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The publisher's own copy then leaves in one write with its reply."""
+    monkeypatch.setattr(hub_module, "DIRECT_MIN", 3)
+    hub.ticker = Ticks()
+    a, b = SplitConn("a"), SplitConn("b")
+    synced(hub, a, b)
+    hub.dispatch(pub(1))
+    assert (a.sent, a.queued) == ([], [1])
+    live(hub, SplitConn("c"))
+    hub.ticker.end_iteration()
+    hub.dispatch(pub(2))
+    assert (a.sent, a.queued) == ([2], [1])
 
 
 def test_without_a_ticker_every_frame_is_queued(hub: Hub) -> None:
