@@ -158,6 +158,44 @@ test('a session the server no longer knows (404) ends the connection; the client
   px.close();
 });
 
+test('once a WebSocket worked, reconnects stay on it through a restart; five failed in a row fall back', async () => {
+  const { px, clock, sockets, streams, last } = await fallbackSetup();
+  px.connect();
+  await flush();
+  last().accept();
+  await flush();
+  last().serverClose(1006); // the server goes away
+  await flush();
+  const attempt = async () => {
+    const before = sockets.length + streams.length;
+    for (let i = 0; i < 2000 && sockets.length + streams.length === before; i++) await clock.advance(50);
+  };
+  for (let n = 1; n < 5; n++) {
+    await attempt();
+    assert.equal(px.transport, 'websocket', `attempt ${n}`);
+    last().fail(); // refused: the server is restarting
+    await flush();
+  }
+  assert.equal(streams.length, 0);
+  await attempt();
+  last().accept(); // it is back: the WebSocket connects, and counts as working again
+  await flush();
+  assert.equal(px.state, 'connected');
+  assert.equal(px.transport, 'websocket');
+  last().serverClose(1006);
+  await flush();
+  for (let n = 1; n <= 5; n++) {
+    await attempt();
+    assert.equal(px.transport, 'websocket');
+    last().fail();
+    await flush();
+  }
+  await attempt(); // the fifth in a row: now it looks like a blocked upgrade
+  assert.equal(px.transport, 'sse');
+  assert.equal(streams.length, 1);
+  px.close();
+});
+
 test('a working WebSocket is used: no SSE request is made', async () => {
   const { px, streams, last } = await fallbackSetup();
   const connected = px.connect();

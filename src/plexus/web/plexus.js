@@ -35,9 +35,13 @@
 // the client falls back by itself to Server-Sent Events plus POSTs (`GET
 // /sse`, `POST /emulation`), with the same API, events and recovery;
 // `client.transport` says which one is in use. It tries the WebSocket again
-// on a later reconnect. `transports: ['websocket']` turns the fallback off.
+// on a later reconnect. Once a WebSocket worked, it falls back only after
+// five in a row failed (a server restarting is no broken proxy).
+// `transports: ['websocket']` turns the fallback off.
 
 const VERSION = '0.1.0';
+// WebSockets in a row that close before `welcome`, after one worked, before the client falls back to SSE.
+const WS_FAILURES = 5;
 
 const DEFAULTS = {
   requestTimeout: 10000,
@@ -555,6 +559,10 @@ export class Plexus extends Emitter {
     /** 'websocket' | 'sse' | null: the transport of the current (or last) connection. */
     this.transport = null;
     this._fallback = false; // the next attempt uses SSE (the WebSocket did not open)
+    // A WebSocket was welcomed before, and how many have closed before `welcome`
+    // since: a server restarting is not a proxy breaking upgrades.
+    this._wsWorked = false;
+    this._wsFailures = 0;
     this._welcomed = false; // the current socket got its `welcome`
     this._token = options.token || null;
     this._getToken = options.getToken || null;
@@ -813,8 +821,12 @@ export class Plexus extends Emitter {
     this._gen++; // later events of this socket are ignored
     // A WebSocket that closed before `welcome` looks like a blocked upgrade:
     // the next attempt (at once) is over SSE. A connection that ran, whatever
-    // its transport, is followed by a WebSocket attempt again.
-    const blocked = this.transport === 'websocket' && !this._welcomed && !this._stopped;
+    // its transport, is followed by a WebSocket attempt again. Once a
+    // WebSocket worked here, a failed one is more likely a server restarting
+    // or a network outage: it takes WS_FAILURES in a row to fall back.
+    const failedOpen = this.transport === 'websocket' && !this._welcomed && !this._stopped;
+    if (failedOpen) this._wsFailures++;
+    const blocked = failedOpen && (!this._wsWorked || this._wsFailures >= WS_FAILURES);
     const canFallBack = this.options.transports.includes('sse');
     this._fallback = blocked && canFallBack;
     this._ws = null;
@@ -971,6 +983,10 @@ export class Plexus extends Emitter {
 
   _onWelcome(msg) {
     this._welcomed = true;
+    if (this.transport === 'websocket') {
+      this._wsWorked = true;
+      this._wsFailures = 0;
+    }
     this._clear('connect');
     this._lastRx = this._clock.now();
     this.welcome = msg;
