@@ -32,6 +32,20 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+DURABLE_SERVERS = ("plexus", "plexus-sqlite", "plexus-redis")
+
+
+def durable_servers(text: str) -> list[str]:
+    """`--durable-servers`: some of DURABLE_SERVERS, comma-separated."""
+    chosen = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in chosen if x not in DURABLE_SERVERS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"expected some of {', '.join(DURABLE_SERVERS)}, got {text!r}"
+        )
+    return chosen
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -66,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rt-duration", type=float, help="roundtrip seconds (default 10, quick 3)")
     p.add_argument(
         "--durable-servers",
-        default="plexus,plexus-sqlite,plexus-redis",
+        type=durable_servers,
+        default=list(DURABLE_SERVERS),
         help="durable: the history engines compared (default all three)",
     )
     p.add_argument("--idle-conns", type=int, default=10_000, help="idle connections (10000)")
@@ -177,7 +192,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
                 )
 
             group = f"durable clients={args.rt_clients} publish {rt_duration:g}s"
-            each(group, dur, args.durable_servers.split(","))
+            each(group, dur, args.durable_servers)
         elif name == "compression":
             # Chat-like JSON to subscribers that offer permessage-deflate, each
             # server without and with compression.
