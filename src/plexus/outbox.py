@@ -66,8 +66,7 @@ class Flusher:
         """Remember `outbox` for the flush at the end of this iteration."""
         self._dirty.append(outbox)
         if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self.flush)
+            self.arm()
 
     def flush(self) -> None:
         """Write out every marked outbox now."""

@@ -131,7 +131,7 @@ def _to_version_2(conn: sqlite3.Connection) -> None:
         )
         conn.execute("COMMIT")
     except BaseException:
-        _roll_back(conn)
+        roll_back(conn)
         raise
     logger.info("history: migrated %d messages to schema 2", len(rows))
 
@@ -201,11 +201,12 @@ def _to_chunks(conn: sqlite3.Connection, journal: bool) -> None:
         conn.execute("DROP TABLE messages")
         conn.execute("COMMIT")
     except BaseException:
-        _roll_back(conn)
+        roll_back(conn)
         raise
     logger.info("history: moved %d messages into chunks (schema %s)", moved, SCHEMA_VERSION)
 
 
-def _roll_back(conn: sqlite3.Connection) -> None:
+def roll_back(conn: sqlite3.Connection) -> None:
+    """End the transaction under way, if any, undoing it."""
     if conn.in_transaction:
         conn.execute("ROLLBACK")

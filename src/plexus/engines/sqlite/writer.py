@@ -38,6 +38,7 @@ from plexus.engines.sqlite.schema import (
     count_namespaces,
     migrate,
     pack,
+    roll_back,
     unpack,
 )
 from plexus.exceptions import Unavailable
@@ -310,8 +311,7 @@ class Writer:
             )
             conn.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            roll_back(conn)
             raise
 
     def shutdown(self) -> None:
